@@ -1,0 +1,55 @@
+"""Command line: `image-service serve --host --port [--config PATH] [--log-format json|console]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from .config import ConfigError, load_settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="image-service", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the HTTP service")
+    serve.add_argument("--host", help="address to listen on (default: server.host)")
+    serve.add_argument("--port", type=int, help="port to listen on (default: server.port)")
+    serve.add_argument("--config", type=Path, help="TOML file overriding config/defaults.toml")
+    serve.add_argument("--log-format", choices=("console", "json"), help="default: server.log_format")
+    return parser
+
+
+def serve(args: argparse.Namespace) -> int:
+    from .app import create_app
+    from .tracking import configure_logging
+
+    server: dict[str, Any] = {
+        key: value
+        for key, value in (("host", args.host), ("port", args.port), ("log_format", args.log_format))
+        if value is not None
+    }
+    settings = load_settings(args.config, {"server": server} if server else None)
+    configure_logging(settings.server.log_format, settings.server.log_level)
+    web.run_app(
+        create_app(settings),
+        host=settings.server.host,
+        port=settings.server.port,
+        shutdown_timeout=settings.server.shutdown_timeout,
+        access_log=None,
+        print=lambda message: print(message, file=sys.stderr),
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return serve(args)
+    except ConfigError as exc:
+        print(f"image-service: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,85 @@
+"""The OpenAPI 3 document served at /openapi.json, built from the live configuration."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import __version__
+from .config import Settings
+from .params import DEFAULT_NEGATIVE_PROMPT, DEFAULT_SEED, JPEG_QUALITY, MAX_SEED
+
+_ERROR = {"description": "Error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
+def _bool_param(name: str, description: str) -> dict[str, Any]:
+    return {
+        "name": name, "in": "query", "description": f"{description} True only for the string `true`.",
+        "schema": {"type": "string", "default": "false"},
+    }
+
+
+def _json_get(summary: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"get": {"summary": summary, "responses": {"200": {
+        "description": "OK", "content": {"application/json": {"schema": schema}}}}}}
+
+
+def openapi_document(settings: Settings) -> dict[str, Any]:
+    models = sorted(settings.models)
+    image_get = {
+        "summary": "Generate (or serve from cache) a JPEG for the prompt",
+        "parameters": [
+            {"name": "prompt", "in": "path", "required": True, "schema": {
+                "type": "string", "maxLength": settings.server.max_prompt_length},
+             "description": "URL-encoded prompt; empty means `random_prompt`."},
+            {"name": "model", "in": "query", "schema": {
+                "type": "string", "enum": models, "default": settings.generation.default_model}},
+            {"name": "width", "in": "query", "schema": {"type": "integer", "minimum": 1},
+             "description": "Defaults to the model's default side; the area is clamped to the model's max side squared."},
+            {"name": "height", "in": "query", "schema": {"type": "integer", "minimum": 1}},
+            {"name": "seed", "in": "query", "schema": {
+                "type": "integer", "minimum": -1, "maximum": MAX_SEED, "default": DEFAULT_SEED},
+             "description": "-1 picks a random seed."},
+            _bool_param("nologo", "No logo on the image."),
+            _bool_param("enhance", "Rewrite the prompt with a text model."),
+            _bool_param("private", "Keep the prompt out of logs, telemetry and EXIF; implies nofeed."),
+            _bool_param("nofeed", "Keep the image out of the public feed."),
+            _bool_param("safe", "Refuse mature images."),
+            {"name": "negative_prompt", "in": "query", "schema": {"type": "string", "default": DEFAULT_NEGATIVE_PROMPT}},
+            {"name": "quality", "in": "query", "schema": {"type": "string", "enum": list(JPEG_QUALITY), "default": "medium"}},
+            {"name": "image", "in": "query", "schema": {"type": "string"},
+             "description": "Reference image URLs (http/https), separated by `|`."},
+            {"name": "referrer", "in": "query", "schema": {"type": "string"}},
+            {"name": "token", "in": "query", "schema": {"type": "string"}},
+        ],
+        "responses": {
+            "200": {
+                "description": "The image",
+                "headers": {name: {"schema": {"type": "string"}} for name in (
+                    "X-Request-Id", "X-Cache", "Cache-Control", "Content-Disposition")},
+                "content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}},
+            },
+            "400": _ERROR, "451": _ERROR, "502": _ERROR, "503": _ERROR, "504": _ERROR,
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "image_service", "version": __version__,
+                 "description": "Image generation compatible with image.pollinations.ai."},
+        "paths": {
+            "/prompt/{prompt}": {"get": image_get},
+            "/prompt": {"get": {**image_get, "summary": "Same as /prompt/{prompt} with `random_prompt`",
+                                "parameters": image_get["parameters"][1:]}},
+            "/models": _json_get("Model names", {"type": "array", "items": {"type": "string"}}),
+            "/about": _json_get("Models with their limits", {"type": "array", "items": {"type": "object"}}),
+            "/health": _json_get("Liveness and component state", {"type": "object"}),
+            "/openapi.json": _json_get("This document", {"type": "object"}),
+        },
+        "components": {"schemas": {"Error": {
+            "type": "object",
+            "required": ["error", "message", "requestId", "requestParameters"],
+            "properties": {
+                "error": {"type": "string"}, "message": {"type": "string"},
+                "requestId": {"type": "string"}, "requestParameters": {"type": "object"},
+            },
+        }}},
+    }

@@ -1,0 +1,213 @@
+"""The request stage: turn a path and query string into validated, normalised image parameters.
+
+Behaviour follows image.pollinations.ai where clients depend on it (booleans are true only for the
+string "true", seed -1 means random, the pixel area is clamped per model keeping the aspect ratio),
+and answers 400 with a clear message where the origin silently guessed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import secrets
+import unicodedata
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .config import ModelSettings
+from .errors import BadRequest, PromptTooLong, UnknownModel
+
+RANDOM_PROMPT = "random_prompt"
+DEFAULT_SEED = 42
+MAX_SEED = 2**63 - 1
+RANDOM_SEED_BOUND = 2**32
+DEFAULT_NEGATIVE_PROMPT = "worst quality, blurry"
+MAX_NEGATIVE_PROMPT_LENGTH = 1000
+MAX_IMAGE_URLS = 4
+MAX_IMAGE_URL_LENGTH = 2048
+# The longest side any request may have after the area clamp, whatever the aspect ratio.
+MAX_SIDE_RATIO = 2
+JPEG_QUALITY = {"low": 70, "medium": 85, "high": 92, "hd": 95}
+DEFAULT_QUALITY = "medium"
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_WHITESPACE = re.compile(r"\s+")
+_SLUG_DROP = re.compile(r"[^a-z0-9]+")
+
+
+@dataclass(frozen=True, slots=True)
+class ImageParams:
+    """Everything that decides the image; identity (token, referrer) deliberately lives elsewhere."""
+
+    prompt: str
+    model: str
+    width: int
+    height: int
+    seed: int
+    nologo: bool
+    enhance: bool
+    private: bool
+    nofeed: bool
+    safe: bool
+    negative_prompt: str
+    quality: str
+    image: tuple[str, ...]
+
+    @property
+    def shows_logo(self) -> bool:
+        return not (self.nologo or self.nofeed)
+
+    @property
+    def public_prompt(self) -> str:
+        """The prompt as it may appear outside the process."""
+        return "[PRIVATE]" if self.private else self.prompt
+
+    def cache_key(self) -> str:
+        """A full SHA-256 of every field that changes the bytes served (not `safe`: a policy)."""
+        digest = hashlib.sha256()
+        for value in (
+            self.prompt, self.model, self.width, self.height, self.seed, self.shows_logo,
+            self.enhance, self.private, self.negative_prompt, self.quality, "|".join(self.image),
+        ):
+            encoded = str(value).encode()
+            digest.update(len(encoded).to_bytes(4, "big"))
+            digest.update(encoded)
+        return digest.hexdigest()
+
+    def public_dict(self) -> dict[str, Any]:
+        """Parameters as echoed to clients and written to EXIF: the prompt only when not private."""
+        data = asdict(self)
+        data["image"] = list(self.image)
+        if self.private:
+            data["prompt"] = "[PRIVATE]"
+        return data
+
+    def slug(self) -> str:
+        return _SLUG_DROP.sub("-", self.prompt[:100].lower()).strip("-") or "image"
+
+
+def normalise_prompt(raw: str) -> str:
+    """Strip control characters and collapse whitespace, so equal-looking prompts share a cache entry."""
+    text = unicodedata.normalize("NFC", raw)
+    text = _CONTROL.sub(" ", text)
+    return _WHITESPACE.sub(" ", text).strip()
+
+
+def parse_bool(value: str | None) -> bool:
+    return value is not None and value.strip().lower() == "true"
+
+
+def _parse_int(name: str, value: str) -> int:
+    text = value.strip()
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        number = float(text)
+    except ValueError:
+        raise BadRequest(f"{name} must be an integer, got {value[:40]!r}") from None
+    if not math.isfinite(number) or number != int(number):
+        raise BadRequest(f"{name} must be an integer, got {value[:40]!r}")
+    return int(number)
+
+
+def clamp_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """Scale both sides down by the same factor when the area exceeds max_side², as the origin does."""
+    max_area = max_side * max_side
+    if width * height > max_area:
+        scale = math.sqrt(max_area / (width * height))
+        width, height = max(1, math.floor(width * scale)), max(1, math.floor(height * scale))
+    longest = max_side * MAX_SIDE_RATIO
+    if max(width, height) > longest:
+        scale = longest / max(width, height)
+        width, height = max(1, math.floor(width * scale)), max(1, math.floor(height * scale))
+    return width, height
+
+
+def _parse_seed(value: str | None) -> int:
+    if value is None or not value.strip():
+        return DEFAULT_SEED
+    seed = _parse_int("seed", value)
+    if seed == -1:
+        return secrets.randbelow(RANDOM_SEED_BOUND)
+    if not 0 <= seed <= MAX_SEED:
+        raise BadRequest(f"seed must be -1 (random) or between 0 and {MAX_SEED}, got {seed}")
+    return seed
+
+
+def _parse_side(name: str, value: str | None, default: int) -> int:
+    if value is None or not value.strip():
+        return default
+    side = _parse_int(name, value)
+    if side <= 0:
+        raise BadRequest(f"{name} must be a positive integer, got {side}")
+    return side
+
+
+def _parse_images(value: str | None) -> tuple[str, ...]:
+    if not value:
+        return ()
+    urls = tuple(part.strip() for part in re.split(r"[|,]", value) if part.strip())
+    if len(urls) > MAX_IMAGE_URLS:
+        raise BadRequest(f"image accepts at most {MAX_IMAGE_URLS} URLs, got {len(urls)}")
+    for url in urls:
+        if len(url) > MAX_IMAGE_URL_LENGTH or not url.lower().startswith(("http://", "https://")):
+            raise BadRequest("image must be http(s) URLs separated by '|'")
+    return urls
+
+
+def parse_params(
+    raw_prompt: str,
+    query: Mapping[str, str],
+    models: Mapping[str, ModelSettings],
+    default_model: str,
+    max_prompt_length: int,
+) -> ImageParams:
+    """Validate one request; raises BadRequest (400) with a message naming the parameter."""
+    prompt = normalise_prompt(raw_prompt) or RANDOM_PROMPT
+    if len(prompt) > max_prompt_length:
+        raise PromptTooLong(
+            f"prompt is {len(prompt)} characters; the limit is {max_prompt_length}",
+            limit=max_prompt_length,
+        )
+
+    model = (query.get("model") or default_model).strip()
+    if model not in models:
+        raise UnknownModel(
+            f"unknown model {model[:60]!r}; valid models: {', '.join(sorted(models))}",
+            validModels=sorted(models),
+        )
+    spec = models[model]
+    width, height = clamp_size(
+        _parse_side("width", query.get("width"), spec.default_side),
+        _parse_side("height", query.get("height"), spec.default_side),
+        spec.max_side,
+    )
+
+    quality = (query.get("quality") or DEFAULT_QUALITY).strip().lower()
+    if quality not in JPEG_QUALITY:
+        raise BadRequest(f"quality must be one of {', '.join(JPEG_QUALITY)}, got {quality[:20]!r}")
+
+    negative_prompt = normalise_prompt(query.get("negative_prompt") or DEFAULT_NEGATIVE_PROMPT)
+    if len(negative_prompt) > MAX_NEGATIVE_PROMPT_LENGTH:
+        raise BadRequest(f"negative_prompt is longer than {MAX_NEGATIVE_PROMPT_LENGTH} characters")
+
+    private = parse_bool(query.get("private"))
+    return ImageParams(
+        prompt=prompt,
+        model=model,
+        width=width,
+        height=height,
+        seed=_parse_seed(query.get("seed")),
+        nologo=parse_bool(query.get("nologo")),
+        enhance=parse_bool(query.get("enhance")),
+        private=private,
+        nofeed=private or parse_bool(query.get("nofeed")),
+        safe=parse_bool(query.get("safe")),
+        negative_prompt=negative_prompt,
+        quality=quality,
+        image=_parse_images(query.get("image")),
+    )

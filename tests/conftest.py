@@ -1,0 +1,75 @@
+"""Shared fixtures: real apps built from real configuration, on aiohttp's test server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from image_service.app import EXECUTOR, create_app
+from image_service.config import Settings, load_settings
+from image_service.generation import GeneratedImage
+from image_service.generation.embedded import render
+from image_service.params import ImageParams
+
+ClientFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
+
+
+class CountingBackend:
+    """The embedded renderer behind a gate: counts calls, can be held open, made to fail or hang."""
+
+    name = "embedded"
+    provider = "test"
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.fail_with: Exception | None = None
+        self.delay = 0.0
+
+    async def generate(self, params: ImageParams) -> GeneratedImage:
+        self.calls += 1
+        await self.gate.wait()
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.fail_with is not None:
+            raise self.fail_with
+        return GeneratedImage(image=render(params), backend=self.name, provider=self.provider)
+
+    async def close(self) -> None:
+        return None
+
+
+def make_settings(**sections: Any) -> Settings:
+    return load_settings(overrides=sections)
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return make_settings()
+
+
+@pytest.fixture
+def make_client(aiohttp_client: Any) -> ClientFactory:
+    async def factory(settings: Settings | None = None, **kwargs: Any) -> TestClient[web.Request, web.Application]:
+        return await aiohttp_client(create_app(settings or make_settings(), **kwargs))
+
+    return factory
+
+
+@pytest.fixture
+async def client(make_client: ClientFactory) -> TestClient[web.Request, web.Application]:
+    return await make_client()
+
+
+@pytest.fixture
+def backend() -> CountingBackend:
+    return CountingBackend()
+
+
+__all__ = ["EXECUTOR", "ClientFactory", "CountingBackend", "make_settings"]

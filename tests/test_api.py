@@ -1,0 +1,214 @@
+"""The HTTP surface: the image endpoint, headers, EXIF, errors, metadata routes."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+import orjson
+from PIL import Image
+
+from image_service.errors import GenerationError
+from image_service.imaging import EXIF_IFD, EXIF_MAKE, EXIF_USER_COMMENT, USER_COMMENT_ASCII
+
+from .conftest import ClientFactory, CountingBackend, make_settings
+
+FOX = "/prompt/a%20red%20fox?width=512&height=384&seed=7"
+
+
+class TestImage:
+    async def test_jpeg_decodes_at_the_requested_size(self, client) -> None:
+        """The body is a real JPEG of exactly the requested dimensions."""
+        response = await client.get(FOX)
+        assert response.status == 200
+        image = Image.open(io.BytesIO(await response.read()))
+        assert image.format == "JPEG" and image.size == (512, 384)
+
+    async def test_response_headers_match_the_origin(self, client) -> None:
+        """Content type, immutable caching, filename slug, request id and cache status."""
+        response = await client.get(FOX)
+        assert response.headers["Content-Type"] == "image/jpeg"
+        assert response.headers["Cache-Control"] == "public, max-age=31536000, immutable"
+        assert response.headers["Content-Disposition"] == 'inline; filename="a-red-fox.jpg"'
+        assert len(response.headers["X-Request-Id"]) == 32
+        assert response.headers["X-Cache"] == "MISS"
+        assert response.headers["Access-Control-Allow-Origin"] == "*"
+
+    async def test_exif_carries_parameters_and_model(self, client) -> None:
+        """UserComment holds the parameters as JSON and Make the model, like the origin."""
+        image = Image.open(io.BytesIO(await (await client.get(FOX)).read()))
+        exif = image.getexif()
+        assert exif[EXIF_MAKE] == "procedural"
+        comment = exif.get_ifd(EXIF_IFD)[EXIF_USER_COMMENT]
+        assert comment.startswith(USER_COMMENT_ASCII)
+        data = orjson.loads(comment[len(USER_COMMENT_ASCII):])
+        assert data["prompt"] == "a red fox" and (data["width"], data["height"], data["seed"]) == (512, 384, 7)
+
+    async def test_private_prompt_stays_out_of_exif_and_filename(self, client) -> None:
+        """A private prompt appears nowhere in what is served."""
+        response = await client.get("/prompt/my%20secret%20plan?private=true&width=64&height=64")
+        body = await response.read()
+        assert b"secret" not in body
+        assert "secret" not in str(response.headers)
+        assert response.headers["Cache-Control"].startswith("private")
+
+    async def test_second_identical_request_is_a_hit_with_identical_bytes(self, client) -> None:
+        """The cache serves the very bytes the first request produced."""
+        first = await client.get(FOX)
+        second = await client.get(FOX)
+        assert (first.headers["X-Cache"], second.headers["X-Cache"]) == ("MISS", "HIT")
+        assert await first.read() == await second.read()
+
+    async def test_same_inputs_give_same_bytes_across_instances(self, make_client: ClientFactory) -> None:
+        """The embedded renderer is deterministic: a fresh process renders the same JPEG."""
+        one, two = await make_client(), await make_client()
+        assert await (await one.get(FOX)).read() == await (await two.get(FOX)).read()
+
+    async def test_different_seeds_give_different_images(self, client) -> None:
+        a = await (await client.get("/prompt/fox?seed=1&width=64&height=64")).read()
+        b = await (await client.get("/prompt/fox?seed=2&width=64&height=64")).read()
+        assert a != b
+
+    async def test_nologo_changes_the_pixels(self, client) -> None:
+        """The logo is drawn unless nologo: the two images differ."""
+        a = await (await client.get("/prompt/fox?width=256&height=256")).read()
+        b = await (await client.get("/prompt/fox?width=256&height=256&nologo=true")).read()
+        assert a != b
+
+    async def test_encoded_slash_in_prompt_is_part_of_the_prompt(self, client) -> None:
+        """`/prompt/a%2Fb` and `/prompt/a/b` are the prompt "a/b", not a 404."""
+        response = await client.get("/prompt/a/b?width=32&height=32")
+        assert response.status == 200
+        assert response.headers["Content-Disposition"] == 'inline; filename="a-b.jpg"'
+
+    async def test_head_answers_without_a_body(self, client) -> None:
+        response = await client.head(FOX)
+        assert response.status == 200 and response.headers["Content-Type"] == "image/jpeg"
+
+
+class TestSingleFlight:
+    async def test_twenty_concurrent_identical_requests_cause_one_generation(
+        self, make_client: ClientFactory, backend: CountingBackend
+    ) -> None:
+        """Concurrent misses wait for one generation and all receive its bytes."""
+        client = await make_client(backends={"embedded": backend})
+        backend.gate.clear()
+        requests = [asyncio.ensure_future(client.get(FOX)) for _ in range(20)]
+        while backend.calls == 0:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        backend.gate.set()
+        responses = await asyncio.gather(*requests)
+        bodies = {await r.read() for r in responses}
+        assert backend.calls == 1
+        assert [r.status for r in responses] == [200] * 20 and len(bodies) == 1
+
+    async def test_failure_reaches_every_waiter_and_is_not_cached(
+        self, make_client: ClientFactory, backend: CountingBackend
+    ) -> None:
+        """All waiters get the 502; the next request generates again and succeeds."""
+        client = await make_client(backends={"embedded": backend})
+        backend.gate.clear()
+        backend.fail_with = RuntimeError("GPU on fire at /srv/secret/path")
+        requests = [asyncio.ensure_future(client.get(FOX)) for _ in range(5)]
+        while backend.calls == 0:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        backend.gate.set()
+        responses = await asyncio.gather(*requests)
+        assert [r.status for r in responses] == [502] * 5
+        body = await responses[0].json()
+        assert body["error"] == "generation_failed" and "/srv/secret" not in str(body)
+        backend.fail_with = None
+        again = await client.get(FOX)
+        assert again.status == 200 and again.headers["X-Cache"] == "MISS" and backend.calls == 2
+
+
+class TestErrors:
+    async def test_unknown_model_is_400_json_listing_valid_models(self, client) -> None:
+        response = await client.get("/prompt/fox?model=flux")
+        assert response.status == 400
+        body = await response.json()
+        assert body["error"] == "unknown_model" and body["validModels"] == ["procedural"]
+        assert body["requestId"] == response.headers["X-Request-Id"]
+        assert body["requestParameters"]["model"] == "flux"
+
+    async def test_unknown_path_is_404_json(self, client) -> None:
+        response = await client.get("/nowhere")
+        assert response.status == 404
+        body = await response.json()
+        assert (body["error"], body["path"]) == ("not_found", "/nowhere")
+
+    async def test_wrong_method_is_405_json_with_allow(self, client) -> None:
+        response = await client.post("/models")
+        assert response.status == 405
+        assert (await response.json())["error"] == "method_not_allowed"
+        assert "GET" in response.headers["Allow"]
+
+    async def test_prompt_over_the_limit_is_400(self, make_client: ClientFactory) -> None:
+        client = await make_client(make_settings(server={"max_prompt_length": 10}))
+        response = await client.get("/prompt/" + "x" * 11)
+        assert response.status == 400 and (await response.json())["error"] == "prompt_too_long"
+
+    async def test_bad_parameter_is_400_and_never_echoes_the_token(self, client) -> None:
+        response = await client.get("/prompt/fox?width=wide&token=sk-very-secret")
+        assert response.status == 400
+        text = await response.text()
+        assert "width must be an integer" in text and "sk-very-secret" not in text
+
+    async def test_slow_backend_answers_504(self, make_client: ClientFactory, backend: CountingBackend) -> None:
+        """A generation past its deadline is a 504 JSON, not a hang."""
+        backend.delay = 5
+        client = await make_client(make_settings(generation={"timeout": 0.2}), backends={"embedded": backend})
+        response = await client.get(FOX)
+        assert response.status == 504 and (await response.json())["error"] == "generation_timeout"
+
+    async def test_unexpected_crash_is_500_json_without_trace(self, make_client: ClientFactory) -> None:
+        """Even a bug answers JSON; the traceback stays in the server log."""
+
+        class Broken:
+            name, provider = "embedded", "test"
+
+            async def generate(self, params: object) -> object:
+                return object()  # not a GeneratedImage: the pipeline trips over it
+
+            async def close(self) -> None:
+                return None
+
+        client = await make_client(backends={"embedded": Broken()})
+        response = await client.get(FOX)
+        assert response.status == 500
+        body = await response.json()
+        assert body["error"] == "internal_error" and "Traceback" not in str(body)
+
+    async def test_options_preflight_is_answered_with_cors(self, client) -> None:
+        response = await client.options("/prompt/fox")
+        assert response.status == 204
+        assert "GET" in response.headers["Access-Control-Allow-Methods"]
+
+
+class TestMetadataRoutes:
+    async def test_models_lists_names_without_caching(self, client) -> None:
+        response = await client.get("/models")
+        assert await response.json() == ["procedural"]
+        assert response.headers["Cache-Control"] == "no-store"
+
+    async def test_about_describes_the_embedded_model_truthfully(self, client) -> None:
+        """The built-in renderer is presented as what it is, not as a diffusion model."""
+        (model,) = await (await client.get("/about")).json()
+        assert model["name"] == "procedural" and model["maxSideLength"] == 2048
+        assert "not a diffusion model" in model["description"].lower()
+
+    async def test_health_reports_ok(self, client) -> None:
+        body = await (await client.get("/health")).json()
+        assert body["status"] == "ok" and body["cache"]["backend"] == "memory"
+
+    async def test_openapi_documents_every_route(self, client) -> None:
+        """Each GET route the app serves has a path in the OpenAPI document."""
+        document = await (await client.get("/openapi.json")).json()
+        assert document["openapi"].startswith("3.")
+        routes = {
+            resource.canonical
+            for resource in client.app.router.resources()
+        }
+        assert routes == set(document["paths"])

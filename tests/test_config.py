@@ -1,0 +1,69 @@
+"""Configuration: files, environment overrides and validation messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from image_service.config import ConfigError, load_settings
+
+
+def test_defaults_load_from_the_config_directory() -> None:
+    settings = load_settings()
+    assert settings.cache.backend == "memory" and "procedural" in settings.models
+
+
+def test_toml_file_overrides_defaults_and_keeps_the_rest(tmp_path: Path) -> None:
+    path = tmp_path / "service.toml"
+    path.write_text("[cache]\nttl = 60\n[server]\nport = 9000\n")
+    settings = load_settings(path)
+    assert (settings.cache.ttl, settings.server.port) == (60, 9000)
+    assert settings.cache.max_bytes == 268435456
+
+
+def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """IMAGE_SERVICE_<SECTION>__<KEY> wins over the TOML file."""
+    path = tmp_path / "service.toml"
+    path.write_text("[cache]\nttl = 60\n")
+    monkeypatch.setenv("IMAGE_SERVICE_CACHE__TTL", "5")
+    monkeypatch.setenv("IMAGE_SERVICE_MODELS__PROCEDURAL__MAX_SIDE", "1536")
+    settings = load_settings(path)
+    assert settings.cache.ttl == 5 and settings.models["procedural"].max_side == 1536
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"IMAGE_SERVICE_CACHE__MAX_BYTES": "-1"}, "cache.max_bytes"),
+        ({"IMAGE_SERVICE_CACHE__TYPO": "1"}, "cache.typo"),
+        ({"IMAGE_SERVICE_SERVER__LOG_FORMAT": "xml"}, "server.log_format"),
+        ({"IMAGE_SERVICE_GENERATION__DEFAULT_MODEL": "flux"}, "generation.default_model"),
+        ({"IMAGE_SERVICE_MODELS__PROCEDURAL__DEFAULT_SIDE": "4000"}, "default_side"),
+    ],
+)
+def test_invalid_values_fail_with_a_message_naming_the_key(
+    env: dict[str, str], named: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_settings()
+
+
+def test_missing_or_broken_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_settings(tmp_path / "absent.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[cache\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(broken)
+
+
+def test_env_example_documents_every_setting() -> None:
+    """config/.env.example names a variable for every key of every section."""
+    example = (Path(__file__).parent.parent / "config" / ".env.example").read_text()
+    settings = load_settings()
+    for section in ("server", "generation", "cache"):
+        for key in type(getattr(settings, section)).model_fields:
+            assert f"IMAGE_SERVICE_{section.upper()}__{key.upper()}" in example
