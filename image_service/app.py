@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
+import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -26,6 +26,9 @@ from .moderation import Moderator, PassThroughModerator
 from .openapi import openapi_document
 from .params import ImageParams, parse_params
 from .pipeline import Pipeline
+from .tracking import TELEMETRY, Tracking, bind, configure_logging, is_configured, new_request, parse_traceparent, request_ids
+from .tracking.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .tracking.metrics import render as render_metrics
 
 log = structlog.get_logger("image_service.app")
 
@@ -35,6 +38,7 @@ CACHE = web.AppKey("cache", ImageCache)
 GENERATOR = web.AppKey("generator", Generator)
 MODERATOR = web.AppKey("moderator", Moderator)
 PIPELINE = web.AppKey("pipeline", Pipeline)
+TRACKING = web.AppKey("tracking", Tracking)
 REQUEST_ID = web.RequestKey("request_id", str)
 PARAMS = web.RequestKey("params", ImageParams)
 
@@ -44,7 +48,7 @@ CORS_HEADERS = {
     "Access-Control-Allow-Origin": "*",
     "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
     "Access-Control-Allow-Headers": "Authorization, Content-Type, traceparent",
-    "Access-Control-Expose-Headers": "X-Request-Id, X-Cache, Content-Disposition",
+    "Access-Control-Expose-Headers": "X-Request-Id, X-Cache, Content-Disposition, traceparent",
 }
 # Query parameters never echoed back in an error body.
 SECRET_PARAMS = frozenset({"token", "key", "api_key", "apikey"})
@@ -91,15 +95,22 @@ def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
 
 @web.middleware
 async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Request id, JSON errors, CORS, and the terminal event: one place for every route."""
+    """Request id, trace context, JSON errors, CORS, and the terminal event: one place for every route."""
     start = time.perf_counter()
-    request_id = uuid.uuid4().hex
+    request_id = request_ids.next()
     request[REQUEST_ID] = request_id
-    structlog.contextvars.clear_contextvars()
+    parent = parse_traceparent(request.headers.get("traceparent"))
+    trace_id = parent[0] if parent else request_id
+    span_id = request_id[-16:]
+    tracking = request.app.get(TRACKING)
+    if tracking is not None:
+        TELEMETRY.route_current_context(tracking.forwarder.queue)
     # The route pattern, not the path: a path can carry a private prompt.
     route = request.match_info.route.resource
-    structlog.contextvars.bind_contextvars(
-        request_id=request_id, method=request.method, route=route.canonical if route is not None else "(unmatched)"
+    new_request(
+        request_id=request_id, request_start=time.time(), trace_id=trace_id, span_id=span_id,
+        parent_span_id=parent[1] if parent else None, method=request.method,
+        route=route.canonical if route is not None else "(unmatched)",
     )
     error: str | None = None
     try:
@@ -113,12 +124,15 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
     except web.HTTPException as exc:
         error = "http_error"
         response = _http_error(request, exc)
-    except Exception:
+    except Exception as exc:
         error = "internal_error"
         log.exception("request.crashed")
+        bind(exception=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=20))
         response = error_response(request, 500, "internal_error", "the server failed; the request id identifies it")
-    response.headers.update(CORS_HEADERS)
-    response.headers["X-Request-Id"] = request_id
+    headers = response.headers
+    headers.extend(CORS_HEADERS)
+    headers["X-Request-Id"] = request_id
+    headers["traceparent"] = f"00-{trace_id}-{span_id}-01"
     log.info(
         "request.completed", stage="response", status=response.status, error=error,
         duration_ms=round((time.perf_counter() - start) * 1000, 3),
@@ -137,14 +151,18 @@ async def image_handler(request: web.Request) -> web.Response:
         settings.server.max_prompt_length,
     )
     request[PARAMS] = params
-    structlog.contextvars.bind_contextvars(
+    bind(
         model=params.model, prompt=params.public_prompt, width=params.width, height=params.height,
         seed=params.seed, private=params.private, nofeed=params.nofeed, nologo=params.nologo,
         enhance=params.enhance, safe=params.safe,
     )
     log.info("request.received", stage="request", duration_ms=round((time.perf_counter() - start) * 1000, 3))
     outcome = await request.app[PIPELINE].run(params)
-    structlog.contextvars.bind_contextvars(cache_status=outcome.cache_status.value)
+    image = outcome.image
+    bind(
+        cache_status=outcome.cache_status.value, backend=image.backend, provider=image.provider,
+        is_mature=image.verdict.get("is_mature", False), is_child=image.verdict.get("is_child", False),
+    )
     filename = "image.jpg" if params.private else f"{params.slug()}.jpg"
     return web.Response(
         body=outcome.image.body,
@@ -182,18 +200,41 @@ async def about_handler(request: web.Request) -> web.Response:
 
 async def health_handler(request: web.Request) -> web.Response:
     store = request.app[CACHE].store
+    tracking = request.app.get(TRACKING)
     return json_response(
         {
             "status": "ok",
             "version": __version__,
             "cache": {"backend": request.app[SETTINGS].cache.backend, "usedBytes": getattr(store, "used_bytes", None)},
+            "telemetry": tracking.forwarder.health() if tracking is not None else {"sink": "disabled"},
         },
         headers={"Cache-Control": "no-store"},
     )
 
 
+async def metrics_handler(request: web.Request) -> web.Response:
+    tracking = request.app.get(TRACKING)
+    body = render_metrics(tracking.registry) if tracking is not None else b""
+    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE, "Cache-Control": "no-store"})
+
+
 async def openapi_handler(request: web.Request) -> web.Response:
     return json_response(openapi_document(request.app[SETTINGS]))
+
+
+async def tracking_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Telemetry starts first and stops last, so the final requests' events are shipped or spooled."""
+    settings = app[SETTINGS]
+    if not is_configured():
+        configure_logging(settings.server.log_format, settings.server.log_level)
+    if not settings.tracking.enabled:
+        yield
+        return
+    tracking = Tracking(settings.tracking)
+    await tracking.start()
+    app[TRACKING] = tracking
+    yield
+    await tracking.close()
 
 
 async def executor_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -227,6 +268,7 @@ def create_app(
         await app[MODERATOR].close()
         await cache.close()
 
+    app.cleanup_ctx.append(tracking_ctx)
     app.cleanup_ctx.append(executor_ctx)
     app.cleanup_ctx.append(pipeline_ctx)
 
@@ -236,4 +278,5 @@ def create_app(
     app.router.add_get("/about", about_handler)
     app.router.add_get("/health", health_handler)
     app.router.add_get("/openapi.json", openapi_handler)
+    app.router.add_get("/metrics", metrics_handler)
     return app

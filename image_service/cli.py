@@ -21,6 +21,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to listen on (default: server.port)")
     serve.add_argument("--config", type=Path, help="TOML file overriding config/defaults.toml")
     serve.add_argument("--log-format", choices=("console", "json"), help="default: server.log_format")
+    events = commands.add_parser("events", help="telemetry tools")
+    events_commands = events.add_subparsers(dest="events_command", required=True)
+    replay = events_commands.add_parser(
+        "replay", help="send an NDJSON file (the local sink) or a spool directory to Tinybird"
+    )
+    replay.add_argument("path", type=Path)
+    replay.add_argument("--config", type=Path, help="TOML file overriding config/defaults.toml")
     return parser
 
 
@@ -46,10 +53,30 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def events_replay(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .tracking.replay import replay
+
+    settings = load_settings(args.config)
+    if not args.path.exists():
+        print(f"image-service: {args.path} does not exist", file=sys.stderr)
+        return 2
+    if not settings.tracking.api_key.get_secret_value():
+        print("image-service: set TINYBIRD_API_KEY (and TINYBIRD_API_URL) to replay into Tinybird", file=sys.stderr)
+        return 2
+    report = asyncio.run(replay(settings.tracking, args.path))
+    print(report.summary())
+    return 0 if report.complete else 1
+
+
+COMMANDS = {"serve": serve, "events": events_replay}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return serve(args)
+        return COMMANDS[args.command](args)
     except ConfigError as exc:
         print(f"image-service: {exc}", file=sys.stderr)
         return 2

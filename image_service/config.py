@@ -12,11 +12,13 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 CONFIG_DIR = Path(os.environ.get("IMAGE_SERVICE_CONFIG_DIR", Path(__file__).resolve().parent.parent / "config"))
 DEFAULT_FILES = ("defaults.toml", "models.toml")
+# The seed's variable names, honoured as they are (IMAGE_SERVICE_TRACKING__* still wins).
+SEED_ENV = {"TINYBIRD_API_URL": "api_url", "TINYBIRD_API_KEY": "api_key"}
 
 
 class ConfigError(ValueError):
@@ -64,6 +66,37 @@ class ModelSettings(_Section):
         return self
 
 
+class TrackingSettings(_Section):
+    """Telemetry to Tinybird; `api_url`/`api_key` also come from TINYBIRD_API_URL / TINYBIRD_API_KEY."""
+
+    enabled: bool = True
+    api_url: str = "https://api.europe-west2.gcp.tinybird.co"
+    api_key: SecretStr = SecretStr("")
+    datasource: str = Field("pollinations_events", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    local_path: Path = Path("var/events.ndjson")
+    spool_dir: Path = Path("var/spool")
+    spool_max_bytes: int = Field(1024**3, gt=0)
+    queue_size: int = Field(100_000, gt=0)
+    batch_rows: int = Field(5000, gt=0)
+    batch_bytes: int = Field(8 * 1024 * 1024, gt=0, le=10 * 1024 * 1024)
+    max_wait: float = Field(1.0, gt=0, le=60)
+    timeout: float = Field(5.0, gt=0)
+    max_retries: int = Field(6, ge=0)
+    backoff_base: float = Field(0.5, gt=0)
+    backoff_cap: float = Field(30.0, gt=0)
+    breaker_failures: int = Field(3, ge=1)
+    breaker_cooldown: float = Field(30.0, gt=0)
+    max_requests_per_second: float = Field(100.0, gt=0, le=1000)
+    shutdown_timeout: float = Field(10.0, gt=0)
+    environment: str = "development"
+
+    @model_validator(mode="after")
+    def _batch_fits_queue(self) -> TrackingSettings:
+        if self.batch_rows > self.queue_size:
+            raise ValueError(f"batch_rows {self.batch_rows} exceeds queue_size {self.queue_size}")
+        return self
+
+
 class Settings(BaseSettings):
     """The whole configuration; one frozen object shared by every stage."""
 
@@ -74,6 +107,7 @@ class Settings(BaseSettings):
     server: ServerSettings = ServerSettings()
     generation: GenerationSettings = GenerationSettings()
     cache: CacheSettings = CacheSettings()
+    tracking: TrackingSettings = TrackingSettings()
     models: dict[str, ModelSettings] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -122,7 +156,8 @@ def _describe(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        got = f" (got {item['input']!r})" if item["type"] != "missing" and not isinstance(item["input"], dict) else ""
+        shown = item["type"] != "missing" and not isinstance(item["input"], dict) and "key" not in key
+        got = f" (got {item['input']!r})" if shown else ""
         lines.append(f"{key}: {item['msg']}{got}")
     return "; ".join(lines)
 
@@ -138,6 +173,9 @@ def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = N
         data = _deep_merge(data, _read_toml(CONFIG_DIR / name))
     if path is not None:
         data = _deep_merge(data, _read_toml(Path(path)))
+    seed_env = {key: os.environ[name] for name, key in SEED_ENV.items() if os.environ.get(name)}
+    if seed_env:
+        data = _deep_merge(data, {"tracking": seed_env})
     if overrides:
         data = _deep_merge(data, overrides)
     try:

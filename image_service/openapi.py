@@ -73,6 +73,8 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
             "/about": _json_get("Models with their limits", {"type": "array", "items": {"type": "object"}}),
             "/health": _json_get("Liveness and component state", {"type": "object"}),
             "/openapi.json": _json_get("This document", {"type": "object"}),
+            "/metrics": {"get": {"summary": "Telemetry counters in Prometheus text format", "responses": {
+                "200": {"description": "OK", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
         },
         "components": {"schemas": {"Error": {
             "type": "object",

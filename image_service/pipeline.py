@@ -82,8 +82,10 @@ class Pipeline:
         try:
             generated = await self._generator.generate(params)
         except ServiceError as exc:
+            cause = exc.__cause__
             log.warning(
                 "generation.failed", stage="generation", error=exc.code, reason=exc.message,
+                exception=f"{type(cause).__name__}: {cause}" if cause is not None else exc.message,
                 duration_ms=_ms_since(start),
             )
             raise

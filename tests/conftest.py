@@ -16,6 +16,8 @@ from image_service.generation import GeneratedImage
 from image_service.generation.embedded import render
 from image_service.params import ImageParams
 
+from .events_api import EventsAPI
+
 ClientFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
 
 
@@ -49,6 +51,28 @@ def make_settings(**sections: Any) -> Settings:
     return load_settings(overrides=sections)
 
 
+@pytest.fixture(autouse=True)
+def _work_in_tmp(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Relative paths (var/events.ndjson, var/spool) land in the test's own directory."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("TINYBIRD_API_KEY", "TINYBIRD_API_URL"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+async def events_api(aiohttp_server: Any) -> tuple[EventsAPI, str]:
+    """A local Events API on a loopback port: (its state, its base URL)."""
+    api = EventsAPI()
+    server = await aiohttp_server(api.app())
+    return api, str(server.make_url("")).rstrip("/")
+
+
+def tracking_to(url: str, **tracking: Any) -> dict[str, Any]:
+    """A tracking section that ships to `url` quickly, for tests."""
+    return {"api_url": url, "api_key": "test-token", "max_wait": 0.05, "backoff_base": 0.01,
+            "backoff_cap": 0.05, "breaker_cooldown": 0.2, "timeout": 0.5, **tracking}
+
+
 @pytest.fixture
 def settings() -> Settings:
     return make_settings()
@@ -72,4 +96,4 @@ def backend() -> CountingBackend:
     return CountingBackend()
 
 
-__all__ = ["EXECUTOR", "ClientFactory", "CountingBackend", "make_settings"]
+__all__ = ["EXECUTOR", "ClientFactory", "CountingBackend", "EventsAPI", "make_settings", "tracking_to"]

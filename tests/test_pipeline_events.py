@@ -5,16 +5,17 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import structlog
 from structlog.testing import capture_logs as _capture_logs
 from structlog.typing import EventDict
+
+from image_service.tracking.context import merge_request_context
 
 
 
 @contextmanager
 def capture_logs() -> Iterator[list[EventDict]]:
     """Capture events with the request context merged in, as the real processor chain does."""
-    with _capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
+    with _capture_logs(processors=[merge_request_context]) as logs:
         yield logs
 
 

@@ -1,8 +1,8 @@
-"""Structured logging: every pipeline stage emits one structlog event bound to its request.
+"""Structured logging: one processor chain for the process, telemetry first, rendering last.
 
-`configure_logging` sets the processor chain once, at start-up. Stage events (`stage=...`) are
-rendered only at debug level; the terminal `request.completed` event is rendered at info, so
-production logs carry one line per request while every stage stays observable.
+Chain: request context → telemetry processor (sees every event) → stage filter → level, timestamp
+→ renderer. Stage events are rendered only at debug level; the terminal `request.completed` event is
+rendered at info, so production logs carry one line per request while every stage reaches telemetry.
 """
 
 from __future__ import annotations
@@ -15,8 +15,12 @@ import orjson
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
+from .context import merge_request_context
+from .processor import TELEMETRY
+from .rows import TERMINAL_EVENT
+
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
-TERMINAL_EVENT = "request.completed"
+_INTERNAL_KEYS = ("request_start",)
 
 
 class StageEventFilter:
@@ -30,6 +34,8 @@ class StageEventFilter:
     def __call__(self, logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
         if not self._show_stages and "stage" in event_dict and event_dict.get("event") != TERMINAL_EVENT:
             raise structlog.DropEvent
+        for key in _INTERNAL_KEYS:
+            event_dict.pop(key, None)
         return event_dict
 
 
@@ -37,27 +43,32 @@ def _orjson_dumps(data: Any, **_: Any) -> bytes:
     return orjson.dumps(data, default=str)
 
 
-def configure_logging(log_format: str = "console", level: str = "info", telemetry: Processor | None = None) -> None:
-    """Configure structlog for the process; `telemetry` sees every event before it is filtered."""
+def processors(level: str = "info") -> list[Processor]:
+    """The chain up to (not including) rendering; tests capture after it."""
+    return [merge_request_context, TELEMETRY, StageEventFilter(level)]
+
+
+def configure_logging(log_format: str = "console", level: str = "info", *, cache_loggers: bool = False) -> None:
+    """Configure structlog for the process. `cache_loggers` speeds up production; tests leave it off."""
     if log_format not in ("console", "json"):
         raise ValueError(f"log format must be 'console' or 'json', got {log_format!r}")
-    processors: list[Processor] = [
-        structlog.contextvars.merge_contextvars,
+    chain = processors(level) + [
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
-    if telemetry is not None:
-        processors.append(telemetry)
-    processors.append(StageEventFilter(level))
     if log_format == "json":
-        processors += [structlog.processors.format_exc_info, structlog.processors.JSONRenderer(serializer=_orjson_dumps)]
+        chain += [structlog.processors.format_exc_info, structlog.processors.JSONRenderer(serializer=_orjson_dumps)]
         factory: Any = structlog.BytesLoggerFactory(sys.stdout.buffer)
     else:
-        processors.append(structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty()))
+        chain.append(structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty()))
         factory = structlog.PrintLoggerFactory(sys.stdout)
     structlog.configure(
-        processors=processors,
+        processors=chain,
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
         logger_factory=factory,
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=cache_loggers,
     )
+
+
+def is_configured() -> bool:
+    return structlog.is_configured() and TELEMETRY in structlog.get_config()["processors"]

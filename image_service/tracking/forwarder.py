@@ -1,0 +1,402 @@
+"""The forwarder: a background task that turns queued events into rows and ships them in batches.
+
+Shaped like OpenTelemetry's batch worker, with a spool where it would drop:
+
+- a batch leaves when it reaches `batch_rows`, or its oldest event is `max_wait` seconds old, or at
+  shutdown; bodies stay under `batch_bytes` and sends under `max_requests_per_second`;
+- retryable failures (429, 5xx, timeouts, connection errors) back off exponentially with full jitter,
+  honouring `Retry-After`; 413 splits the batch; 400/422 are dropped, counted and logged once;
+- consecutive failures open a circuit breaker: rows go straight to the disk spool, a half-open probe
+  closes it again, and the spool drains in order once the sink is healthy (and on the next start);
+- `close()` flushes within a deadline and spools whatever is left.
+
+The worker never dies: an unexpected error is logged (once per kind) and the loop goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import orjson
+import structlog
+
+from .processor import TELEMETRY, EventQueue
+from .rows import build_row
+from .sinks import Outcome, Sink
+from .spool import Spool
+
+log = structlog.get_logger("image_service.tracking")
+T = TypeVar("T")
+
+POLL_SECONDS = 0.05
+GUARD_SECONDS = 0.02
+SERIALISE_SLICE = 256
+HIGH_WATER = 0.5
+
+
+class BreakerState(enum.IntEnum):
+    CLOSED = 0
+    OPEN = 1
+    HALF_OPEN = 2
+
+
+class Breaker:
+    """Opens after `failures` consecutive failures; after `cooldown` seconds lets one probe through."""
+
+    def __init__(self, failures: int, cooldown: float, clock: Callable[[], float]) -> None:
+        if failures < 1 or cooldown <= 0:
+            raise ValueError("breaker needs failures >= 1 and cooldown > 0")
+        self._failures, self._cooldown, self._clock = failures, cooldown, clock
+        self._consecutive = 0
+        self._opened_at: float | None = None
+
+    @property
+    def state(self) -> BreakerState:
+        if self._opened_at is None:
+            return BreakerState.CLOSED
+        if self._clock() - self._opened_at >= self._cooldown:
+            return BreakerState.HALF_OPEN
+        return BreakerState.OPEN
+
+    def success(self) -> None:
+        self._consecutive = 0
+        self._opened_at = None
+
+    def failure(self) -> None:
+        self._consecutive += 1
+        if self._opened_at is not None or self._consecutive >= self._failures:
+            self._opened_at = self._clock()
+
+    def trip(self) -> None:
+        self._opened_at = self._clock()
+
+
+@dataclass
+class ForwarderStats:
+    sent: int = 0
+    retried: int = 0
+    spooled: int = 0
+    replayed: int = 0
+    quarantined: int = 0
+    batches: int = 0
+    dropped: Counter[str] = field(default_factory=Counter)
+    last_success: float | None = None
+
+
+@dataclass(frozen=True)
+class ForwarderSettings:
+    queue_size: int = 100_000
+    batch_rows: int = 5000
+    batch_bytes: int = 8 * 1024 * 1024
+    max_wait: float = 1.0
+    max_retries: int = 6
+    backoff_base: float = 0.5
+    backoff_cap: float = 30.0
+    breaker_failures: int = 3
+    breaker_cooldown: float = 30.0
+    max_requests_per_second: float = 100.0
+    environment: str = "development"
+
+    def __post_init__(self) -> None:
+        if self.batch_rows > self.queue_size:
+            raise ValueError(f"batch_rows ({self.batch_rows}) must not exceed queue_size ({self.queue_size})")
+        if not 0 < self.batch_bytes <= 10 * 1024 * 1024:
+            raise ValueError("batch_bytes must be within Tinybird's 10 MB request limit")
+        if self.max_wait <= 0 or self.max_requests_per_second <= 0:
+            raise ValueError("max_wait and max_requests_per_second must be positive")
+
+
+class _Failed(Exception):
+    """A batch could not be delivered now; its rows belong in the spool."""
+
+
+class Forwarder:
+    def __init__(
+        self,
+        settings: ForwarderSettings,
+        sink: Sink,
+        spool: Spool,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.settings = settings
+        self.sink = sink
+        self.spool = spool
+        self.queue = EventQueue(settings.queue_size)
+        self.stats = ForwarderStats()
+        self.breaker = Breaker(settings.breaker_failures, settings.breaker_cooldown, clock)
+        self._clock = clock
+        self._rand = rand
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="telemetry-io")
+        self._task: asyncio.Task[None] | None = None
+        self._guard: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._closed = False
+        self._started_at = clock()
+        self._last_send = float("-inf")
+        self._last_sync = clock()
+        self._inflight: list[bytes] = []
+        self._busy = False
+        self._logged: set[str] = set()
+
+    # lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._in_io(self.spool.open)
+        self._task = asyncio.create_task(self._run(), name="telemetry-forwarder")
+        self._guard = asyncio.create_task(self._guard_queue(), name="telemetry-queue-guard")
+        TELEMETRY.default = self.queue
+
+    async def flush(self, timeout: float = 5.0) -> bool:
+        """Send everything queued now; True when the queue emptied and nothing is in flight."""
+        deadline = self._clock() + timeout
+        self._wake.set()
+        while (self.queue or self._busy) and self._clock() < deadline:
+            await asyncio.sleep(0.01)
+        return not self.queue and not self._busy
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """Flush within `timeout` seconds, spool the rest; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stopping = True
+        self._wake.set()
+        if self._guard is not None:
+            self._guard.cancel()
+            await asyncio.gather(self._guard, return_exceptions=True)
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout)
+            except TimeoutError:
+                self._task.cancel()
+                await asyncio.gather(self._task, return_exceptions=True)
+        self.queue.closed = True
+        leftover = self._inflight + await self._serialise(self.queue.take(len(self.queue)))
+        self._inflight = []
+        await self._spill(leftover)
+        await self._in_io(self.spool.close)
+        await self.sink.close()
+        self._io.shutdown(wait=True)
+        if TELEMETRY.default is self.queue:
+            TELEMETRY.default = None
+
+    # state for /health and /metrics ---------------------------------------------------------
+
+    def seconds_since_success(self) -> float:
+        return self._clock() - (self.stats.last_success if self.stats.last_success is not None else self._started_at)
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "sink": self.sink.name,
+            "breaker": self.breaker.state.name.lower(),
+            "queueDepth": len(self.queue),
+            "spoolBytes": self.spool.total_bytes,
+            "secondsSinceLastSuccess": round(self.seconds_since_success(), 3),
+            "rowsSent": self.stats.sent,
+            "rowsDropped": sum(self.stats.dropped.values()) + self.queue.dropped_full + self.queue.dropped_closed,
+        }
+
+    # the worker -----------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                progressed = await self._round()
+                await self._sync_spool()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._log_once(f"worker:{type(exc).__name__}", "telemetry.worker_error", error=type(exc).__name__)
+                progressed = False
+            if self._stopping and not self.queue:
+                return
+            if not progressed:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), POLL_SECONDS)
+                except TimeoutError:
+                    pass
+
+    async def _round(self) -> bool:
+        queue, settings = self.queue, self.settings
+        if self.breaker.state is BreakerState.OPEN:
+            if queue:
+                await self._spill(await self._serialise(queue.take(len(queue))))
+            return False
+        oldest = queue.oldest_ts()
+        if oldest is not None and (
+            len(queue) >= settings.batch_rows or time.time() - oldest >= settings.max_wait or self._stopping
+        ):
+            self._busy = True
+            try:
+                lines = await self._serialise(queue.take(settings.batch_rows))
+                for body_lines in self._split_by_bytes(lines):
+                    await self._deliver(body_lines, from_spool=False)
+            finally:
+                self._busy = False
+            return True
+        if self._stopping or not self.spool.has_data():
+            return False
+        lines = await self._in_io(self.spool.read_batch, settings.batch_rows, settings.batch_bytes)
+        if not lines:
+            return False
+        await self._deliver(lines, from_spool=True)
+        return True
+
+    async def _deliver(self, lines: list[bytes], from_spool: bool) -> None:
+        self._inflight = [] if from_spool else lines
+        try:
+            outcome = await self._send(lines)
+        except _Failed:
+            self._inflight = []
+            if not from_spool:
+                await self._spill(lines)
+            return
+        self._inflight = []
+        if outcome is Outcome.TOO_LARGE:
+            half = len(lines) // 2
+            if from_spool:
+                # Deliver the halves from memory; the spool segment is consumed only if both went out.
+                for part in (lines[:half], lines[half:]):
+                    await self._deliver(part, from_spool=False)
+                await self._in_io(self.spool.commit, len(lines))
+            else:
+                for part in (lines[:half], lines[half:]):
+                    await self._deliver(part, from_spool=False)
+            return
+        if outcome is Outcome.SENT:
+            self.stats.sent += len(lines)
+            self.stats.batches += 1
+            if from_spool:
+                self.stats.replayed += len(lines)
+        if from_spool:
+            await self._in_io(self.spool.commit, len(lines))
+
+    async def _send(self, lines: list[bytes]) -> Outcome:
+        """One batch through the sink with retries; raises _Failed when it must be spooled."""
+        body = b"".join(lines)
+        attempt = 0
+        while True:
+            await self._respect_rate_limit()
+            result = await self.sink.send(body, len(lines))
+            if result.outcome is Outcome.SENT:
+                self.breaker.success()
+                self.stats.last_success = self._clock()
+                if result.quarantined:
+                    self.stats.quarantined += result.quarantined
+                    log.warning("telemetry.quarantined", rows=result.quarantined)
+                return Outcome.SENT
+            if result.outcome is Outcome.TOO_LARGE:
+                if len(lines) > 1:
+                    return Outcome.TOO_LARGE
+                self.stats.dropped["too_large"] += 1
+                self._log_once("too_large", "telemetry.row_too_large", status=result.status)
+                return Outcome.REJECTED
+            if result.outcome is Outcome.REJECTED:
+                self.stats.dropped[f"http_{result.status}"] += len(lines)
+                self._log_once(
+                    f"rejected:{result.status}", "telemetry.batch_rejected", status=result.status,
+                    detail=result.detail, rows=len(lines),
+                )
+                return Outcome.REJECTED
+            if result.outcome is Outcome.MISCONFIGURED:
+                self.breaker.trip()
+                self._log_once(
+                    f"misconfigured:{result.status}", "telemetry.sink_misconfigured", status=result.status,
+                    detail=result.detail, hint="check TINYBIRD_API_KEY, its APPEND scope, and the region host",
+                )
+                raise _Failed
+            self.breaker.failure()
+            attempt += 1
+            if self.breaker.state is not BreakerState.CLOSED or attempt > self.settings.max_retries or self._stopping:
+                self._log_once(f"failing:{result.status}", "telemetry.sink_failing", status=result.status, detail=result.detail)
+                raise _Failed
+            self.stats.retried += len(lines)
+            delay = result.retry_after
+            if delay is None:
+                delay = self._rand() * min(self.settings.backoff_cap, self.settings.backoff_base * 2**attempt)
+            await self._pause(delay)
+
+    async def _pause(self, seconds: float) -> None:
+        """Back off, interruptible by shutdown."""
+        end = self._clock() + seconds
+        while not self._stopping and self._clock() < end:
+            await asyncio.sleep(min(0.1, max(0.0, end - self._clock())))
+
+    async def _guard_queue(self) -> None:
+        """While a send is slow or backing off, keep the queue under its high-water mark via the spool."""
+        queue = self.queue
+        while True:
+            await asyncio.sleep(GUARD_SECONDS)
+            try:
+                if len(queue) > queue.capacity * HIGH_WATER:
+                    keep = min(self.settings.batch_rows, len(queue) // 2)
+                    await self._spill(await self._serialise(queue.take(len(queue) - keep)))
+            except Exception as exc:
+                self._log_once(f"guard:{type(exc).__name__}", "telemetry.guard_error", error=type(exc).__name__)
+
+    async def _respect_rate_limit(self) -> None:
+        wait = self._last_send + 1.0 / self.settings.max_requests_per_second - self._clock()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        self._last_send = self._clock()
+
+    # helpers ---------------------------------------------------------------------------------
+
+    async def _serialise(self, events: list[dict[str, Any]]) -> list[bytes]:
+        lines: list[bytes] = []
+        environment = self.settings.environment
+        for index, event in enumerate(events, 1):
+            try:
+                lines.append(orjson.dumps(build_row(event, environment), option=orjson.OPT_APPEND_NEWLINE))
+            except Exception as exc:
+                self.stats.dropped["unserialisable"] += 1
+                self._log_once(f"serialise:{type(exc).__name__}", "telemetry.unserialisable", error=type(exc).__name__)
+            if index % SERIALISE_SLICE == 0:
+                await asyncio.sleep(0)
+        return lines
+
+    def _split_by_bytes(self, lines: list[bytes]) -> list[list[bytes]]:
+        limit = self.settings.batch_bytes
+        bodies: list[list[bytes]] = [[]]
+        size = 0
+        for line in lines:
+            if bodies[-1] and size + len(line) > limit:
+                bodies.append([])
+                size = 0
+            bodies[-1].append(line)
+            size += len(line)
+        return [body for body in bodies if body]
+
+    async def _spill(self, lines: list[bytes]) -> None:
+        if not lines:
+            return
+        evicted = await self._in_io(self.spool.append, lines)
+        self.stats.spooled += len(lines)
+        if evicted:
+            self.stats.dropped["spool_full"] += evicted
+            log.warning("telemetry.spool_evicted", rows=evicted, max_bytes=self.spool.max_bytes)
+
+    async def _sync_spool(self) -> None:
+        if self._clock() - self._last_sync >= 1.0:
+            self._last_sync = self._clock()
+            await self._in_io(self.spool.sync)
+
+    async def _in_io(self, function: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._io, function, *args)
+
+    def _log_once(self, key: str, event: str, **fields: Any) -> None:
+        if key not in self._logged:
+            self._logged.add(key)
+            log.error(event, **fields)

@@ -1,0 +1,169 @@
+"""A disk spool for rows the sink cannot take now: append-only NDJSON segments, drained in order.
+
+Rows land here when the breaker is open, when retries are exhausted, when the in-memory queue runs
+high, and at shutdown. The spool is bounded in bytes; when it must evict, it drops its oldest
+segment and reports how many rows that was (counted as lost, never silent). All methods are
+synchronous and must be called from one thread (the forwarder's I/O thread), which keeps them ordered.
+
+A segment being drained is deleted only once fully sent; a crash mid-segment re-sends its first rows,
+which the pipes de-duplicate by `event_id`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+PREFIX = "segment-"
+SUFFIX = ".ndjson"
+DEFAULT_SEGMENT_BYTES = 8 * 1024 * 1024
+
+
+@dataclass
+class _Reader:
+    path: Path
+    size: int
+    lines: list[bytes]
+    offset: int = 0
+
+
+@dataclass
+class SpoolStats:
+    rows_written: int = 0
+    rows_read: int = 0
+    rows_evicted: int = 0
+    segments_evicted: int = 0
+    files: list[str] = field(default_factory=list)
+
+
+class Spool:
+    def __init__(self, directory: Path, max_bytes: int, segment_bytes: int = DEFAULT_SEGMENT_BYTES) -> None:
+        if max_bytes <= 0:
+            raise ValueError(f"spool max_bytes must be positive, got {max_bytes}")
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self.segment_bytes = max(1, min(segment_bytes, max_bytes // 4))
+        self.stats = SpoolStats()
+        self._segments: list[tuple[Path, int]] = []
+        self._writer: BinaryIO | None = None
+        self._writer_path: Path | None = None
+        self._writer_size = 0
+        self._next = 0
+        self._reader: _Reader | None = None
+        self._dirty = False
+        self._opened = False
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(size for _, size in self._segments) + self._writer_size
+
+    def has_data(self) -> bool:
+        return bool(self._segments) or self._writer_size > 0 or (
+            self._reader is not None and self._reader.offset < len(self._reader.lines)
+        )
+
+    def open(self) -> None:
+        """Find segments left by an earlier run; they are drained first."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        found = sorted(self.directory.glob(f"{PREFIX}*{SUFFIX}"))
+        self._segments = [(path, path.stat().st_size) for path in found if path.stat().st_size > 0]
+        for path in found:
+            if path.stat().st_size == 0:
+                path.unlink()
+        self._next = 1 + max((int(path.stem.removeprefix(PREFIX)) for path in found), default=0)
+        self._opened = True
+
+    def append(self, lines: list[bytes]) -> int:
+        """Write NDJSON lines; returns how many older rows were evicted to stay within the bound."""
+        if not lines:
+            return 0
+        if self._writer is None or self._writer_size >= self.segment_bytes:
+            self._rotate()
+        assert self._writer is not None
+        data = b"".join(lines)
+        self._writer.write(data)
+        self._writer_size += len(data)
+        self._dirty = True
+        self.stats.rows_written += len(lines)
+        return self._enforce_bound()
+
+    def sync(self) -> None:
+        """Flush and fsync the open segment (the forwarder calls this at least once a second)."""
+        if self._writer is not None and self._dirty:
+            self._writer.flush()
+            os.fsync(self._writer.fileno())
+            self._dirty = False
+
+    def read_batch(self, max_rows: int, max_bytes: int) -> list[bytes]:
+        """The next rows in order, without consuming them; `commit` consumes."""
+        if self._reader is None or self._reader.offset >= len(self._reader.lines):
+            if not self._load_next():
+                return []
+        assert self._reader is not None
+        batch: list[bytes] = []
+        size = 0
+        for line in self._reader.lines[self._reader.offset : self._reader.offset + max_rows]:
+            if batch and size + len(line) > max_bytes:
+                break
+            batch.append(line)
+            size += len(line)
+        return batch
+
+    def commit(self, count: int) -> None:
+        """Mark the first `count` rows of the last batch as delivered (or deliberately dropped)."""
+        reader = self._reader
+        if reader is None:
+            return
+        reader.offset += count
+        self.stats.rows_read += count
+        if reader.offset >= len(reader.lines):
+            reader.path.unlink(missing_ok=True)
+            self._segments = [(p, s) for p, s in self._segments if p != reader.path]
+            self._reader = None
+
+    def close(self) -> None:
+        self.sync()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+            if self._writer_path is not None and self._writer_size:
+                self._segments.append((self._writer_path, self._writer_size))
+            self._writer_path, self._writer_size = None, 0
+
+    def _rotate(self) -> None:
+        self.close()
+        self._writer_path = self.directory / f"{PREFIX}{self._next:012d}{SUFFIX}"
+        self._next += 1
+        self._writer = self._writer_path.open("ab")
+        self._writer_size = 0
+
+    def _load_next(self) -> bool:
+        if not self._segments and self._writer_size:
+            self.close()
+        if not self._segments:
+            return False
+        path, size = self._segments[0]
+        lines = path.read_bytes().splitlines(keepends=True)
+        if lines and not lines[-1].endswith(b"\n"):
+            lines[-1] += b"\n"
+        self._reader = _Reader(path, size, lines)
+        if not lines:
+            self.commit(0)
+            return self._load_next()
+        return True
+
+    def _enforce_bound(self) -> int:
+        evicted = 0
+        while self.total_bytes > self.max_bytes and self._segments:
+            path, _ = self._segments.pop(0)
+            if self._reader is not None and self._reader.path == path:
+                evicted += len(self._reader.lines) - self._reader.offset
+                self._reader = None
+            else:
+                evicted += path.read_bytes().count(b"\n")
+            path.unlink(missing_ok=True)
+            self.stats.segments_evicted += 1
+        self.stats.rows_evicted += evicted
+        return evicted

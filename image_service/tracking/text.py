@@ -1,0 +1,48 @@
+"""The shared tracker for text completions: the same processor, forwarder and schema as images.
+
+A text service imports `record_text_completion` and runs a `Tracking` (service.py) for its process.
+"""
+
+from __future__ import annotations
+
+import time
+
+import structlog
+
+from .context import request_ids
+from .rows import TEXT_EVENT
+
+log = structlog.get_logger("image_service.tracking.text")
+
+
+def record_text_completion(
+    *,
+    model: str,
+    provider: str | None = None,
+    cost: float = 0.0,
+    prompt_tokens: int | None = None,
+    completion_tokens: int | None = None,
+    cached_tokens: int | None = None,
+    duration_ms: float = 0.0,
+    start_time: float | None = None,
+    request_id: str | None = None,
+    user: str | None = None,
+    username: str | None = None,
+    tier: str | None = None,
+    status: str = "success",
+    http_status: int | None = None,
+    exception: str | None = None,
+    log_event_type: str = "completion",
+) -> None:
+    """Record one text completion; returns at once (the row is built and sent in the background)."""
+    now = time.time()
+    log.info(
+        TEXT_EVENT,
+        stage="text",
+        request_id=request_id or request_ids.next(),
+        request_start=start_time if start_time is not None else now - duration_ms / 1000,
+        model=model, provider=provider, cost=cost, prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens, cached_tokens=cached_tokens, duration_ms=duration_ms,
+        user=user, username=username, tier=tier, status=status, http_status=http_status,
+        exception=exception, log_event_type=log_event_type,
+    )

@@ -1,0 +1,160 @@
+"""Telemetry of the real app: every stage's row reaches the sink, privacy holds, nothing waits."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import orjson
+import structlog
+
+from image_service.app import TRACKING
+from image_service.tracking import COLUMNS, configure_logging, record_text_completion
+
+from .conftest import ClientFactory, make_settings, tracking_to
+from .events_api import EventsAPI, Fault
+
+FOX = "/prompt/a%20red%20fox?width=96&height=64&seed=3"
+
+
+async def flushed(client: Any) -> None:
+    assert await client.app[TRACKING].forwarder.flush(timeout=10)
+
+
+def by_request(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        grouped[row["id"]].append(row)
+    return grouped
+
+
+async def test_every_stage_of_every_request_arrives_as_a_row(
+    make_client: ClientFactory, events_api: tuple[EventsAPI, str]
+) -> None:
+    api, url = events_api
+    client = await make_client(make_settings(tracking=tracking_to(url)))
+    miss = await client.get(FOX)
+    hit = await client.get(FOX)
+    bad = await client.get("/prompt/x?model=nope")
+    missing = await client.get("/nowhere")
+    await flushed(client)
+    rows = by_request(api.rows)
+
+    def events(response: Any) -> list[str]:
+        return [r["event"] for r in rows[response.headers["X-Request-Id"]]]
+
+    assert events(miss) == ["request.received", "cache.lookup", "generation.completed", "moderation.verdict", "request.completed"]
+    assert events(hit) == ["request.received", "cache.lookup", "request.completed"]
+    assert events(bad) == events(missing) == ["request.completed"]
+    terminal = rows[miss.headers["X-Request-Id"]][-1]
+    assert (terminal["log_event_type"], terminal["status"], terminal["http_status"]) == ("image_generation", "success", 200)
+    assert (terminal["model"], terminal["width"], terminal["height"], terminal["seed"]) == ("procedural", 96, 64, "3")
+    assert (terminal["cache_status"], terminal["backend"], terminal["user"], terminal["tier"]) == ("miss", "embedded", "anonymous", "anonymous")
+    assert terminal["is_mature"] is False and terminal["is_child"] is False and terminal["prompt"] == "a red fox"
+    assert rows[hit.headers["X-Request-Id"]][-1]["log_event_type"] == "image_served_from_cache"
+    rejected = rows[bad.headers["X-Request-Id"]][-1]
+    assert (rejected["http_status"], rejected["status"], rejected["error"]) == (400, "rejected", "unknown_model")
+    assert all(list(row) == list(COLUMNS) for row in api.rows)
+    assert len({row["event_id"] for row in api.rows}) == len(api.rows)
+
+
+async def test_rows_of_one_request_share_its_id_and_times(make_client: ClientFactory, events_api: tuple[EventsAPI, str]) -> None:
+    api, url = events_api
+    client = await make_client(make_settings(tracking=tracking_to(url)))
+    response = await client.get(FOX)
+    await flushed(client)
+    rows = by_request(api.rows)[response.headers["X-Request-Id"]]
+    assert {r["message_id"] for r in rows} == {response.headers["X-Request-Id"]}
+    assert len({r["start_time"] for r in rows}) == 1 and all(r["end_time"] >= r["start_time"] for r in rows)
+    assert rows[-1]["duration_ms"] >= rows[2]["duration_ms"] > 0
+
+
+async def test_incoming_traceparent_is_recorded_and_continued(make_client: ClientFactory, events_api: tuple[EventsAPI, str]) -> None:
+    """A request can be followed across services by its W3C trace id."""
+    api, url = events_api
+    client = await make_client(make_settings(tracking=tracking_to(url)))
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    response = await client.get(FOX, headers={"traceparent": f"00-{trace}-00f067aa0ba902b7-01"})
+    await flushed(client)
+    assert response.headers["traceparent"].startswith(f"00-{trace}-")
+    rows = by_request(api.rows)[response.headers["X-Request-Id"]]
+    assert {r["trace_id"] for r in rows} == {trace}
+    assert orjson.loads(rows[-1]["proxy_metadata"])["parent_span_id"] == "00f067aa0ba902b7"
+
+
+async def test_private_prompts_tokens_and_ips_appear_in_no_row_and_no_log(
+    make_client: ClientFactory, events_api: tuple[EventsAPI, str], capfd: Any
+) -> None:
+    """Whatever the client sends, its secrets stay in the process."""
+    api, url = events_api
+    configure_logging("json", "debug")
+    try:
+        client = await make_client(make_settings(tracking=tracking_to(url)))
+        headers = {"Authorization": "Bearer sk-authheader-123456789", "X-Forwarded-For": "198.51.100.77",
+                   "Referer": "https://site.example/page?token=sk-referer-123456789"}
+        await client.get("/prompt/my%20diary%20entry?private=true&token=sk-query-123456789&width=32&height=32",
+                         headers=headers)
+        await client.get("/prompt/my%20diary%20entry?private=true&width=oops&token=sk-query-123456789", headers=headers)
+        await flushed(client)
+    finally:
+        structlog.reset_defaults()
+    logs = capfd.readouterr().out
+    assert '"event":"request.completed"' in logs
+    everything = logs + orjson.dumps(api.rows).decode()
+    for secret in ("diary", "sk-authheader", "sk-query", "sk-referer", "198.51.100.77", "127.0.0.1"):
+        assert secret not in everything, secret
+    assert {row["prompt"] for row in api.rows if row["prompt"]} == {"[PRIVATE]"}
+
+
+async def test_text_completions_share_the_processor_and_forwarder(
+    make_client: ClientFactory, events_api: tuple[EventsAPI, str]
+) -> None:
+    """The seed's shared tracker: a text row lands in the same datasource as the image rows."""
+    api, url = events_api
+    client = await make_client(make_settings(tracking=tracking_to(url)))
+    record_text_completion(model="openai-large", provider="azure", cost=0.0021, prompt_tokens=120,
+                           completion_tokens=48, cached_tokens=16, duration_ms=840.0, user="u-1", tier="seed")
+    await flushed(client)
+    (row,) = [r for r in api.rows if r["service_type"] == "text"]
+    assert (row["model"], row["provider"], row["cost"], row["prompt_tokens"], row["completion_tokens"]) == (
+        "openai-large", "azure", 0.0021, 120, 48)
+    assert (row["user"], row["tier"], row["call_type"], row["duration"]) == ("u-1", "seed", "completion", 840)
+
+
+async def test_without_an_api_key_rows_go_to_the_local_file(make_client: ClientFactory, tmp_path: Path) -> None:
+    """A newcomer sees exactly the rows production would send, in var/events.ndjson."""
+    client = await make_client(make_settings(tracking={"max_wait": 0.02}))
+    response = await client.get(FOX)
+    await flushed(client)
+    rows = [orjson.loads(line) for line in (tmp_path / "var" / "events.ndjson").read_bytes().splitlines()]
+    assert {r["id"] for r in rows} == {response.headers["X-Request-Id"]} and len(rows) == 5
+    health = await (await client.get("/health")).json()
+    assert health["telemetry"]["sink"] == "file" and health["telemetry"]["breaker"] == "closed"
+
+
+async def test_metrics_expose_the_forwarders_counters(make_client: ClientFactory, events_api: tuple[EventsAPI, str]) -> None:
+    api, url = events_api
+    client = await make_client(make_settings(tracking=tracking_to(url)))
+    await client.get(FOX)
+    await flushed(client)
+    text = await (await client.get("/metrics")).text()
+    assert "image_service_telemetry_rows_sent_total 5.0" in text
+    assert 'image_service_telemetry_rows_dropped_total{reason="queue_full"} 0.0' in text
+    assert "image_service_telemetry_breaker_state 0.0" in text
+
+
+async def test_requests_never_wait_on_a_hanging_sink(make_client: ClientFactory, events_api: tuple[EventsAPI, str]) -> None:
+    """While the sink holds a call open, requests keep being answered."""
+    api, url = events_api
+    api.script.append(Fault(delay=30))
+    settings = make_settings(tracking=tracking_to(url, timeout=60.0, shutdown_timeout=0.5))
+    client = await make_client(settings)
+    await client.get(FOX)
+    while api.requests == 0:
+        await asyncio.sleep(0.01)
+    statuses = [(await client.get(FOX)).status for _ in range(20)]
+    assert statuses == [200] * 20
+    assert api.statuses == [], "the sink call must still be hanging"
+    api.released.set()

@@ -1,0 +1,107 @@
+"""Telemetry across the process boundary: SIGTERM flushes or spools; `events replay` sends files."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import orjson
+
+from .events_api import EventsAPI
+from .test_cli import free_port, wait_until_listening
+
+
+def start_server(tmp_path: Path, url: str, **env: str) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "image_service", "serve", "--port", str(port), "--log-format", "json"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**os.environ, "TINYBIRD_API_URL": url, "TINYBIRD_API_KEY": "test-token",
+             "IMAGE_SERVICE_TRACKING__MAX_WAIT": "30", "IMAGE_SERVICE_TRACKING__TIMEOUT": "1", **env},
+    )
+    wait_until_listening(port, process)
+    return process, port
+
+
+def get(port: int, path: str) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as reply:
+        return reply.headers["X-Request-Id"]
+
+
+async def test_sigterm_flushes_the_last_requests_rows(events_api: tuple[EventsAPI, str], tmp_path: Path) -> None:
+    """Rows still queued at SIGTERM (max_wait is 30 s here) reach the sink before the process exits."""
+    api, url = events_api
+    loop = asyncio.get_running_loop()
+    process, port = await loop.run_in_executor(None, start_server, tmp_path, url)
+    try:
+        ids = [await loop.run_in_executor(None, get, port, f"/prompt/fox{n}?width=32&height=32") for n in range(3)]
+        assert api.rows == []
+        process.send_signal(signal.SIGTERM)
+        code = await loop.run_in_executor(None, process.wait, 30)
+    finally:
+        process.kill()
+        process.communicate()
+    assert code == 0
+    assert {r["id"] for r in api.rows if r["event"] == "request.completed"} == set(ids)
+    assert len(api.rows) == 15
+
+
+async def test_sigterm_with_the_sink_down_spools_to_disk_and_replay_sends_it(
+    events_api: tuple[EventsAPI, str], tmp_path: Path
+) -> None:
+    """Nothing is lost: the spool holds the rows and `events replay` delivers them later."""
+    api, url = events_api
+    api.down = True
+    loop = asyncio.get_running_loop()
+    process, port = await loop.run_in_executor(
+        None, lambda: start_server(tmp_path, url, IMAGE_SERVICE_TRACKING__SHUTDOWN_TIMEOUT="1")
+    )
+    try:
+        request_id = await loop.run_in_executor(None, get, port, "/prompt/fox?width=32&height=32")
+        process.send_signal(signal.SIGTERM)
+        assert await loop.run_in_executor(None, process.wait, 30) == 0
+    finally:
+        process.kill()
+        process.communicate()
+    spool = tmp_path / "var" / "spool"
+    spooled = [orjson.loads(line) for path in sorted(spool.iterdir()) for line in path.read_bytes().splitlines()]
+    assert {r["id"] for r in spooled} == {request_id} and len(spooled) == 5 and api.rows == []
+
+    api.down = False
+    result = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "image_service", "events", "replay", str(spool), cwd=tmp_path,
+        env={**os.environ, "TINYBIRD_API_URL": url, "TINYBIRD_API_KEY": "test-token"},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await result.communicate()
+    assert result.returncode == 0, err.decode()
+    assert b"replayed 5 rows" in out
+    assert {r["event_id"] for r in api.rows} == {r["event_id"] for r in spooled}
+    assert list(spool.iterdir()) == []
+
+
+async def test_replay_of_a_local_ndjson_file_leaves_the_file(events_api: tuple[EventsAPI, str], tmp_path: Path) -> None:
+    api, url = events_api
+    source = tmp_path / "events.ndjson"
+    source.write_bytes(b"".join(orjson.dumps({"event_id": f"e{n}", "n": n}) + b"\n" for n in range(7)))
+    result = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "image_service", "events", "replay", str(source), cwd=tmp_path,
+        env={**os.environ, "TINYBIRD_API_URL": url, "TINYBIRD_API_KEY": "test-token"},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, _ = await result.communicate()
+    assert result.returncode == 0 and [r["n"] for r in api.rows] == list(range(7))
+    assert source.read_bytes().count(b"\n") == 7
+
+
+async def test_replay_without_a_key_explains_what_is_missing(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TINYBIRD_")}
+    (tmp_path / "x.ndjson").write_text("{}\n")
+    result = subprocess.run([sys.executable, "-m", "image_service", "events", "replay", "x.ndjson"],
+                            cwd=tmp_path, env=env, capture_output=True, timeout=30)
+    assert result.returncode == 2 and b"TINYBIRD_API_KEY" in result.stderr

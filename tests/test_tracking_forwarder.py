@@ -1,0 +1,227 @@
+"""The forwarder against a local Events API that keeps Tinybird's contract, faults included."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from image_service.tracking import Forwarder, ForwarderSettings, Spool, TinybirdSink
+from image_service.tracking.sinks import FileSink
+
+from .events_api import EventsAPI, Fault
+
+Make = Callable[..., Forwarder]
+
+
+def event(n: int) -> dict[str, Any]:
+    now = time.time()
+    return {"event": "request.completed", "stage": "response", "request_id": f"req-{n}", "status": 200,
+            "duration_ms": 1.0, "_ts": now, "request_start": now, "event_id": f"ev-{n:06d}"}
+
+
+@pytest.fixture
+async def make_forwarder(events_api: tuple[EventsAPI, str], tmp_path: Path) -> AsyncIterator[Make]:
+    api, url = events_api
+    made: list[Forwarder] = []
+
+    def make(token: str = "test-token", timeout: float = 0.5, spool_dir: Path | None = None, **options: Any) -> Forwarder:
+        settings = ForwarderSettings(**{"max_wait": 0.02, "backoff_base": 0.01, "backoff_cap": 0.05,
+                                        "breaker_cooldown": 0.2, "batch_rows": 100, **options})
+        forwarder = Forwarder(
+            settings, TinybirdSink(url, token, "pollinations_events", timeout, executor=None),
+            Spool(spool_dir or tmp_path / "spool", max_bytes=50_000_000),
+        )
+        made.append(forwarder)
+        return forwarder
+
+    yield make
+    for forwarder in made:
+        await forwarder.close(timeout=2)
+
+
+async def until(condition: Callable[[], bool], seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+def received(api: EventsAPI) -> set[str]:
+    return {row["event_id"] for row in api.rows}
+
+
+async def test_rows_arrive_in_batches_with_bearer_token_and_gzip(make_forwarder: Make, events_api: tuple[EventsAPI, str]) -> None:
+    api, _ = events_api
+    forwarder = make_forwarder()
+    await forwarder.start()
+    for n in range(250):
+        forwarder.queue.put(event(n))
+    await until(lambda: len(api.rows) == 250)
+    assert received(api) == {f"ev-{n:06d}" for n in range(250)}
+    assert api.requests <= 5 and api.datasources == {"pollinations_events"} and api.encodings == {"gzip"}
+    assert forwarder.stats.sent == 250
+
+
+async def test_thirty_percent_injected_failures_lose_nothing(make_forwarder: Make, events_api: tuple[EventsAPI, str]) -> None:
+    """429s, 5xx, resets and timeouts are retried until every row is in."""
+    api, _ = events_api
+    api.failure_rate = 0.3
+    forwarder = make_forwarder(timeout=0.3, batch_rows=20, breaker_failures=50, max_retries=50)
+    await forwarder.start()
+    for n in range(400):
+        forwarder.queue.put(event(n))
+        if n % 50 == 0:
+            await asyncio.sleep(0.01)
+    await until(lambda: received(api) >= {f"ev-{n:06d}" for n in range(400)}, seconds=30)
+    assert forwarder.stats.retried > 0 and sum(forwarder.stats.dropped.values()) == 0
+    assert {0, 429, 500, 503} & set(api.statuses)
+
+
+async def test_retry_after_is_honoured(make_forwarder: Make, events_api: tuple[EventsAPI, str]) -> None:
+    api, _ = events_api
+    api.script.extend([Fault(429, retry_after="0.4")])
+    forwarder = make_forwarder()
+    await forwarder.start()
+    started = time.monotonic()
+    forwarder.queue.put(event(1))
+    await until(lambda: len(api.rows) == 1)
+    assert time.monotonic() - started >= 0.4
+
+
+async def test_sink_down_then_up_delivers_everything_from_the_spool(
+    make_forwarder: Make, events_api: tuple[EventsAPI, str], tmp_path: Path
+) -> None:
+    """The breaker opens, rows wait on disk, the half-open probe succeeds and the spool drains."""
+    api, _ = events_api
+    api.down = True
+    forwarder = make_forwarder(breaker_failures=2, max_retries=1)
+    await forwarder.start()
+    for n in range(300):
+        forwarder.queue.put(event(n))
+    await until(lambda: forwarder.stats.spooled >= 300)
+    assert forwarder.breaker.state.name in {"OPEN", "HALF_OPEN"} and not api.rows
+    api.down = False
+    await until(lambda: received(api) == {f"ev-{n:06d}" for n in range(300)})
+    await until(lambda: not forwarder.spool.has_data())
+    assert forwarder.stats.replayed == 300
+
+
+async def test_spooled_rows_are_sent_by_the_next_process(make_forwarder: Make, events_api: tuple[EventsAPI, str], tmp_path: Path) -> None:
+    """Rows spooled while the sink was down survive a restart and go out on the next start."""
+    api, _ = events_api
+    api.down = True
+    first = make_forwarder(breaker_failures=1, max_retries=0)
+    await first.start()
+    for n in range(50):
+        first.queue.put(event(n))
+    await until(lambda: first.stats.spooled >= 50)
+    await first.close(timeout=1)
+    api.down = False
+    second = make_forwarder()
+    await second.start()
+    await until(lambda: received(api) == {f"ev-{n:06d}" for n in range(50)})
+
+
+async def test_forbidden_is_not_retried_and_rows_are_kept(make_forwarder: Make, events_api: tuple[EventsAPI, str]) -> None:
+    """A wrong token is a configuration error: one call, one loud log line, rows spooled for replay."""
+    api, _ = events_api
+    with capture_logs() as logs:
+        forwarder = make_forwarder(token="wrong")
+        await forwarder.start()
+        for n in range(10):
+            forwarder.queue.put(event(n))
+        await until(lambda: forwarder.stats.spooled == 10)
+        for n in range(10, 20):
+            forwarder.queue.put(event(n))
+        await until(lambda: forwarder.stats.spooled == 20)
+    assert api.statuses == [403]
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == ["telemetry.sink_misconfigured"]
+
+
+async def test_bad_request_is_dropped_counted_and_not_retried(make_forwarder: Make, events_api: tuple[EventsAPI, str]) -> None:
+    api, _ = events_api
+    api.script.append(Fault(400))
+    forwarder = make_forwarder()
+    await forwarder.start()
+    for n in range(5):
+        forwarder.queue.put(event(n))
+    await until(lambda: forwarder.stats.dropped["http_400"] == 5)
+    forwarder.queue.put(event(99))
+    await until(lambda: received(api) == {"ev-000099"})
+    assert api.statuses == [400, 200]
+
+
+async def test_too_large_batches_are_split(make_forwarder: Make, events_api: tuple[EventsAPI, str]) -> None:
+    """413 halves the batch until the pieces fit; every row arrives once."""
+    api, _ = events_api
+    api.max_body = 20_000
+    forwarder = make_forwarder(batch_rows=200)
+    await forwarder.start()
+    for n in range(200):
+        forwarder.queue.put(event(n))
+    await until(lambda: len(api.rows) == 200)
+    assert 413 in api.statuses and len(received(api)) == 200
+
+
+async def test_quarantined_rows_are_counted(make_forwarder: Make, events_api: tuple[EventsAPI, str]) -> None:
+    api, _ = events_api
+    api.columns = {"a_column_rows_never_have": "String"}
+    forwarder = make_forwarder()
+    await forwarder.start()
+    forwarder.queue.put(event(1))
+    await until(lambda: forwarder.stats.quarantined == 1)
+
+
+async def test_queue_overflow_goes_to_the_spool_not_lost(make_forwarder: Make, events_api: tuple[EventsAPI, str]) -> None:
+    """A slow sink lets the queue fill; the excess spills to disk and is delivered later."""
+    api, _ = events_api
+    api.script.extend([Fault(delay=0.8)] * 2)
+    forwarder = make_forwarder(queue_size=200, batch_rows=50, timeout=2.0)
+    await forwarder.start()
+    for n in range(1000):
+        forwarder.queue.put(event(n))
+        if n % 40 == 0:
+            await asyncio.sleep(0.025)
+    await until(lambda: received(api) == {f"ev-{n:06d}" for n in range(1000)}, seconds=30)
+    assert forwarder.stats.spooled > 0 and forwarder.queue.dropped_full == 0
+
+
+async def test_close_flushes_what_is_queued(make_forwarder: Make, events_api: tuple[EventsAPI, str]) -> None:
+    api, _ = events_api
+    forwarder = make_forwarder(max_wait=30)
+    await forwarder.start()
+    for n in range(30):
+        forwarder.queue.put(event(n))
+    await forwarder.close(timeout=5)
+    assert len(api.rows) == 30
+
+
+async def test_close_with_the_sink_down_spools_the_rest(make_forwarder: Make, events_api: tuple[EventsAPI, str], tmp_path: Path) -> None:
+    api, _ = events_api
+    api.script.extend([Fault(delay=5)] * 3)
+    forwarder = make_forwarder(max_wait=30, timeout=3)
+    await forwarder.start()
+    for n in range(30):
+        forwarder.queue.put(event(n))
+    await forwarder.close(timeout=0.5)
+    spooled = b"".join(p.read_bytes() for p in (tmp_path / "spool").iterdir())
+    assert spooled.count(b"\n") == 30
+    forwarder.queue.put(event(31))
+    assert forwarder.queue.dropped_closed == 1
+
+
+async def test_file_sink_writes_ndjson_rows(tmp_path: Path) -> None:
+    forwarder = Forwarder(ForwarderSettings(max_wait=0.02), FileSink(tmp_path / "events.ndjson", None),
+                          Spool(tmp_path / "spool", 1_000_000))
+    await forwarder.start()
+    for n in range(10):
+        forwarder.queue.put(event(n))
+    await forwarder.close()
+    lines = (tmp_path / "events.ndjson").read_bytes().splitlines()
+    assert len(lines) == 10 and b'"event_id":"ev-000000"' in lines[0]

@@ -1,0 +1,248 @@
+"""Rows, privacy filters, the processor, the breaker and the spool, each on its own."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+
+from image_service.tracking import COLUMNS, TELEMETRY, Breaker, BreakerState, EventQueue, Spool, build_row, sanitise
+from image_service.tracking.context import new_request, parse_traceparent, request_ids
+from image_service.tracking.processor import TelemetryProcessor
+
+
+def terminal(**fields: object) -> dict[str, object]:
+    now = time.time()
+    return {"event": "request.completed", "stage": "response", "request_id": "r1", "_ts": now,
+            "request_start": now - 0.25, "status": 200, "duration_ms": 250.4, **fields}
+
+
+class TestRows:
+    def test_every_row_has_exactly_the_schema_columns(self) -> None:
+        """No row misses a column, so Tinybird never quarantines one for a missing field."""
+        for event in (terminal(), terminal(event="cache.lookup", stage="cache"),
+                      {"event": "text.completion", "stage": "text", "_ts": time.time(), "model": "gpt"}):
+            assert list(build_row(event)) == list(COLUMNS)
+
+    @pytest.mark.parametrize(
+        ("status", "cache_status", "expected", "word"),
+        [
+            (200, "hit", "image_served_from_cache", "success"),
+            (200, "miss", "image_generation", "success"),
+            (200, "shared-wait", "image_generation", "success"),
+            (502, None, "image_generation_error", "error"),
+            (504, None, "image_generation_error", "error"),
+            (451, None, "content_flagged", "content_violation"),
+            (400, None, "image_request_rejected", "rejected"),
+            (429, None, "image_request_rejected", "rejected"),
+        ],
+    )
+    def test_terminal_rows_carry_the_seed_event_types(self, status: int, cache_status: str | None, expected: str, word: str) -> None:
+        row = build_row(terminal(status=status, cache_status=cache_status))
+        assert (row["log_event_type"], row["status"], row["http_status"]) == (expected, word, status)
+
+    def test_times_are_datetime64_text_and_duration_is_milliseconds(self) -> None:
+        row = build_row(terminal())
+        assert len(row["start_time"]) == len("2026-01-01 00:00:00.000") and row["start_time"] < row["end_time"]
+        assert (row["duration"], row["duration_ms"]) == (250, 250.4)
+
+    def test_private_prompt_is_replaced_even_if_an_event_carried_it(self) -> None:
+        """Defence in depth: a private request's prompt never reaches a row."""
+        assert build_row(terminal(private=True, prompt="my secret"))["prompt"] == "[PRIVATE]"
+
+    def test_referrer_loses_its_query_string(self) -> None:
+        row = build_row(terminal(referrer="https://user:pw@app.example/page?token=abc"))
+        assert row["referrer"] == "https://app.example/page"
+
+    def test_row_ids_follow_the_request_and_event_ids_are_unique(self) -> None:
+        rows = [build_row(terminal()) for _ in range(100)]
+        assert {r["id"] for r in rows} == {"r1"} and {r["message_id"] for r in rows} == {"r1"}
+        assert len({r["event_id"] for r in rows}) == 100
+
+    def test_text_completion_rows_carry_text_fields(self) -> None:
+        row = build_row({"event": "text.completion", "stage": "text", "_ts": time.time(), "model": "gpt-x",
+                         "provider": "openai", "cost": 0.002, "prompt_tokens": 12, "completion_tokens": 30,
+                         "cached_tokens": 4, "duration_ms": 800})
+        assert (row["service_type"], row["call_type"], row["log_event_type"]) == ("text", "completion", "completion")
+        assert (row["prompt_tokens"], row["completion_tokens"], row["cached_tokens"], row["cost"]) == (12, 30, 4, 0.002)
+        assert row["prompt"] is None and row["width"] is None
+
+
+@pytest.mark.parametrize(
+    ("text", "leak"),
+    [
+        ("connect to https://admin:hunter2@db.internal/x failed", "hunter2"),
+        ("upstream said: Authorization: Bearer abc.def.ghi", "abc.def.ghi"),
+        ("GET /v1?token=tok_123456789&x=1", "tok_123456789"),
+        ("api_key=sk-proj-ABCDEFGHIJKLMNOP rejected", "sk-proj-ABCDEFGHIJKLMNOP"),
+        ("key sk-live-0123456789abcdef leaked", "sk-live-0123456789abcdef"),
+        ("File /home/alice/service/secret_module.py, line 3", "/home/alice"),
+        ("peer 203.0.113.9 reset the connection", "203.0.113.9"),
+        ("jwt eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJl expired", "eyJzdWIiOiIxIn0"),
+    ],
+)
+def test_sanitise_removes_credentials_addresses_and_paths(text: str, leak: str) -> None:
+    """Exception text is scrubbed before it leaves the process."""
+    cleaned = sanitise(text)
+    assert cleaned is not None and leak not in cleaned
+
+
+def test_sanitise_keeps_ordinary_messages_readable() -> None:
+    assert sanitise("the embedded backend failed (RuntimeError)") == "the embedded backend failed (RuntimeError)"
+
+
+class TestProcessor:
+    def test_copies_stage_events_onto_the_queue_and_returns_them_unchanged(self) -> None:
+        processor, queue = TelemetryProcessor(), EventQueue(10)
+        processor.default = queue
+        event = {"event": "cache.lookup", "stage": "cache"}
+        assert processor(None, "info", event) is event
+        assert queue.items[0]["event"] == "cache.lookup" and "_ts" in queue.items[0] and "_ts" not in event
+
+    def test_ignores_ordinary_log_lines(self) -> None:
+        processor, queue = TelemetryProcessor(), EventQueue(10)
+        processor.default = queue
+        processor(None, "info", {"event": "server started"})
+        assert len(queue) == 0
+
+    def test_never_raises(self) -> None:
+        """A broken event is counted, not thrown at the request handler."""
+        processor = TelemetryProcessor()
+
+        class Hostile(dict):  # type: ignore[type-arg]
+            def keys(self) -> object:  # type: ignore[override]
+                raise RuntimeError("boom")
+
+            def __iter__(self) -> object:  # type: ignore[override]
+                raise RuntimeError("boom")
+
+        processor.default = EventQueue(10)
+        event = Hostile(stage="x")
+        assert processor(None, "info", event) is event and processor.errors == 1
+
+    def test_full_queue_counts_what_it_refuses(self) -> None:
+        queue = EventQueue(2)
+        for _ in range(5):
+            queue.put({"_ts": 0.0})
+        assert (len(queue), queue.enqueued, queue.dropped_full) == (2, 2, 3)
+
+    def test_routes_to_the_queue_of_the_current_request(self) -> None:
+        """Two apps in one process each receive their own requests' events."""
+        mine, other = EventQueue(10), EventQueue(10)
+        TELEMETRY.default = other
+        try:
+            TELEMETRY.route_current_context(mine)
+            TELEMETRY(None, "info", {"event": "cache.lookup", "stage": "cache"})
+        finally:
+            TELEMETRY.route_current_context(None)
+            TELEMETRY.default = None
+        assert (len(mine), len(other)) == (1, 0)
+
+
+class TestContext:
+    def test_valid_traceparent_is_parsed(self) -> None:
+        header = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        assert parse_traceparent(header) == ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7")
+
+    @pytest.mark.parametrize("header", [None, "", "garbage", "00-" + "0" * 32 + "-00f067aa0ba902b7-01",
+                                        "00-4bf92f3577b34da6a3ce929d0e0e4736-" + "0" * 16 + "-01"])
+    def test_invalid_traceparent_is_ignored(self, header: str | None) -> None:
+        assert parse_traceparent(header) is None
+
+    def test_request_ids_are_unique_32_hex(self) -> None:
+        ids = {request_ids.next() for _ in range(1000)}
+        assert len(ids) == 1000 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+
+    def test_new_request_replaces_the_previous_context(self) -> None:
+        first = new_request(request_id="a")
+        second = new_request(request_id="b")
+        assert first is not second and second == {"request_id": "b"}
+
+
+class TestBreaker:
+    def test_opens_after_consecutive_failures_and_probes_after_cooldown(self) -> None:
+        now = [0.0]
+        breaker = Breaker(failures=3, cooldown=10, clock=lambda: now[0])
+        breaker.failure(), breaker.failure()
+        assert breaker.state is BreakerState.CLOSED
+        breaker.failure()
+        assert breaker.state is BreakerState.OPEN
+        now[0] = 10.0
+        assert breaker.state is BreakerState.HALF_OPEN
+        breaker.failure()
+        assert breaker.state is BreakerState.OPEN
+        now[0] = 20.0
+        breaker.success()
+        assert breaker.state is BreakerState.CLOSED
+
+    def test_a_success_resets_the_failure_count(self) -> None:
+        breaker = Breaker(failures=2, cooldown=1, clock=lambda: 0.0)
+        breaker.failure(), breaker.success(), breaker.failure()
+        assert breaker.state is BreakerState.CLOSED
+
+    def test_bad_options_fail_in_the_constructor(self) -> None:
+        with pytest.raises(ValueError):
+            Breaker(failures=0, cooldown=1, clock=time.monotonic)
+
+
+class TestSpool:
+    @pytest.fixture(autouse=True)
+    def _close_spools(self) -> Iterator[None]:
+        self.opened: list[Spool] = []
+        yield
+        for spool in self.opened:
+            spool.close()
+
+    def make(self, directory: Path, **options: int) -> Spool:
+        spool = Spool(directory, **{"max_bytes": 1_000_000, **options})
+        spool.open()
+        self.opened.append(spool)
+        return spool
+
+    def lines(self, start: int, count: int) -> list[bytes]:
+        return [orjson.dumps({"n": n}) + b"\n" for n in range(start, start + count)]
+
+    def drain(self, spool: Spool) -> list[int]:
+        seen = []
+        while batch := spool.read_batch(7, 10_000):
+            seen += [orjson.loads(line)["n"] for line in batch]
+            spool.commit(len(batch))
+        return seen
+
+    def test_drains_in_the_order_written(self, tmp_path: Path) -> None:
+        spool = self.make(tmp_path, segment_bytes=100)
+        for start in range(0, 50, 10):
+            spool.append(self.lines(start, 10))
+        assert self.drain(spool) == list(range(50)) and not spool.has_data()
+
+    def test_survives_a_restart(self, tmp_path: Path) -> None:
+        """Rows spooled by one process are drained by the next."""
+        first = self.make(tmp_path)
+        first.append(self.lines(0, 20))
+        first.close()
+        second = self.make(tmp_path)
+        assert self.drain(second) == list(range(20))
+        assert list(tmp_path.iterdir()) == []
+
+    def test_bound_evicts_oldest_and_counts_the_rows(self, tmp_path: Path) -> None:
+        spool = self.make(tmp_path, max_bytes=400, segment_bytes=100)
+        evicted = sum(spool.append(self.lines(n, 1)) for n in range(100))
+        assert spool.total_bytes <= 400
+        remaining = self.drain(spool)
+        assert evicted + len(remaining) == 100 and evicted == spool.stats.rows_evicted > 0
+        assert remaining == sorted(remaining) and remaining[-1] == 99
+
+    def test_uncommitted_batch_is_read_again(self, tmp_path: Path) -> None:
+        spool = self.make(tmp_path)
+        spool.append(self.lines(0, 3))
+        assert spool.read_batch(10, 10_000) == spool.read_batch(10, 10_000)
+
+    def test_sync_makes_rows_durable_on_disk(self, tmp_path: Path) -> None:
+        spool = self.make(tmp_path)
+        spool.append(self.lines(0, 5))
+        spool.sync()
+        (segment,) = tmp_path.iterdir()
+        assert segment.read_bytes().count(b"\n") == 5
