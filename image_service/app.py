@@ -20,8 +20,8 @@ from aiohttp import web
 from . import __version__
 from .cache import ImageCache, build_store
 from .config import Settings
-from .errors import ServiceError
-from .generation import Backend, Generator, build_backends
+from .errors import BadRequest, ServiceError
+from .generation import Backend, Generator, WorkerRegistry, build_backends
 from .moderation import Moderator, PassThroughModerator
 from .openapi import openapi_document
 from .params import ImageParams, parse_params
@@ -35,6 +35,7 @@ CACHE = web.AppKey("cache", ImageCache)
 GENERATOR = web.AppKey("generator", Generator)
 MODERATOR = web.AppKey("moderator", Moderator)
 PIPELINE = web.AppKey("pipeline", Pipeline)
+WORKERS = web.AppKey("workers", WorkerRegistry)
 REQUEST_ID = web.RequestKey("request_id", str)
 PARAMS = web.RequestKey("params", ImageParams)
 
@@ -187,9 +188,30 @@ async def health_handler(request: web.Request) -> web.Response:
             "status": "ok",
             "version": __version__,
             "cache": {"backend": request.app[SETTINGS].cache.backend, "usedBytes": getattr(store, "used_bytes", None)},
+            "generation": request.app[GENERATOR].stats(),
         },
         headers={"Cache-Control": "no-store"},
     )
+
+
+async def register_worker_handler(request: web.Request) -> web.Response:
+    """GPU workers announce themselves (and heartbeat) here, with the shared secret."""
+    registry = request.app[WORKERS]
+    registry.authorize(request.headers.get("Authorization"))
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        raise BadRequest("registration body must be JSON {url, type}") from None
+    worker = registry.register(body)
+    log.info("worker.registered", worker=worker.url, type=worker.type, concurrency=worker.concurrency)
+    return json_response({"registered": worker.url, "type": worker.type, "concurrency": worker.concurrency})
+
+
+async def list_workers_handler(request: web.Request) -> web.Response:
+    """Operators only (same secret): every known worker with its load."""
+    registry = request.app[WORKERS]
+    registry.authorize(request.headers.get("Authorization"))
+    return json_response(registry.snapshot(), headers={"Cache-Control": "no-store"})
 
 
 async def openapi_handler(request: web.Request) -> web.Response:
@@ -218,7 +240,10 @@ def create_app(
     async def pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
         executor = app[EXECUTOR]
         cache = ImageCache(build_store(settings.cache), settings.cache.ttl)
-        generator = Generator(settings, backends if backends is not None else build_backends(settings, executor))
+        app[WORKERS] = registry = WorkerRegistry(settings.workers)
+        generator = Generator(
+            settings, backends if backends is not None else build_backends(settings, executor, registry)
+        )
         app[CACHE], app[GENERATOR] = cache, generator
         app[MODERATOR] = moderator if moderator is not None else PassThroughModerator()
         app[PIPELINE] = Pipeline(cache, generator, app[MODERATOR], executor)
@@ -236,4 +261,6 @@ def create_app(
     app.router.add_get("/about", about_handler)
     app.router.add_get("/health", health_handler)
     app.router.add_get("/openapi.json", openapi_handler)
+    app.router.add_post("/register", register_worker_handler)
+    app.router.add_get("/register", list_workers_handler)
     return app

@@ -73,6 +73,18 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
             "/about": _json_get("Models with their limits", {"type": "array", "items": {"type": "object"}}),
             "/health": _json_get("Liveness and component state", {"type": "object"}),
             "/openapi.json": _json_get("This document", {"type": "object"}),
+            "/register": {
+                **_json_get("Registered GPU workers and their load (operators: `Authorization: Bearer <secret>`)",
+                            {"type": "array", "items": {"type": "object"}}),
+                "post": {
+                    "summary": "A GPU worker announces itself or heartbeats (`Authorization: Bearer <secret>`)",
+                    "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                        "type": "object", "required": ["url", "type"],
+                        "properties": {"url": {"type": "string"}, "type": {"type": "string"},
+                                       "concurrency": {"type": "integer", "minimum": 1}}}}}},
+                    "responses": {"200": {"description": "Registered"}, "400": _ERROR, "401": _ERROR, "403": _ERROR},
+                },
+            },
         },
         "components": {"schemas": {"Error": {
             "type": "object",

@@ -47,9 +47,18 @@ class Pipeline:
         key = params.cache_key()
         cached = await self._lookup(key)
         if cached is not None:
+            self._bind_generation_facts(cached, cost=0.0)
             return Outcome(cached, CacheStatus.HIT)
         image, status = await self._cache.produce_once(key, lambda: self._produce(params, key))
+        # Only the request that caused the generation pays for it; hits and shared waits cost nothing.
+        cost = self._generator.cost_of(params.model) if status is CacheStatus.MISS else 0.0
+        self._bind_generation_facts(image, cost)
         return Outcome(image, status)
+
+    @staticmethod
+    def _bind_generation_facts(image: CachedImage, cost: float) -> None:
+        """Bound here, in the request's context: the production runs in a task whose bindings stay there."""
+        structlog.contextvars.bind_contextvars(backend=image.backend, provider=image.provider, cost=cost)
 
     async def _lookup(self, key: str) -> CachedImage | None:
         start = time.perf_counter()
