@@ -4,7 +4,7 @@ The address check runs inside the connector's resolver, so the address checked i
 connected to (no DNS rebinding between check and connect). Literal IP hosts, which aiohttp does not
 resolve, are checked before the request; redirects are followed by hand and every hop is checked
 again. Refused: loopback, private, link-local, shared (CGNAT), multicast, reserved and unspecified
-ranges, also when wrapped in IPv4-mapped, 6to4 or Teredo IPv6 addresses — unless
+ranges, also when wrapped in IPv4-mapped, NAT64, 6to4 or Teredo IPv6 addresses — unless
 `references.allow_private`. Bodies are bounded in bytes and the whole fetch in time.
 """
 
@@ -28,10 +28,13 @@ from .transport import ALLOWED_FORMATS, READ_CHUNK
 
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 
 def _embedded_v4(address: IPAddress) -> IPAddress:
     if isinstance(address, ipaddress.IPv6Address):
+        if address in NAT64:
+            return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
         for inner in (address.ipv4_mapped, address.sixtofour, address.teredo[1] if address.teredo else None):
             if inner is not None:
                 return inner
