@@ -39,7 +39,9 @@ log = structlog.get_logger("image_service.generation")
 UNCONFIGURED = BackendSettings(type="embedded")
 
 
-def build_backends(settings: Settings, executor: Executor, registry: WorkerRegistry | None = None) -> dict[str, Backend]:
+def build_backends(
+    settings: Settings, executor: Executor, registry: WorkerRegistry | None = None
+) -> dict[str, Backend]:
     """Instantiate every configured backend that a model names as primary or fallback."""
     wanted = {name for spec in settings.models.values() for name in (spec.backend, *spec.fallback)}
     missing = wanted - settings.backends.keys()
@@ -130,7 +132,10 @@ class Generator:
             try:
                 generated = await self._backends[name].generate(params)
             except BackendError as exc:
-                breaker.record_failure() if exc.trips_breaker else breaker.release()
+                if exc.trips_breaker:
+                    breaker.record_failure()
+                else:
+                    breaker.release()
                 self._failures[name][exc.reason] += 1
                 log.warning("generation.backend_failed", backend=name, reason=exc.reason)
                 failure = _client_error(exc)

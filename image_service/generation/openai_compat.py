@@ -23,7 +23,9 @@ from ..config import BackendSettings
 from ..params import ImageParams
 from .base import BackendError, GeneratedImage
 from .references import ReferenceFetcher
-from .transport import check_status, client_session, decode_base64, decode_image, mapped_errors, parse_json, read_limited
+from .transport import (
+    check_status, client_session, decode_base64, decode_image, mapped_errors, parse_json, read_limited,
+)
 
 
 def parse_images_response(body: bytes, width: int, height: int, what: str) -> Image.Image:

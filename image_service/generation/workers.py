@@ -33,7 +33,9 @@ from ..errors import BackendUnavailable, BadRequest, Forbidden, Unauthorized
 from ..params import ImageParams
 from .base import FLAG_CONCEPT_PREFIX, FLAG_NSFW, BackendError, GeneratedImage, NoCapacity
 from .breaker import Clock
-from .transport import check_status, client_session, decode_base64, decode_image, mapped_errors, parse_json, read_limited
+from .transport import (
+    check_status, client_session, decode_base64, decode_image, mapped_errors, parse_json, read_limited,
+)
 
 log = structlog.get_logger("image_service.generation.workers")
 

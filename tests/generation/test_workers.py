@@ -127,6 +127,18 @@ class TestRegistry:
 
 
 class TestWorkerBackend:
+    async def test_sequential_requests_alternate_between_idle_workers(
+        self, serve: Serve, make_client: ClientFactory
+    ) -> None:
+        """Equally idle workers take turns (least recently used), so one is not worn out while another idles."""
+        workers = [GPUWorker(), GPUWorker()]
+        client = await make_client(worker_settings())
+        for worker in workers:
+            await register(client, base_url(await serve(worker)), concurrency=4)
+        for i in range(4):
+            assert (await client.get(f"/prompt/bird{i}?model=flux&width=32&height=32")).status == 200
+        assert [len(w.requests) for w in workers] == [2, 2]
+
     async def test_worker_receives_the_reference_payload_and_its_flags_reach_moderation(
         self, serve: Serve, make_client: ClientFactory
     ) -> None:
@@ -145,11 +157,11 @@ class TestWorkerBackend:
     async def test_least_busy_selection_spreads_concurrent_requests(
         self, serve: Serve, make_client: ClientFactory
     ) -> None:
-        """Two held requests land on two different workers, one each."""
+        """Two held requests land on two different workers, one each, though either could take both."""
         workers = [GPUWorker(hold=True), GPUWorker(hold=True)]
         client = await make_client(worker_settings(timeout=5.0))
         for worker in workers:
-            await register(client, base_url(await serve(worker)))
+            await register(client, base_url(await serve(worker)), concurrency=4)
         requests = [asyncio.ensure_future(client.get(f"/prompt/cat{i}?model=flux&width=32&height=32")) for i in range(2)]
         for _ in range(200):
             if sum(w.in_flight for w in workers) == 2:
@@ -158,6 +170,7 @@ class TestWorkerBackend:
         assert [w.in_flight for w in workers] == [1, 1]
         listing = await (await client.get("/register", headers=AUTH)).json()
         assert [w["busy"] for w in listing] == [1, 1]
+        assert [w["concurrency"] for w in listing] == [4, 4]
         for worker in workers:
             worker.release.set()
         assert [r.status for r in await asyncio.gather(*requests)] == [200, 200]
