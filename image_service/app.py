@@ -20,8 +20,8 @@ from aiohttp import web
 from . import __version__
 from .cache import ImageCache, build_store
 from .config import Settings
-from .errors import ServiceError
-from .generation import Backend, Generator, build_backends
+from .errors import BadRequest, ServiceError
+from .generation import Backend, Generator, WorkerRegistry, build_backends
 from .moderation import Moderator, PassThroughModerator
 from .openapi import openapi_document
 from .params import ImageParams, parse_params
@@ -39,6 +39,7 @@ GENERATOR = web.AppKey("generator", Generator)
 MODERATOR = web.AppKey("moderator", Moderator)
 PIPELINE = web.AppKey("pipeline", Pipeline)
 TRACKING = web.AppKey("tracking", Tracking)
+WORKERS = web.AppKey("workers", WorkerRegistry)
 REQUEST_ID = web.RequestKey("request_id", str)
 PARAMS = web.RequestKey("params", ImageParams)
 
@@ -158,11 +159,7 @@ async def image_handler(request: web.Request) -> web.Response:
     )
     log.info("request.received", stage="request", duration_ms=round((time.perf_counter() - start) * 1000, 3))
     outcome = await request.app[PIPELINE].run(params)
-    image = outcome.image
-    bind(
-        cache_status=outcome.cache_status.value, backend=image.backend, provider=image.provider,
-        is_mature=image.verdict.get("is_mature", False), is_child=image.verdict.get("is_child", False),
-    )
+    bind(cache_status=outcome.cache_status.value)
     filename = "image.jpg" if params.private else f"{params.slug()}.jpg"
     return web.Response(
         body=outcome.image.body,
@@ -207,6 +204,7 @@ async def health_handler(request: web.Request) -> web.Response:
             "version": __version__,
             "cache": {"backend": request.app[SETTINGS].cache.backend, "usedBytes": getattr(store, "used_bytes", None)},
             "telemetry": tracking.forwarder.health() if tracking is not None else {"sink": "disabled"},
+            "generation": request.app[GENERATOR].stats(),
         },
         headers={"Cache-Control": "no-store"},
     )
@@ -216,6 +214,24 @@ async def metrics_handler(request: web.Request) -> web.Response:
     tracking = request.app.get(TRACKING)
     body = render_metrics(tracking.registry) if tracking is not None else b""
     return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE, "Cache-Control": "no-store"})
+async def register_worker_handler(request: web.Request) -> web.Response:
+    """GPU workers announce themselves (and heartbeat) here, with the shared secret."""
+    registry = request.app[WORKERS]
+    registry.authorize(request.headers.get("Authorization"))
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        raise BadRequest("registration body must be JSON {url, type}") from None
+    worker = registry.register(body)
+    log.info("worker.registered", worker=worker.url, type=worker.type, concurrency=worker.concurrency)
+    return json_response({"registered": worker.url, "type": worker.type, "concurrency": worker.concurrency})
+
+
+async def list_workers_handler(request: web.Request) -> web.Response:
+    """Operators only (same secret): every known worker with its load."""
+    registry = request.app[WORKERS]
+    registry.authorize(request.headers.get("Authorization"))
+    return json_response(registry.snapshot(), headers={"Cache-Control": "no-store"})
 
 
 async def openapi_handler(request: web.Request) -> web.Response:
@@ -259,7 +275,10 @@ def create_app(
     async def pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
         executor = app[EXECUTOR]
         cache = ImageCache(build_store(settings.cache), settings.cache.ttl)
-        generator = Generator(settings, backends if backends is not None else build_backends(settings, executor))
+        app[WORKERS] = registry = WorkerRegistry(settings.workers)
+        generator = Generator(
+            settings, backends if backends is not None else build_backends(settings, executor, registry)
+        )
         app[CACHE], app[GENERATOR] = cache, generator
         app[MODERATOR] = moderator if moderator is not None else PassThroughModerator()
         app[PIPELINE] = Pipeline(cache, generator, app[MODERATOR], executor)
@@ -279,4 +298,6 @@ def create_app(
     app.router.add_get("/health", health_handler)
     app.router.add_get("/openapi.json", openapi_handler)
     app.router.add_get("/metrics", metrics_handler)
+    app.router.add_post("/register", register_worker_handler)
+    app.router.add_get("/register", list_workers_handler)
     return app

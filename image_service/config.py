@@ -58,6 +58,11 @@ class ModelSettings(_Section):
     default_side: int = Field(1024, ge=16, le=8192)
     tier: str = "anonymous"
     enhance: bool = False
+    # Generation routing (issue 8): backends tried after `backend` fails, in order; the model name the
+    # backend is asked for (empty = this model's own name); what one generated image costs.
+    fallback: tuple[str, ...] = ()
+    backend_model: str = ""
+    cost: float = Field(0.0, ge=0)
 
     @model_validator(mode="after")
     def _default_fits(self) -> ModelSettings:
@@ -97,6 +102,65 @@ class TrackingSettings(_Section):
         return self
 
 
+BackendType = Literal["embedded", "openai", "workers", "pollinations"]
+
+
+class BackendSettings(_Section):
+    """One named generation backend; models name it in `backend` or `fallback`."""
+
+    type: BackendType
+    # Shown as `provider` in telemetry; empty = the type's own label.
+    provider: str = ""
+    # openai and pollinations: where the server listens (http or https, no trailing path for pollinations).
+    base_url: str = ""
+    # The name of the environment variable holding the API key; keys are never read from files.
+    api_key_env: str = ""
+    # openai: request paths, "bearer" (OpenAI) or "api-key" (Azure) authentication, Azure's api-version.
+    path: str = "/v1/images/generations"
+    edits_path: str = "/v1/images/edits"
+    auth_header: Literal["bearer", "api-key"] = "bearer"
+    api_version: str = ""
+    # workers: the `type` registered workers announce; empty = the backend's own name.
+    worker_type: str = ""
+    # workers: how many workers one request may try before giving up.
+    max_attempts: int = Field(2, ge=1, le=10)
+    # workers: denoising steps sent to the worker.
+    steps: int = Field(4, ge=1, le=200)
+    connect_timeout: float = Field(5.0, gt=0)
+    timeout: float = Field(50.0, gt=0)
+    max_body_bytes: int = Field(32 * 1024 * 1024, gt=0)
+    # Consecutive failures that open the circuit breaker, and seconds it stays open before one trial.
+    breaker_failures: int = Field(5, ge=1)
+    breaker_reset: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _needs_base_url(self) -> BackendSettings:
+        if self.type in ("openai", "pollinations") and not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"a {self.type} backend needs base_url starting with http:// or https://")
+        return self
+
+
+class WorkerSettings(_Section):
+    """GPU workers that announce themselves with POST /register."""
+
+    # The environment variable holding the shared registration secret; unset = registration refused.
+    secret_env: str = "IMAGE_SERVICE_WORKER_SECRET"
+    heartbeat_timeout: float = Field(45.0, gt=0)
+    # Concurrent generations per worker unless it announces its own `concurrency`.
+    concurrency: int = Field(1, ge=1, le=256)
+    max_workers: int = Field(256, ge=1)
+
+
+class ReferenceSettings(_Section):
+    """Fetching reference images (`image=` URLs) for backends that take them."""
+
+    # Allow loopback, private, link-local and other non-public addresses (only for trusted networks).
+    allow_private: bool = False
+    max_bytes: int = Field(10 * 1024 * 1024, gt=0)
+    timeout: float = Field(10.0, gt=0)
+    max_redirects: int = Field(3, ge=0, le=10)
+
+
 class Settings(BaseSettings):
     """The whole configuration; one frozen object shared by every stage."""
 
@@ -109,6 +173,9 @@ class Settings(BaseSettings):
     cache: CacheSettings = CacheSettings()
     tracking: TrackingSettings = TrackingSettings()
     models: dict[str, ModelSettings] = Field(min_length=1)
+    backends: dict[str, BackendSettings] = {"embedded": BackendSettings(type="embedded")}
+    workers: WorkerSettings = WorkerSettings()
+    references: ReferenceSettings = ReferenceSettings()
 
     @model_validator(mode="after")
     def _default_model_exists(self) -> Settings:
@@ -117,6 +184,17 @@ class Settings(BaseSettings):
                 f"generation.default_model {self.generation.default_model!r} is not in models "
                 f"({', '.join(sorted(self.models))})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _model_backends_exist(self) -> Settings:
+        for name, spec in self.models.items():
+            for backend in (spec.backend, *spec.fallback):
+                if backend not in self.backends:
+                    raise ValueError(
+                        f"models.{name} names backend {backend!r}, which is not in backends "
+                        f"({', '.join(sorted(self.backends))})"
+                    )
         return self
 
     @classmethod

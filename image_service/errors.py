@@ -3,7 +3,10 @@
     ServiceError                      status, error code, safe message
     ├── BadRequest                    400 input the client can fix
     │   ├── UnknownModel              400 names the valid models
-    │   └── PromptTooLong             400 names the limit
+    │   ├── PromptTooLong             400 names the limit
+    │   └── ReferenceRejected         400 an `image=` URL refused or not fetchable
+    ├── Unauthorized                  401 credentials missing (worker registration)
+    ├── Forbidden                     403 credentials wrong or the feature is disabled
     ├── ContentBlocked                451 the moderation policy refused the request
     └── GenerationError               502 the backend failed or answered garbage
         ├── BackendUnavailable        503 no backend can take the request now
@@ -58,3 +61,19 @@ class BackendUnavailable(GenerationError):
 class GenerationTimeout(GenerationError):
     status = 504
     code = "generation_timeout"
+
+
+class ReferenceRejected(BadRequest):
+    """A reference image URL (`image=`) that is refused or cannot be fetched."""
+
+    code = "reference_rejected"
+
+
+class Unauthorized(ServiceError):
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(ServiceError):
+    status = 403
+    code = "forbidden"

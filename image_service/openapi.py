@@ -75,6 +75,18 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
             "/openapi.json": _json_get("This document", {"type": "object"}),
             "/metrics": {"get": {"summary": "Telemetry counters in Prometheus text format", "responses": {
                 "200": {"description": "OK", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+            "/register": {
+                **_json_get("Registered GPU workers and their load (operators: `Authorization: Bearer <secret>`)",
+                            {"type": "array", "items": {"type": "object"}}),
+                "post": {
+                    "summary": "A GPU worker announces itself or heartbeats (`Authorization: Bearer <secret>`)",
+                    "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                        "type": "object", "required": ["url", "type"],
+                        "properties": {"url": {"type": "string"}, "type": {"type": "string"},
+                                       "concurrency": {"type": "integer", "minimum": 1}}}}}},
+                    "responses": {"200": {"description": "Registered"}, "400": _ERROR, "401": _ERROR, "403": _ERROR},
+                },
+            },
         },
         "components": {"schemas": {"Error": {
             "type": "object",

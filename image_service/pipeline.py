@@ -20,6 +20,7 @@ from .generation import GeneratedImage, Generator
 from .imaging import encode_jpeg
 from .moderation import Moderator, Verdict
 from .params import ImageParams
+from .tracking import bind
 
 log = structlog.get_logger("image_service.pipeline")
 
@@ -47,9 +48,21 @@ class Pipeline:
         key = params.cache_key()
         cached = await self._lookup(key)
         if cached is not None:
+            self._bind_generation_facts(cached, cost=0.0)
             return Outcome(cached, CacheStatus.HIT)
         image, status = await self._cache.produce_once(key, lambda: self._produce(params, key))
+        # Only the request that caused the generation pays for it; hits and shared waits cost nothing.
+        cost = self._generator.cost_of(params.model) if status is CacheStatus.MISS else 0.0
+        self._bind_generation_facts(image, cost)
         return Outcome(image, status)
+
+    @staticmethod
+    def _bind_generation_facts(image: CachedImage, cost: float) -> None:
+        """Bound here, in the request's context: the production runs in a task whose bindings stay there."""
+        bind(
+            backend=image.backend, provider=image.provider, cost=cost,
+            is_mature=image.verdict.get("is_mature", False), is_child=image.verdict.get("is_child", False),
+        )
 
     async def _lookup(self, key: str) -> CachedImage | None:
         start = time.perf_counter()

@@ -1,61 +1,160 @@
-"""The generation stage: route a model to its backend, bound the time it may take, map failures.
+"""The generation stage: route a model to its backends, in order, each behind a circuit breaker.
 
-Backends implement `Backend` (base.py). `Generator` is what the pipeline calls; it turns timeouts
-and backend exceptions into GenerationTimeout / GenerationError so the client gets 504 / 502 JSON.
+Backends implement `Backend` (base.py): `embedded` (built in), `openai` (openai_compat.py),
+`workers` (workers.py) and `pollinations` (upstream.py). A model names a primary backend and an
+ordered `fallback` list; `Generator` tries them in turn, skipping at once a backend whose breaker is
+open, and counts every failure by reason. The whole attempt is bounded by `generation.timeout`;
+each network backend also bounds its own calls (connect and total timeouts). When every backend
+fails, the last one tried decides the client's answer: 504 for a timeout, 503 when it had no
+capacity (or no backend could be tried at all), 502 otherwise.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
+from collections import Counter
 from collections.abc import Mapping
 from concurrent.futures import Executor
+from typing import Any
 
-from ..config import Settings
-from ..errors import BackendUnavailable, GenerationError, GenerationTimeout
+import structlog
+
+from ..config import BackendSettings, Settings
+from ..errors import BackendUnavailable, GenerationError, GenerationTimeout, ServiceError
 from ..params import ImageParams
-from .base import Backend, GeneratedImage
+from .base import Backend, BackendError, BackendTimeout, GeneratedImage, NoCapacity
+from .breaker import CircuitBreaker, Clock
 from .embedded import EmbeddedBackend
+from .openai_compat import OpenAIBackend
+from .references import ReferenceFetcher
+from .upstream import PollinationsBackend
+from .workers import WorkerBackend, WorkerRegistry
 
-__all__ = ["Backend", "GeneratedImage", "Generator", "build_backends"]
+__all__ = ["Backend", "BackendError", "GeneratedImage", "Generator", "WorkerRegistry", "build_backends"]
+
+log = structlog.get_logger("image_service.generation")
+
+# Breaker settings for backends handed in without configuration (embedding code, tests).
+UNCONFIGURED = BackendSettings(type="embedded")
 
 
-def build_backends(settings: Settings, executor: Executor) -> dict[str, Backend]:
-    """Instantiate every backend that a configured model names."""
-    known: dict[str, Backend] = {"embedded": EmbeddedBackend(executor)}
-    wanted = {spec.backend for spec in settings.models.values()}
-    missing = wanted - known.keys()
+def build_backends(
+    settings: Settings, executor: Executor, registry: WorkerRegistry | None = None
+) -> dict[str, Backend]:
+    """Instantiate every configured backend that a model names as primary or fallback."""
+    wanted = {name for spec in settings.models.values() for name in (spec.backend, *spec.fallback)}
+    missing = wanted - settings.backends.keys()
     if missing:
         raise ValueError(f"models name unknown backends: {', '.join(sorted(missing))}")
-    return {name: backend for name, backend in known.items() if name in wanted}
+    model_names = {model: spec.backend_model for model, spec in settings.models.items() if spec.backend_model}
+    built: dict[str, Backend] = {}
+    for name in sorted(wanted):
+        spec = settings.backends[name]
+        if spec.type == "embedded":
+            built[name] = EmbeddedBackend(executor)
+        elif spec.type == "openai":
+            fetcher = ReferenceFetcher(settings.references, executor)
+            built[name] = OpenAIBackend(name, spec, executor, fetcher, model_names)
+        elif spec.type == "pollinations":
+            built[name] = PollinationsBackend(name, spec, executor, model_names)
+        else:
+            if registry is None:
+                raise ValueError(f"backend {name!r} uses workers but no worker registry was given")
+            built[name] = WorkerBackend(name, spec, executor, registry)
+    return built
+
+
+def _client_error(exc: BackendError) -> GenerationError:
+    if isinstance(exc, BackendTimeout):
+        return GenerationTimeout(exc.message)
+    if isinstance(exc, NoCapacity):
+        return BackendUnavailable(exc.message)
+    return GenerationError(exc.message)
 
 
 class Generator:
-    """Model → backend routing with a per-request deadline."""
+    """Model → ordered backends, with a breaker and failure counters per backend and one deadline."""
 
-    def __init__(self, settings: Settings, backends: Mapping[str, Backend]) -> None:
-        self._routes = {model: spec.backend for model, spec in settings.models.items()}
+    def __init__(self, settings: Settings, backends: Mapping[str, Backend], clock: Clock = time.monotonic) -> None:
+        self._chains = {model: (spec.backend, *spec.fallback) for model, spec in settings.models.items()}
+        self._costs = {model: spec.cost for model, spec in settings.models.items()}
         self._backends = dict(backends)
         self._timeout = settings.generation.timeout
+        self._breakers: dict[str, CircuitBreaker] = {}
+        for name in self._backends:
+            spec = settings.backends.get(name, UNCONFIGURED)
+            self._breakers[name] = CircuitBreaker(spec.breaker_failures, spec.breaker_reset, clock)
+        self._failures: dict[str, Counter[str]] = {name: Counter() for name in self._backends}
 
     def backend_for(self, model: str) -> Backend:
-        backend = self._backends.get(self._routes.get(model, ""))
-        if backend is None:
-            raise BackendUnavailable(f"no backend serves model {model!r}")
-        return backend
+        """The model's primary backend."""
+        for name in self._chains.get(model, ()):
+            if name in self._backends:
+                return self._backends[name]
+        raise BackendUnavailable(f"no backend serves model {model!r}")
+
+    def cost_of(self, model: str) -> float:
+        """What one generated image of `model` costs, from `models.<name>.cost`."""
+        return self._costs.get(model, 0.0)
+
+    def breaker(self, backend: str) -> CircuitBreaker:
+        return self._breakers[backend]
+
+    def stats(self) -> dict[str, Any]:
+        """Per backend: provider, breaker state and failures counted by reason (shown by /health)."""
+        return {
+            name: {
+                "provider": backend.provider,
+                "breaker": self._breakers[name].state.value,
+                "failures": dict(self._failures[name]),
+            }
+            for name, backend in sorted(self._backends.items())
+        }
 
     async def generate(self, params: ImageParams) -> GeneratedImage:
-        backend = self.backend_for(params.model)
+        chain = [name for name in self._chains.get(params.model, ()) if name in self._backends]
+        if not chain:
+            raise BackendUnavailable(f"no backend serves model {params.model!r}")
         try:
             async with asyncio.timeout(self._timeout):
-                return await backend.generate(params)
+                return await self._first_success(chain, params)
         except TimeoutError:
-            raise GenerationTimeout(
-                f"the {backend.name} backend did not answer within {self._timeout:g} s"
-            ) from None
-        except GenerationError:
-            raise
-        except Exception as exc:
-            raise GenerationError(f"the {backend.name} backend failed ({type(exc).__name__})") from exc
+            raise GenerationTimeout(f"no backend answered within {self._timeout:g} s") from None
+
+    async def _first_success(self, chain: list[str], params: ImageParams) -> GeneratedImage:
+        failure: GenerationError | None = None
+        for name in chain:
+            breaker = self._breakers[name]
+            if not breaker.allow():
+                self._failures[name]["breaker_open"] += 1
+                continue
+            try:
+                generated = await self._backends[name].generate(params)
+            except BackendError as exc:
+                if exc.trips_breaker:
+                    breaker.record_failure()
+                else:
+                    breaker.release()
+                self._failures[name][exc.reason] += 1
+                log.warning("generation.backend_failed", backend=name, reason=exc.reason)
+                failure = _client_error(exc)
+                continue
+            except (ServiceError, asyncio.CancelledError):
+                # The request's own fault (a refused reference) or the deadline: not the backend's.
+                breaker.release()
+                raise
+            except Exception as exc:
+                breaker.record_failure()
+                self._failures[name]["crashed"] += 1
+                log.warning("generation.backend_failed", backend=name, reason="crashed", error_type=type(exc).__name__)
+                failure = GenerationError(f"the {name} backend failed ({type(exc).__name__})")
+                continue
+            breaker.record_success()
+            return generated
+        if failure is None:
+            raise BackendUnavailable(f"every backend for model {params.model!r} is failing; try again later")
+        raise failure
 
     async def close(self) -> None:
         await asyncio.gather(*(backend.close() for backend in self._backends.values()))

@@ -1,4 +1,19 @@
-"""The one small interface every generation backend implements."""
+"""The one small interface every generation backend implements, and the failures backends raise.
+
+Backends raise `BackendError` (never the HTTP-facing errors): the `Generator` counts it under its
+`reason`, feeds the backend's circuit breaker, tries the next backend, and maps the last failure
+to the client's 502/503/504.
+
+    BackendError          502 failed or answered garbage (reason: http_status, connect, not_image, ...)
+    ├── BackendTimeout    504 did not answer within the backend's timeout
+    └── NoCapacity        503 cannot take the request now (no worker registered); never trips a breaker
+
+`GeneratedImage.backend_flags` carries the backend's own safety opinion for the moderation stage.
+Keys in use (scores in 0..1 unless noted):
+
+    nsfw                     1.0 when the GPU worker's safety checker set `has_nsfw_concept`, else 0.0
+    concept.<name>           each numeric entry of the worker's `concept.special_scores` (raw score)
+"""
 
 from __future__ import annotations
 
@@ -8,6 +23,9 @@ from typing import Protocol
 from PIL import Image
 
 from ..params import ImageParams
+
+FLAG_NSFW = "nsfw"
+FLAG_CONCEPT_PREFIX = "concept."
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,3 +47,24 @@ class Backend(Protocol):
     async def generate(self, params: ImageParams) -> GeneratedImage: ...
 
     async def close(self) -> None: ...
+
+
+class BackendError(Exception):
+    """A backend call failed. `reason` is a short counter label; the message is safe to show clients."""
+
+    trips_breaker = True
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason
+
+
+class BackendTimeout(BackendError):
+    """The backend did not answer within its own timeout."""
+
+
+class NoCapacity(BackendError):
+    """The backend is healthy but has nowhere to run the request (no active worker)."""
+
+    trips_breaker = False

@@ -1,0 +1,214 @@
+"""Routing: ordered fallback, circuit breakers on an injected clock, telemetry facts, upstream chaining."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import pytest
+from aiohttp import web
+from PIL import Image
+
+from image_service.app import EXECUTOR, create_app
+from image_service.errors import BackendUnavailable, GenerationError
+from image_service.generation import Generator, build_backends
+from image_service.generation.breaker import BreakerState, CircuitBreaker
+from image_service.params import parse_params
+
+from ..conftest import ClientFactory, make_settings
+from ..test_pipeline_events import capture_logs
+from .conftest import Serve, base_url, fast
+from .servers import OpenAIImages
+
+pytestmark = pytest.mark.usefixtures("no_key")
+
+
+@pytest.fixture
+def no_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class TestCircuitBreaker:
+    def test_opens_after_consecutive_failures_and_refuses_at_once(self) -> None:
+        clock = Clock()
+        breaker = CircuitBreaker(failures=2, reset_after=30, clock=clock)
+        breaker.record_failure()
+        assert breaker.allow()
+        breaker.record_failure()
+        assert breaker.state is BreakerState.OPEN and not breaker.allow()
+
+    def test_a_success_resets_the_failure_count(self) -> None:
+        breaker = CircuitBreaker(failures=2, reset_after=30, clock=Clock())
+        breaker.record_failure()
+        breaker.record_success()
+        breaker.record_failure()
+        assert breaker.state is BreakerState.CLOSED
+
+    def test_after_the_reset_time_one_trial_passes_and_its_outcome_decides(self) -> None:
+        clock = Clock()
+        breaker = CircuitBreaker(failures=1, reset_after=30, clock=clock)
+        breaker.record_failure()
+        clock.now += 30
+        assert breaker.allow() and not breaker.allow()  # one trial only
+        breaker.record_failure()
+        assert breaker.state is BreakerState.OPEN and not breaker.allow()
+        clock.now += 30
+        assert breaker.allow()
+        breaker.record_success()
+        assert breaker.state is BreakerState.CLOSED and breaker.allow()
+
+    def test_bad_options_fail_in_the_constructor(self) -> None:
+        with pytest.raises(ValueError, match="failures"):
+            CircuitBreaker(failures=0, reset_after=1)
+
+
+def chain_settings(openai_url: str, upstream_url: str, **model: Any) -> Any:
+    return make_settings(
+        backends={
+            "openai": fast(type="openai", base_url=openai_url, breaker_failures=2, breaker_reset=30),
+            "mirror": fast(type="pollinations", base_url=upstream_url),
+        },
+        models={"chain": {"backend": "openai", "fallback": ["mirror", "embedded"], "max_side": 1024,
+                          "default_side": 64, "cost": 0.04, **model}},
+    )
+
+
+class TestFallback:
+    async def test_backends_are_tried_in_order_until_one_succeeds(
+        self, serve: Serve, aiohttp_server: Any, make_client: ClientFactory
+    ) -> None:
+        """openai fails (500), the upstream fails (500), embedded serves; telemetry names embedded."""
+        openai = OpenAIImages(mode="error500")
+        hits: list[str] = []
+
+        async def upstream(request: web.Request) -> web.Response:
+            hits.append(f"mirror after {len(openai.requests)} openai call(s)")
+            return web.json_response({"error": "down"}, status=500)
+
+        upstream_app = web.Application()
+        upstream_app.router.add_get("/prompt/{prompt:.*}", upstream)
+        settings = chain_settings(base_url(await serve(openai)), base_url(await aiohttp_server(upstream_app)))
+        client = await make_client(settings)
+        with capture_logs() as logs:
+            response = await client.get("/prompt/fox?model=chain&width=64&height=48")
+        assert response.status == 200
+        assert hits == ["mirror after 1 openai call(s)"]
+        (terminal,) = [e for e in logs if e["event"] == "request.completed"]
+        assert (terminal["backend"], terminal["provider"], terminal["cost"]) == ("embedded", "image_service", 0.04)
+        failures = (await (await client.get("/health")).json())["generation"]
+        assert failures["openai"]["failures"] == {"http_status": 1} and failures["mirror"]["failures"] == {"http_status": 1}
+
+    async def test_last_failure_decides_the_status_when_all_fail(self, serve: Serve, make_client: ClientFactory) -> None:
+        """A chain ending in a hang answers 504; ending in a 500 answers 502."""
+        hang, fail = OpenAIImages(mode="hang"), OpenAIImages(mode="error500")
+        hang_url, fail_url = base_url(await serve(hang)), base_url(await serve(fail))
+        settings = make_settings(
+            backends={"a": fast(type="openai", base_url=fail_url), "b": fast(type="openai", base_url=hang_url, timeout=0.3)},
+            models={"ab": {"backend": "a", "fallback": ["b"], "default_side": 32},
+                    "ba": {"backend": "b", "fallback": ["a"], "default_side": 32}},
+        )
+        client = await make_client(settings)
+        assert (await client.get("/prompt/x?model=ab")).status == 504
+        assert (await client.get("/prompt/x?model=ba")).status == 502
+
+
+class TestBreakerInTheGenerator:
+    async def test_open_breaker_skips_the_dead_backend_without_calling_it_and_recovers(
+        self, serve: Serve, aiohttp_client: Any
+    ) -> None:
+        """Two failures open it; while open the server sees no request (503); after the reset a trial succeeds."""
+        fake = OpenAIImages(mode="error500")
+        settings = make_settings(
+            backends={"openai": fast(type="openai", base_url=base_url(await serve(fake)), breaker_failures=2,
+                                     breaker_reset=30)},
+            models={"dalle": {"backend": "openai", "default_side": 32}},
+        )
+        app = create_app(settings)
+        await aiohttp_client(app)  # start-up builds the executor
+        clock = Clock()
+        generator = Generator(settings, build_backends(settings, app[EXECUTOR]), clock=clock)
+        params = parse_params("fox", {"model": "dalle"}, settings.models, "procedural", 100)
+        try:
+            for _ in range(2):
+                with pytest.raises(GenerationError, match="HTTP 500"):
+                    await generator.generate(params)
+            with pytest.raises(BackendUnavailable):
+                await generator.generate(params)
+            assert len(fake.requests) == 2 and generator.stats()["openai"]["breaker"] == "open"
+            fake.mode = "ok"
+            clock.now += 31
+            assert (await generator.generate(params)).image.size == (32, 32)
+            assert len(fake.requests) == 3 and generator.stats()["openai"]["breaker"] == "closed"
+        finally:
+            await generator.close()
+
+
+class TestTelemetry:
+    async def test_backend_provider_and_cost_reach_the_terminal_event_on_miss_and_hit(
+        self, serve: Serve, make_client: ClientFactory
+    ) -> None:
+        """A miss costs the model's price; a hit replays backend and provider from the cache and costs 0."""
+        fake = OpenAIImages()
+        settings = make_settings(
+            backends={"openai": fast(type="openai", base_url=base_url(await serve(fake)), provider="azure")},
+            models={"dalle": {"backend": "openai", "default_side": 32, "cost": 0.04}},
+        )
+        client = await make_client(settings)
+        with capture_logs() as logs:
+            await client.get("/prompt/fox?model=dalle")
+            await client.get("/prompt/fox?model=dalle")
+        miss, hit = [e for e in logs if e["event"] == "request.completed"]
+        (generated,) = [e for e in logs if e["event"] == "generation.completed"]
+        assert (miss["backend"], miss["provider"], miss["cost"], miss["cache_status"]) == ("openai", "azure", 0.04, "miss")
+        assert (hit["backend"], hit["provider"], hit["cost"], hit["cache_status"]) == ("openai", "azure", 0.0, "hit")
+        assert generated["duration_ms"] <= miss["duration_ms"] and generated["backend"] == "openai"
+
+
+class TestUpstreamChaining:
+    async def test_another_instance_of_this_service_serves_as_upstream(
+        self, aiohttp_server: Any, make_client: ClientFactory
+    ) -> None:
+        """The prompt (slashes included) and size reach the upstream, whose image is served."""
+        upstream_app = create_app(make_settings())
+        upstream = await aiohttp_server(upstream_app)
+        settings = make_settings(
+            backends={"mirror": fast(type="pollinations", base_url=base_url(upstream))},
+            models={"remote": {"backend": "mirror", "backend_model": "procedural", "default_side": 64}},
+        )
+        client = await make_client(settings)
+        with capture_logs() as logs:
+            response = await client.get("/prompt/a/b%20c?model=remote&width=64&height=40&seed=3")
+        assert response.status == 200
+        assert Image.open(io.BytesIO(await response.read())).size == (64, 40)
+        upstream_events = [e for e in logs if e.get("event") == "request.received" and e.get("model") == "procedural"]
+        assert [(e["prompt"], e["width"], e["height"], e["seed"], e["nologo"]) for e in upstream_events] == [
+            ("a/b c", 64, 40, 3, True)
+        ]
+
+    @pytest.mark.parametrize(("content_type", "reason"), [("text/html", "not_image"), ("image/jpeg", "not_image")])
+    async def test_non_image_answers_are_rejected(
+        self, aiohttp_server: Any, make_client: ClientFactory, content_type: str, reason: str
+    ) -> None:
+        async def answer(request: web.Request) -> web.Response:
+            return web.Response(body=b"<html>hi</html>", content_type=content_type)
+
+        app = web.Application()
+        app.router.add_get("/prompt/{prompt:.*}", answer)
+        upstream = await aiohttp_server(app)
+        settings = make_settings(
+            backends={"mirror": fast(type="pollinations", base_url=base_url(upstream))},
+            models={"remote": {"backend": "mirror", "default_side": 32}},
+        )
+        client = await make_client(settings)
+        response = await client.get("/prompt/x?model=remote")
+        assert response.status == 502 and "not" in (await response.json())["message"]
+        health = await (await client.get("/health")).json()
+        assert health["generation"]["mirror"]["failures"] == {reason: 1}

@@ -1,0 +1,204 @@
+"""GPU workers: authenticated registration, heartbeat, least-busy selection, retry, safety flags."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from image_service.app import WORKERS
+from image_service.config import WorkerSettings
+from image_service.errors import Forbidden, Unauthorized
+from image_service.generation import GeneratedImage
+from image_service.generation.base import NoCapacity
+from image_service.generation.workers import WorkerRegistry
+from image_service.moderation import PassThroughModerator, Verdict
+from image_service.params import ImageParams
+
+from ..conftest import ClientFactory, make_settings
+from .conftest import Serve, base_url, fast
+from .servers import GPUWorker
+
+SECRET = "worker-secret-123"
+AUTH = {"Authorization": f"Bearer {SECRET}"}
+
+
+class RecordingModerator(PassThroughModerator):
+    """Pass-through that remembers the backend flags it was shown."""
+
+    def __init__(self) -> None:
+        self.flags: list[dict[str, float]] = []
+
+    async def check_image(self, generated: GeneratedImage, params: ImageParams) -> Verdict:
+        self.flags.append(generated.backend_flags)
+        return self.VERDICT
+
+
+@pytest.fixture(autouse=True)
+def worker_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMAGE_SERVICE_WORKER_SECRET", SECRET)
+
+
+def worker_settings(**spec: Any) -> Any:
+    return make_settings(
+        backends={"flux": fast(type="workers", steps=6, **spec)},
+        models={"flux": {"backend": "flux", "max_side": 1024, "default_side": 64}},
+    )
+
+
+async def register(client: Any, url: str, **extra: Any) -> None:
+    response = await client.post("/register", json={"url": url, "type": "flux", **extra}, headers=AUTH)
+    assert response.status == 200, await response.text()
+
+
+class TestRegistration:
+    async def test_registration_without_the_secret_is_refused(self, make_client: ClientFactory) -> None:
+        """No credentials → 401 JSON, wrong secret → 403 JSON; the worker is not added."""
+        client = await make_client(worker_settings())
+        missing = await client.post("/register", json={"url": "http://127.0.0.1:9/", "type": "flux"})
+        wrong = await client.post("/register", json={"url": "http://127.0.0.1:9/", "type": "flux"},
+                                  headers={"Authorization": "Bearer nope"})
+        assert (missing.status, (await missing.json())["error"]) == (401, "unauthorized")
+        assert (wrong.status, (await wrong.json())["error"]) == (403, "forbidden")
+        assert client.app[WORKERS].snapshot() == []
+
+    async def test_listing_workers_is_for_operators_only(self, make_client: ClientFactory) -> None:
+        client = await make_client(worker_settings())
+        await register(client, "http://127.0.0.1:9")
+        assert (await client.get("/register")).status == 401
+        listing = await (await client.get("/register", headers=AUTH)).json()
+        assert [(w["url"], w["type"], w["busy"], w["active"]) for w in listing] == [("http://127.0.0.1:9", "flux", 0, True)]
+
+    async def test_registration_is_refused_when_no_secret_is_configured(
+        self, make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.delenv("IMAGE_SERVICE_WORKER_SECRET")
+        client = await make_client(worker_settings())
+        response = await client.post("/register", json={"url": "http://127.0.0.1:9", "type": "flux"}, headers=AUTH)
+        assert response.status == 403 and "disabled" in (await response.json())["message"]
+
+    @pytest.mark.parametrize("body", [b"not json", b'{"type": "flux"}', b'{"url": "ftp://x", "type": "flux"}',
+                                      b'{"url": "http://127.0.0.1:9", "type": ""}', b"[1]"])
+    async def test_malformed_registration_is_400(self, make_client: ClientFactory, body: bytes) -> None:
+        client = await make_client(worker_settings())
+        response = await client.post("/register", data=body, headers=AUTH)
+        assert response.status == 400 and (await response.json())["error"] == "bad_request"
+
+
+class TestRegistry:
+    def test_secret_check_distinguishes_missing_and_wrong(self) -> None:
+        registry = WorkerRegistry(WorkerSettings(), secret=SECRET)
+        registry.authorize(f"Bearer {SECRET}")
+        with pytest.raises(Unauthorized):
+            registry.authorize(None)
+        with pytest.raises(Forbidden):
+            registry.authorize(f"Basic {SECRET}")
+
+    async def test_worker_goes_inactive_after_the_heartbeat_timeout(self) -> None:
+        """Silent for more than 45 s: no more requests; a heartbeat brings it back."""
+        now = [1000.0]
+        registry = WorkerRegistry(WorkerSettings(), clock=lambda: now[0], secret=SECRET)
+        registry.register({"url": "http://127.0.0.1:9", "type": "flux"})
+        now[0] += 44.0
+        assert [w.url for w in registry.active("flux")] == ["http://127.0.0.1:9"]
+        now[0] += 2.0
+        assert registry.active("flux") == []
+        with pytest.raises(NoCapacity):
+            await registry.acquire("flux")
+        registry.register({"url": "http://127.0.0.1:9", "type": "flux"})
+        assert (await registry.acquire("flux")).url == "http://127.0.0.1:9"
+
+    async def test_least_busy_selection_respects_concurrency(self) -> None:
+        """A worker allowed 2 concurrent jobs takes a second one before a full worker does; none exceeds its cap."""
+        registry = WorkerRegistry(WorkerSettings(), secret=SECRET)
+        registry.register({"url": "http://127.0.0.1:1", "type": "flux", "concurrency": 1})
+        registry.register({"url": "http://127.0.0.1:2", "type": "flux", "concurrency": 2})
+        picked = [(await registry.acquire("flux")).url for _ in range(3)]
+        assert sorted(picked) == ["http://127.0.0.1:1", "http://127.0.0.1:2", "http://127.0.0.1:2"]
+        waiting = asyncio.ensure_future(registry.acquire("flux"))
+        await asyncio.sleep(0.01)
+        assert not waiting.done()
+        (one,) = [w for w in registry.active("flux") if w.url.endswith(":1")]
+        registry.release(one, ok=True)
+        assert (await asyncio.wait_for(waiting, 1)).url == "http://127.0.0.1:1"
+
+
+class TestWorkerBackend:
+    async def test_sequential_requests_alternate_between_idle_workers(
+        self, serve: Serve, make_client: ClientFactory
+    ) -> None:
+        """Equally idle workers take turns (least recently used), so one is not worn out while another idles."""
+        workers = [GPUWorker(), GPUWorker()]
+        client = await make_client(worker_settings())
+        for worker in workers:
+            await register(client, base_url(await serve(worker)), concurrency=4)
+        for i in range(4):
+            assert (await client.get(f"/prompt/bird{i}?model=flux&width=32&height=32")).status == 200
+        assert [len(w.requests) for w in workers] == [2, 2]
+
+    async def test_worker_receives_the_reference_payload_and_its_flags_reach_moderation(
+        self, serve: Serve, make_client: ClientFactory
+    ) -> None:
+        worker = GPUWorker()
+        worker.nsfw, worker.scores = True, {"0": 0.12, "1": -0.3}
+        moderator = RecordingModerator()
+        client = await make_client(worker_settings(), moderator=moderator)
+        await register(client, base_url(await serve(worker)))
+        response = await client.get("/prompt/a%20cat?model=flux&width=64&height=48&seed=5&negative_prompt=ugly")
+        assert response.status == 200
+        assert Image.open(io.BytesIO(await response.read())).size == (64, 48)
+        assert worker.requests == [{"prompts": ["a cat"], "width": 64, "height": 48, "seed": 5,
+                                    "negative_prompt": "ugly", "steps": 6}]
+        assert moderator.flags == [{"nsfw": 1.0, "concept.0": 0.12, "concept.1": -0.3}]
+
+    async def test_least_busy_selection_spreads_concurrent_requests(
+        self, serve: Serve, make_client: ClientFactory
+    ) -> None:
+        """Two held requests land on two different workers, one each, though either could take both."""
+        workers = [GPUWorker(hold=True), GPUWorker(hold=True)]
+        client = await make_client(worker_settings(timeout=5.0))
+        for worker in workers:
+            await register(client, base_url(await serve(worker)), concurrency=4)
+        requests = [asyncio.ensure_future(client.get(f"/prompt/cat{i}?model=flux&width=32&height=32")) for i in range(2)]
+        for _ in range(200):
+            if sum(w.in_flight for w in workers) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert [w.in_flight for w in workers] == [1, 1]
+        listing = await (await client.get("/register", headers=AUTH)).json()
+        assert [w["busy"] for w in listing] == [1, 1]
+        assert [w["concurrency"] for w in listing] == [4, 4]
+        for worker in workers:
+            worker.release.set()
+        assert [r.status for r in await asyncio.gather(*requests)] == [200, 200]
+
+    async def test_a_failed_worker_is_retried_on_another(self, serve: Serve, make_client: ClientFactory) -> None:
+        """A worker answering 500 costs no request: each goes on to the healthy one; the failures are listed."""
+        broken, healthy = GPUWorker(mode="error500"), GPUWorker()
+        client = await make_client(worker_settings())
+        broken_url = base_url(await serve(broken))
+        await register(client, broken_url)
+        await register(client, base_url(await serve(healthy)))
+        statuses = [(await client.get(f"/prompt/dog{i}?model=flux&width=32&height=32")).status for i in range(4)]
+        assert statuses == [200] * 4 and len(healthy.requests) == 4
+        listing = {w["url"]: w for w in await (await client.get("/register", headers=AUTH)).json()}
+        assert listing[broken_url]["failures"] == len(broken.requests) >= 1
+
+    async def test_no_registered_worker_is_503(self, make_client: ClientFactory) -> None:
+        client = await make_client(worker_settings())
+        response = await client.get("/prompt/cat?model=flux&width=32&height=32")
+        assert response.status == 503 and (await response.json())["error"] == "backend_unavailable"
+
+    @pytest.mark.parametrize(("mode", "status"), [("malformed", 502), ("not_image", 502), ("wrong_size", 502),
+                                                  ("oversized", 502), ("hang", 504)])
+    async def test_every_worker_failing_maps_to_a_clear_status(
+        self, serve: Serve, make_client: ClientFactory, mode: str, status: int
+    ) -> None:
+        worker = GPUWorker(mode=mode)
+        client = await make_client(worker_settings(timeout=0.3))
+        await register(client, base_url(await serve(worker)))
+        response = await client.get("/prompt/cat?model=flux&width=32&height=32")
+        assert response.status == status
