@@ -39,7 +39,8 @@ T = TypeVar("T")
 POLL_SECONDS = 0.05
 GUARD_SECONDS = 0.02
 SERIALISE_SLICE = 256
-HIGH_WATER = 0.5
+# Serialised rows kept in memory while a send is slow, in batches; beyond that they go to the spool.
+HIGH_WATER_BATCHES = 2
 
 
 class BreakerState(enum.IntEnum):
@@ -146,6 +147,8 @@ class Forwarder:
         self._last_send = float("-inf")
         self._last_sync = clock()
         self._inflight: list[bytes] = []
+        self._pending: list[bytes] = []
+        self._pending_since = 0.0
         self._busy = False
         self._logged: set[str] = set()
 
@@ -161,9 +164,9 @@ class Forwarder:
         """Send everything queued now; True when the queue emptied and nothing is in flight."""
         deadline = self._clock() + timeout
         self._wake.set()
-        while (self.queue or self._busy) and self._clock() < deadline:
+        while (self.queue or self._pending or self._busy) and self._clock() < deadline:
             await asyncio.sleep(0.01)
-        return not self.queue and not self._busy
+        return not self.queue and not self._pending and not self._busy
 
     async def close(self, timeout: float = 10.0) -> None:
         """Flush within `timeout` seconds, spool the rest; idempotent."""
@@ -182,8 +185,8 @@ class Forwarder:
                 self._task.cancel()
                 await asyncio.gather(self._task, return_exceptions=True)
         self.queue.closed = True
-        leftover = self._inflight + await self._serialise(self.queue.take(len(self.queue)))
-        self._inflight = []
+        leftover = self._inflight + self._pending + await self._serialise(self.queue.take(len(self.queue)))
+        self._inflight, self._pending = [], []
         await self._spill(leftover)
         await self._in_io(self.spool.close)
         await self.sink.close()
@@ -200,7 +203,7 @@ class Forwarder:
         return {
             "sink": self.sink.name,
             "breaker": self.breaker.state.name.lower(),
-            "queueDepth": len(self.queue),
+            "queueDepth": len(self.queue) + len(self._pending),
             "spoolBytes": self.spool.total_bytes,
             "secondsSinceLastSuccess": round(self.seconds_since_success(), 3),
             "rowsSent": self.stats.sent,
@@ -219,7 +222,7 @@ class Forwarder:
             except Exception as exc:
                 self._log_once(f"worker:{type(exc).__name__}", "telemetry.worker_error", error=type(exc).__name__)
                 progressed = False
-            if self._stopping and not self.queue:
+            if self._stopping and not self.queue and not self._pending:
                 return
             if not progressed:
                 self._wake.clear()
@@ -229,19 +232,21 @@ class Forwarder:
                     pass
 
     async def _round(self) -> bool:
-        queue, settings = self.queue, self.settings
+        settings = self.settings
+        await self._absorb()
+        pending = self._pending
         if self.breaker.state is BreakerState.OPEN:
-            if queue:
-                await self._spill(await self._serialise(queue.take(len(queue))))
+            if pending:
+                await self._spill(self._take_pending(len(pending)))
             return False
-        oldest = queue.oldest_ts()
-        if oldest is not None and (
-            len(queue) >= settings.batch_rows or time.time() - oldest >= settings.max_wait or self._stopping
+        if pending and (
+            len(pending) >= settings.batch_rows
+            or time.time() - self._pending_since >= settings.max_wait
+            or self._stopping
         ):
             self._busy = True
             try:
-                lines = await self._serialise(queue.take(settings.batch_rows))
-                for body_lines in self._split_by_bytes(lines):
+                for body_lines in self._split_by_bytes(self._take_pending(settings.batch_rows)):
                     await self._deliver(body_lines, from_spool=False)
             finally:
                 self._busy = False
@@ -253,6 +258,23 @@ class Forwarder:
             return False
         await self._deliver(lines, from_spool=True)
         return True
+
+    async def _absorb(self) -> None:
+        """Turn queued events into serialised rows: bytes are compact and invisible to the GC,
+        so a backlog never turns into long garbage-collection pauses on the event loop."""
+        queue = self.queue
+        if not queue:
+            return
+        if not self._pending:
+            self._pending_since = queue.oldest_ts() or time.time()
+        self._pending.extend(await self._serialise(queue.take(len(queue))))
+
+    def _take_pending(self, count: int) -> list[bytes]:
+        taken = self._pending[:count]
+        del self._pending[:count]
+        if self._pending:
+            self._pending_since = time.time()
+        return taken
 
     async def _deliver(self, lines: list[bytes], from_spool: bool) -> None:
         self._inflight = [] if from_spool else lines
@@ -335,14 +357,16 @@ class Forwarder:
             await asyncio.sleep(min(0.1, max(0.0, end - self._clock())))
 
     async def _guard_queue(self) -> None:
-        """While a send is slow or backing off, keep the queue under its high-water mark via the spool."""
-        queue = self.queue
+        """While a send is slow or backing off, keep absorbing events; spool what exceeds the high-water mark."""
         while True:
             await asyncio.sleep(GUARD_SECONDS)
             try:
-                if len(queue) > queue.capacity * HIGH_WATER:
-                    keep = min(self.settings.batch_rows, len(queue) // 2)
-                    await self._spill(await self._serialise(queue.take(len(queue) - keep)))
+                if not self._busy:
+                    continue
+                await self._absorb()
+                excess = len(self._pending) - self.settings.batch_rows * HIGH_WATER_BATCHES
+                if excess > 0:
+                    await self._spill(self._take_pending(excess))
             except Exception as exc:
                 self._log_once(f"guard:{type(exc).__name__}", "telemetry.guard_error", error=type(exc).__name__)
 

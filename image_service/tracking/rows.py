@@ -9,17 +9,20 @@ absolute paths never leave the process.
 from __future__ import annotations
 
 import re
-import secrets
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
 
+from .context import request_ids
+
 TERMINAL_EVENT = "request.completed"
 TEXT_EVENT = "text.completion"
 PRIVATE_PROMPT = "[PRIVATE]"
 MAX_TEXT = 4000
+UINT16 = 2**16 - 1
+UINT32 = 2**32 - 1
 
 # Column → ClickHouse type, in datasource order. tinybird/datasources/pollinations_events.datasource
 # declares the same columns; a test keeps the two in step.
@@ -147,99 +150,122 @@ def _terminal_type(http_status: int, cache_status: str | None) -> str:
 
 
 def _as_bool(value: Any) -> bool | None:
-    return None if value is None else bool(value)
+    return value if value is None or value is True or value is False else bool(value)
 
 
 def _as_int(value: Any, upper: int) -> int | None:
-    if value is None or isinstance(value, bool):
+    if value is None or value is True or value is False:
         return None
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        return None
-    return number if 0 <= number <= upper else None
+    if type(value) is not int:
+        try:
+            value = int(value)
+        except (TypeError, ValueError):
+            return None
+    return value if 0 <= value <= upper else None
 
 
-def _metadata(event: dict[str, Any], environment: str) -> str:
-    data = {
-        "organization": "pollinations",
-        "project": f"{event.get('service_type', 'image')}.pollinations.ai",
-        "environment": environment,
-    }
+class _SecondCache:
+    """Formats epoch seconds as DateTime64(3) text, re-using the formatted second (rows come in bursts)."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self, epoch: float) -> str:
+        second = int(epoch)
+        if second != self._second:
+            self._second, self._prefix = second, datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%d %H:%M:%S")
+        return f"{self._prefix}.{int((epoch - second) * 1000):03d}"
+
+
+format_time = _SecondCache()
+
+
+def _metadata(event: dict[str, Any], environment: str, service_type: str) -> str:
+    data = {"organization": "pollinations", "project": f"{service_type}.pollinations.ai", "environment": environment}
     for key in ("route", "method", "cache_backend", "span_id", "parent_span_id", "labels"):
-        if event.get(key) is not None:
-            data[key] = event[key]
+        value = event.get(key)
+        if value is not None:
+            data[key] = value
     return orjson.dumps(data, default=str).decode()
 
 
 def build_row(event: dict[str, Any], environment: str = "development") -> dict[str, Any]:
     """The row for one event (an image stage event, a terminal event, or a text completion)."""
-    name = str(event.get("event", ""))
-    end = float(event.get("_ts", 0.0))
-    start = float(event.get("request_start", end))
+    get = event.get
+    name = str(get("event", ""))
+    end = float(get("_ts", 0.0))
+    start = get("request_start")
+    start = end if start is None else float(start)
     text = name == TEXT_EVENT
-    terminal = name == TERMINAL_EVENT
-    http_status = _as_int(event.get("status") if not text else event.get("http_status"), 999)
-    request_id = str(event.get("request_id") or secrets.token_hex(16))
-    private = bool(event.get("private"))
-    prompt = event.get("prompt")
+    service_type = "text" if text else "image"
+    http_status = _as_int(get("http_status") if text else get("status"), 999)
+    request_id = str(get("request_id") or request_ids.next())
+    prompt = None if text else get("prompt")
+    private = bool(get("private"))
     if private and prompt is not None:
         prompt = PRIVATE_PROMPT
-    exception = event.get("exception")
-    duration_ms = event.get("duration_ms")
+    elif prompt is not None:
+        prompt = str(prompt)[:MAX_TEXT]
+    duration_ms = get("duration_ms")
+    duration_ms = float(duration_ms) if isinstance(duration_ms, (int, float)) and duration_ms > 0 else 0.0
     if text:
-        log_event_type = str(event.get("log_event_type") or "completion")
-        status = str(event.get("status") or "success")
-    elif terminal:
-        log_event_type = _terminal_type(http_status or 0, event.get("cache_status"))
+        log_event_type = str(get("log_event_type") or "completion")
+        status = str(get("status") or "success")
+    elif name == TERMINAL_EVENT:
+        log_event_type = _terminal_type(http_status or 0, get("cache_status"))
         status = _status_word(http_status, name)
     else:
-        log_event_type = STAGE_EVENT_TYPES.get(name, name.replace(".", "_"))
+        log_event_type = STAGE_EVENT_TYPES.get(name) or name.replace(".", "_")
         status = _status_word(None, name)
-    seed = event.get("seed")
+    seed = get("seed")
+    guidance = get("guidance")
+    exception = get("exception")
+    traceback = get("traceback")
+    referrer = get("referrer")
     return {
-        "event_id": event.get("event_id") or secrets.token_hex(16),
-        "service_type": "text" if text else "image",
-        "stage": str(event.get("stage") or ("text" if text else "")),
+        "event_id": get("event_id") or request_ids.next(),
+        "service_type": service_type,
+        "stage": str(get("stage") or service_type),
         "event": name,
         "start_time": format_time(start),
         "end_time": format_time(end),
         "message_id": request_id,
         "id": request_id,
-        "trace_id": str(event.get("trace_id") or request_id),
-        "duration": max(0, round(float(duration_ms))) if isinstance(duration_ms, int | float) else 0,
-        "duration_ms": max(0.0, float(duration_ms)) if isinstance(duration_ms, int | float) else 0.0,
-        "user": str(event.get("user") or "anonymous"),
-        "username": event.get("username"),
-        "tier": str(event.get("tier") or "anonymous"),
+        "trace_id": str(get("trace_id") or request_id),
+        "duration": round(duration_ms),
+        "duration_ms": duration_ms,
+        "user": str(get("user") or "anonymous"),
+        "username": get("username"),
+        "tier": str(get("tier") or "anonymous"),
         "status": status,
         "http_status": http_status,
-        "error": event.get("error"),
+        "error": get("error"),
         "log_event_type": log_event_type,
         "call_type": "completion" if text else "image_generation",
-        "model": str(event.get("model") or "unknown"),
-        "provider": event.get("provider"),
-        "backend": event.get("backend"),
-        "cost": float(event.get("cost") or 0.0),
-        "prompt_tokens": _as_int(event.get("prompt_tokens"), 2**32 - 1),
-        "completion_tokens": _as_int(event.get("completion_tokens"), 2**32 - 1),
-        "cached_tokens": _as_int(event.get("cached_tokens"), 2**32 - 1),
-        "prompt": None if text or prompt is None else str(prompt)[:MAX_TEXT],
-        "width": _as_int(event.get("width"), 65535),
-        "height": _as_int(event.get("height"), 65535),
+        "model": str(get("model") or "unknown"),
+        "provider": get("provider"),
+        "backend": get("backend"),
+        "cost": float(get("cost") or 0.0),
+        "prompt_tokens": _as_int(get("prompt_tokens"), UINT32),
+        "completion_tokens": _as_int(get("completion_tokens"), UINT32),
+        "cached_tokens": _as_int(get("cached_tokens"), UINT32),
+        "prompt": prompt,
+        "width": _as_int(get("width"), UINT16),
+        "height": _as_int(get("height"), UINT16),
         "seed": None if seed is None else str(seed),
-        "steps": _as_int(event.get("steps"), 65535),
-        "guidance": None if event.get("guidance") is None else float(event["guidance"]),
-        "nologo": _as_bool(event.get("nologo")),
-        "enhance": _as_bool(event.get("enhance")),
+        "steps": _as_int(get("steps"), UINT16),
+        "guidance": None if guidance is None else float(guidance),
+        "nologo": _as_bool(get("nologo")),
+        "enhance": _as_bool(get("enhance")),
         "private": None if text else private,
-        "nofeed": _as_bool(event.get("nofeed")),
-        "is_child": _as_bool(event.get("is_child")),
-        "is_mature": _as_bool(event.get("is_mature")),
-        "was_transformed": _as_bool(event.get("was_transformed")),
-        "cache_status": event.get("cache_status"),
-        "referrer": public_referrer(event.get("referrer")),
-        "proxy_metadata": _metadata(event, environment),
+        "nofeed": _as_bool(get("nofeed")),
+        "is_child": _as_bool(get("is_child")),
+        "is_mature": _as_bool(get("is_mature")),
+        "was_transformed": _as_bool(get("was_transformed")),
+        "cache_status": get("cache_status"),
+        "referrer": public_referrer(referrer) if referrer else None,
+        "proxy_metadata": _metadata(event, environment, service_type),
         "exception": sanitise(str(exception)) if exception else None,
-        "traceback": sanitise(event.get("traceback")),
+        "traceback": sanitise(str(traceback)) if traceback else None,
     }

@@ -77,17 +77,15 @@ class Spool:
 
     def append(self, lines: list[bytes]) -> int:
         """Write NDJSON lines; returns how many older rows were evicted to stay within the bound."""
-        if not lines:
-            return 0
-        if self._writer is None or self._writer_size >= self.segment_bytes:
-            self._rotate()
-        assert self._writer is not None
-        data = b"".join(lines)
-        self._writer.write(data)
-        self._writer_size += len(data)
-        self._dirty = True
+        for line in lines:
+            if self._writer is None or self._writer_size >= self.segment_bytes:
+                self._rotate()
+            assert self._writer is not None
+            self._writer.write(line)
+            self._writer_size += len(line)
+        self._dirty = bool(lines)
         self.stats.rows_written += len(lines)
-        return self._enforce_bound()
+        return self._enforce_bound() if lines else 0
 
     def sync(self) -> None:
         """Flush and fsync the open segment (the forwarder calls this at least once a second)."""

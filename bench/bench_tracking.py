@@ -1,0 +1,114 @@
+"""Telemetry's cost: processor per event, forwarder rows/s, and server throughput with tracking on/off."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from image_service.tracking import Forwarder, ForwarderSettings, Spool, TinybirdSink
+from image_service.tracking.context import merge_request_context, new_request
+from image_service.tracking.processor import TELEMETRY, EventQueue
+
+from .harness import fetch, free_port, interleaved, server
+
+PATH = "/prompt/a%20red%20fox?width=512&height=384&seed=7"
+TOKEN = "bench-token"
+
+
+def processor_cost() -> tuple[float, float]:
+    """Microseconds per event: the processor alone, and the whole request-side chain before rendering."""
+    queue = EventQueue(10_000_000)
+    TELEMETRY.route_current_context(queue)
+    new_request(request_id="r" * 32, request_start=time.time(), model="procedural", prompt="a red fox", width=512)
+    event = {"event": "cache.lookup", "stage": "cache", "cache_status": "hit", "duration_ms": 0.01}
+    runs = 200_000
+    started = time.perf_counter()
+    for _ in range(runs):
+        TELEMETRY(None, "info", event)
+    alone = (time.perf_counter() - started) / runs * 1e6
+    started = time.perf_counter()
+    for _ in range(runs):
+        TELEMETRY(None, "info", merge_request_context(None, "info", event))
+    chain = (time.perf_counter() - started) / runs * 1e6
+    TELEMETRY.route_current_context(None)
+    return alone, chain
+
+
+def event(n: int) -> dict[str, Any]:
+    now = time.time()
+    return {"event": "request.completed", "stage": "response", "request_id": f"{n:032x}", "status": 200,
+            "duration_ms": 1.5, "_ts": now, "request_start": now - 0.0015, "model": "procedural",
+            "prompt": "a red fox", "width": 512, "height": 384, "seed": 7, "cache_status": "hit",
+            "route": "/prompt/{prompt}", "method": "GET", "backend": "embedded", "provider": "image_service"}
+
+
+async def forwarder_rate(url: str, rows: int = 200_000) -> tuple[float, int, float]:
+    """Rows/s through the real forwarder into the local Events API in another process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        forwarder = Forwarder(
+            ForwarderSettings(queue_size=rows, batch_rows=10_000, max_wait=0.2),
+            TinybirdSink(url, TOKEN, "pollinations_events", 30.0, executor=None),
+            Spool(Path(tmp), 10**9),
+        )
+        await forwarder.start()
+        for n in range(rows):
+            forwarder.queue.put(event(n))
+        started = time.perf_counter()
+        await forwarder.flush(timeout=300)
+        elapsed = time.perf_counter() - started
+        batches = forwarder.stats.batches
+        await forwarder.close()
+    return rows / elapsed, batches, batches / elapsed
+
+
+def main() -> None:
+    alone, chain = processor_cost()
+    print("| measure | value |\n|---|---|")
+    print(f"| processor cost per event | {alone:.2f} µs |")
+    print(f"| context merge + processor per event | {chain:.2f} µs |")
+
+    sink_port = free_port()
+    with server(["-m", "tests.events_api", str(sink_port), TOKEN], sink_port) as sink:
+        rate, batches, per_second = asyncio.run(forwarder_rate(sink))
+    print(f"| forwarder into local Events API | {rate:,.0f} rows/s ({batches} requests, {per_second:.1f} requests/s) |")
+    print(f"\nTarget ≥ 33,000 rows/s at ≤ 100 requests/s: {'met' if rate >= 33_000 and per_second <= 100 else 'NOT met'}.\n")
+
+    slow_port, down_port = free_port(), free_port()
+    with tempfile.TemporaryDirectory() as tmp, \
+            server(["-m", "tests.events_api", str(sink_port), TOKEN], sink_port) as sink, \
+            server(["-m", "tests.events_api", str(slow_port), TOKEN, "6"], slow_port) as slow_sink:
+        down = f"http://127.0.0.1:{down_port}"
+        variants = {
+            "tracking off": {"IMAGE_SERVICE_TRACKING__ENABLED": "false"},
+            "tracking on": {"TINYBIRD_API_URL": sink},
+            "sink down": {"TINYBIRD_API_URL": down},
+            "sink answers after 6 s": {"TINYBIRD_API_URL": slow_sink},
+        }
+        urls: dict[str, str] = {}
+        stack = []
+        for index, (name, env) in enumerate(variants.items()):
+            port = free_port()
+            directory = Path(tmp) / str(index)
+            directory.mkdir()
+            context = server(
+                ["-m", "image_service", "serve", "--port", str(port), "--log-format", "json"], port,
+                env={"TINYBIRD_API_KEY": TOKEN, **env}, cwd=directory,
+            )
+            urls[name] = context.__enter__() + PATH
+            stack.append(context)
+            fetch(urls[name])
+        try:
+            loads = interleaved(urls, rounds=3, seconds=4)
+        finally:
+            for context in reversed(stack):
+                context.__exit__(None, None, None)
+    base = loads["tracking off"]
+    print("| server (cache hits) | requests/s | ratio to off | p50 ms | p99 ms | added p99 ms |")
+    print("|---|---|---|---|---|---|")
+    for name, load in loads.items():
+        print(f"| {name} | {load.requests_per_s:,.0f} | {load.requests_per_s / base.requests_per_s:.2f} | "
+              f"{load.p50_ms:.2f} | {load.p99_ms:.2f} | {load.p99_ms - base.p99_ms:+.2f} |")
+    print("\nTargets: ratio ≥ 0.95 for each variant; added p99 < 0.5 ms.")
