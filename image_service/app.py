@@ -24,7 +24,7 @@ from .errors import BadRequest, ServiceError
 from .generation import Backend, Generator, WorkerRegistry, build_backends
 from .moderation import Moderator, PassThroughModerator
 from .openapi import openapi_document
-from .params import ImageParams, parse_params
+from .params import ImageParams, ParamsParser
 from .pipeline import Pipeline
 from .tracking import TELEMETRY, Tracking, bind, configure_logging, is_configured, new_request, parse_traceparent, request_ids
 from .tracking.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -39,6 +39,7 @@ GENERATOR = web.AppKey("generator", Generator)
 MODERATOR = web.AppKey("moderator", Moderator)
 PIPELINE = web.AppKey("pipeline", Pipeline)
 TRACKING = web.AppKey("tracking", Tracking)
+PARSER = web.AppKey("parser", ParamsParser)
 WORKERS = web.AppKey("workers", WorkerRegistry)
 REQUEST_ID = web.RequestKey("request_id", str)
 PARAMS = web.RequestKey("params", ImageParams)
@@ -142,15 +143,8 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
 
 
 async def image_handler(request: web.Request) -> web.Response:
-    settings = request.app[SETTINGS]
     start = time.perf_counter()
-    params = parse_params(
-        request.match_info.get("prompt", ""),
-        request.query,
-        settings.models,
-        settings.generation.default_model,
-        settings.server.max_prompt_length,
-    )
+    params, key = request.app[PARSER].parse(request.match_info.get("prompt", ""), request.query, request.query_string)
     request[PARAMS] = params
     bind(
         model=params.model, prompt=params.public_prompt, width=params.width, height=params.height,
@@ -158,7 +152,7 @@ async def image_handler(request: web.Request) -> web.Response:
         enhance=params.enhance, safe=params.safe,
     )
     log.info("request.received", stage="request", duration_ms=round((time.perf_counter() - start) * 1000, 3))
-    outcome = await request.app[PIPELINE].run(params)
+    outcome = await request.app[PIPELINE].run(params, key)
     bind(cache_status=outcome.cache_status.value)
     filename = "image.jpg" if params.private else f"{params.slug()}.jpg"
     return web.Response(
@@ -271,6 +265,7 @@ def create_app(
     """Wire the service; `backends` and `moderator` replace the configured ones (for embedding and tests)."""
     app = web.Application(middlewares=[edge_middleware])
     app[SETTINGS] = settings
+    app[PARSER] = ParamsParser(settings.models, settings.generation.default_model, settings.server.max_prompt_length)
 
     async def pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
         executor = app[EXECUTOR]

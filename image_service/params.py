@@ -211,3 +211,33 @@ def parse_params(
         quality=quality,
         image=_parse_images(query.get("image")),
     )
+
+
+class ParamsParser:
+    """`parse_params` for one configuration, memoised per (prompt, query string).
+
+    Popular URLs repeat; a hit skips validation and hashing. Requests that ask for a random seed
+    are never memoised (each must draw its own).
+    """
+
+    def __init__(self, models: Mapping[str, ModelSettings], default_model: str, max_prompt_length: int,
+                 memo_size: int = 4096) -> None:
+        self._models = models
+        self._default_model = default_model
+        self._max_prompt_length = max_prompt_length
+        self._memo: dict[tuple[str, str], tuple[ImageParams, str]] = {}
+        self._memo_size = memo_size
+
+    def parse(self, raw_prompt: str, query: Mapping[str, str], query_string: str) -> tuple[ImageParams, str]:
+        """Validated parameters and their cache key; raises BadRequest like `parse_params`."""
+        memo_key = (raw_prompt, query_string)
+        found = self._memo.get(memo_key)
+        if found is not None:
+            return found
+        params = parse_params(raw_prompt, query, self._models, self._default_model, self._max_prompt_length)
+        result = (params, params.cache_key())
+        if "-" not in query.get("seed", ""):
+            if len(self._memo) >= self._memo_size:
+                del self._memo[next(iter(self._memo))]
+            self._memo[memo_key] = result
+        return result

@@ -44,8 +44,9 @@ class Pipeline:
         self._moderator = moderator
         self._executor = executor
 
-    async def run(self, params: ImageParams) -> Outcome:
-        key = params.cache_key()
+    async def run(self, params: ImageParams, key: str | None = None) -> Outcome:
+        """`key` is `params.cache_key()`, passed in when the caller already has it."""
+        key = key or params.cache_key()
         cached = await self._lookup(key)
         if cached is not None:
             self._bind_generation_facts(cached, cost=0.0)

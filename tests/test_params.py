@@ -9,7 +9,7 @@ import pytest
 
 from image_service.config import load_settings
 from image_service.errors import BadRequest, PromptTooLong, UnknownModel
-from image_service.params import DEFAULT_NEGATIVE_PROMPT, ImageParams, clamp_size, parse_params
+from image_service.params import DEFAULT_NEGATIVE_PROMPT, ImageParams, ParamsParser, clamp_size, parse_params
 
 SETTINGS = load_settings(overrides={"models": {"small": {"backend": "embedded", "max_side": 512, "default_side": 256}}})
 
@@ -166,3 +166,32 @@ class TestCacheKey:
     def test_fields_cannot_run_into_each_other(self) -> None:
         """Length-prefixed hashing: moving text between fields changes the key."""
         assert parse("ab", negative_prompt="c").cache_key() != parse("a", negative_prompt="bc").cache_key()
+
+
+class TestParamsParser:
+    def parser(self) -> ParamsParser:
+        return ParamsParser(SETTINGS.models, SETTINGS.generation.default_model, 100)
+
+    def test_repeated_url_returns_the_same_params_and_key(self) -> None:
+        parser = self.parser()
+        first = parser.parse("a fox", {"width": "64"}, "width=64")
+        assert parser.parse("a fox", {"width": "64"}, "width=64") is first
+        assert first[1] == first[0].cache_key()
+
+    def test_random_seed_is_drawn_for_every_request(self) -> None:
+        """seed=-1 must never be served from the memo."""
+        parser = self.parser()
+        seeds = {parser.parse("a fox", {"seed": "-1"}, "seed=-1")[0].seed for _ in range(10)}
+        assert len(seeds) > 1
+
+    def test_bad_input_is_rejected_every_time(self) -> None:
+        parser = self.parser()
+        for _ in range(2):
+            with pytest.raises(BadRequest):
+                parser.parse("a fox", {"width": "x"}, "width=x")
+
+    def test_memo_stays_bounded(self) -> None:
+        parser = ParamsParser(SETTINGS.models, "procedural", 100, memo_size=8)
+        for n in range(50):
+            parser.parse(f"fox {n}", {}, "")
+        assert len(parser._memo) == 8
