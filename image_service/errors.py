@@ -4,9 +4,15 @@
     ├── BadRequest                    400 input the client can fix
     │   ├── UnknownModel              400 names the valid models
     │   └── PromptTooLong             400 names the limit
+    ├── Unauthorized                  401 a token was given and is not valid
+    ├── Forbidden                     403 the caller's tier may not use this
+    │   └── TierRequired              403 the model needs a higher tier
+    ├── TooManyRequests               429 the caller's queue is full; carries Retry-After
     ├── ContentBlocked                451 the moderation policy refused the request
     └── GenerationError               502 the backend failed or answered garbage
         ├── BackendUnavailable        503 no backend can take the request now
+        │   ├── AuthUnavailable       503 the token service did not answer
+        │   └── FeedFull              503 the live feed has no room for another subscriber
         └── GenerationTimeout         504 the backend did not answer in time
 
 Messages are written for the client: they never carry a stack trace, a path or a credential.
@@ -14,6 +20,7 @@ Messages are written for the client: they never carry a stack trace, a path or a
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -25,6 +32,10 @@ class ServiceError(Exception):
         super().__init__(message)
         self.message = message
         self.details = details
+
+    def headers(self) -> dict[str, str]:
+        """Extra response headers the edge middleware adds to the JSON error."""
+        return {}
 
 
 class BadRequest(ServiceError):
@@ -38,6 +49,35 @@ class UnknownModel(BadRequest):
 
 class PromptTooLong(BadRequest):
     code = "prompt_too_long"
+
+
+class Unauthorized(ServiceError):
+    status = 401
+    code = "invalid_token"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer error="invalid_token"'}
+
+
+class Forbidden(ServiceError):
+    status = 403
+    code = "forbidden"
+
+
+class TierRequired(Forbidden):
+    code = "tier_required"
+
+
+class TooManyRequests(ServiceError):
+    status = 429
+    code = "too_many_requests"
+
+    def __init__(self, message: str, retry_after: float, **details: Any) -> None:
+        super().__init__(message, **details)
+        self.retry_after = max(1, math.ceil(retry_after))
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
 
 
 class ContentBlocked(ServiceError):
@@ -58,3 +98,11 @@ class BackendUnavailable(GenerationError):
 class GenerationTimeout(GenerationError):
     status = 504
     code = "generation_timeout"
+
+
+class AuthUnavailable(BackendUnavailable):
+    code = "auth_unavailable"
+
+
+class FeedFull(BackendUnavailable):
+    code = "feed_full"
