@@ -26,6 +26,10 @@ from typing import Protocol
 from .config import TIER_ORDER, TierSettings
 from .errors import TierRequired, TooManyRequests
 
+# Idle keys are swept at most this often (seconds), or sooner when the table has doubled.
+SWEEP_PERIOD = 1.0
+MIN_SWEEP_SIZE = 1024
+
 
 def require_tier(tier: str, model: str, required: str) -> None:
     """The per-model gate (403), applied to cache hits as well as to generations."""
@@ -119,7 +123,8 @@ class MemoryLimiter:
     def __init__(self, clock: Clock | None = None) -> None:
         self._clock: Clock = clock or MonotonicClock()
         self._states: dict[str, _KeyState] = {}
-        self._since_sweep = 0
+        self._last_sweep = self._clock.now()
+        self._sweep_size = MIN_SWEEP_SIZE
 
     @property
     def tracked_keys(self) -> int:
@@ -188,11 +193,11 @@ class MemoryLimiter:
             state.waiters[0].set()
 
     def _sweep(self) -> None:
-        """Forget idle keys; runs once per as many acquisitions as there are keys (amortised O(1))."""
-        self._since_sweep += 1
-        if self._since_sweep < len(self._states):
-            return
-        self._since_sweep = 0
+        """Forget idle keys, once per period or when the table doubled: amortised O(1) per acquisition."""
         now = self._clock.now()
+        if now - self._last_sweep < SWEEP_PERIOD and len(self._states) < self._sweep_size:
+            return
+        self._last_sweep = now
         for key in [key for key, state in self._states.items() if state.idle(now)]:
             del self._states[key]
+        self._sweep_size = max(MIN_SWEEP_SIZE, 2 * len(self._states))
