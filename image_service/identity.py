@@ -252,6 +252,8 @@ class Authenticator:
 
     async def identify(self, request: web.BaseRequest) -> Identity:
         referrer = request_referrer(request)
+        # Bound before validation so that a refused request's row still says where it came from.
+        structlog.contextvars.bind_contextvars(referrer=referrer or "")
         token = request_token(request)
         if token is not None:
             account = await self._validator.validate(token) if len(token) <= MAX_TOKEN_LENGTH else None

@@ -84,14 +84,14 @@ class TestTokenSources:
     async def test_invalid_token_is_401_json_and_never_echoed(self, token_client: Any) -> None:
         """Unlike the origin, a wrong token is refused rather than silently served as anonymous."""
         with capture_logs() as logs:
-            response = await token_client.get(f"{FOX}&token=sk-wrong-secret")
+            response = await token_client.get(f"{FOX}&token=sk-wrong-secret&referrer=app.example")
             body = await response.json()
         assert response.status == 401 and body["error"] == "invalid_token"
         assert response.headers["WWW-Authenticate"].startswith("Bearer")
         assert {"requestId", "requestParameters", "message"} <= body.keys()
         assert "sk-wrong-secret" not in str(body) and "sk-wrong-secret" not in repr(logs)
         (event,) = [e for e in logs if e["event"] == "request.completed"]
-        assert (event["status"], event["error"]) == (401, "invalid_token")
+        assert (event["status"], event["error"], event["referrer"]) == (401, "invalid_token", "app.example")
 
     async def test_valid_token_never_reaches_the_logs(self, token_client: Any) -> None:
         with capture_logs() as logs:
