@@ -6,11 +6,15 @@ errors into JSON, adds CORS and tracing headers, and emits the terminal `request
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from functools import cache
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -18,14 +22,18 @@ import structlog
 from aiohttp import web
 
 from . import __version__
-from .cache import ImageCache, build_store
-from .config import Settings
+from .cache import CacheStatus, ImageCache, build_store
+from .config import CONFIG_DIR, Settings
+from .enhance import PromptEnhancer, ReferrerTransform
 from .errors import BadRequest, ServiceError
+from .feed import Feed, feed_item
 from .generation import Backend, Generator, WorkerRegistry, build_backends
+from .identity import Authenticator, ClientAddress, FileTokenValidator, HttpTokenValidator, Identity, TokenValidator
 from .moderation import Moderator, PassThroughModerator
 from .openapi import openapi_document
 from .params import ImageParams, ParamsParser
-from .pipeline import Pipeline
+from .pipeline import Pipeline, Prepare
+from .queues import Clock, Limiter, MemoryLimiter, MonotonicClock, require_tier, slot
 from .tracking import TELEMETRY, Tracking, bind, configure_logging, is_configured, new_request, parse_traceparent, request_ids
 from .tracking.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .tracking.metrics import render as render_metrics
@@ -41,6 +49,12 @@ PIPELINE = web.AppKey("pipeline", Pipeline)
 TRACKING = web.AppKey("tracking", Tracking)
 PARSER = web.AppKey("parser", ParamsParser)
 WORKERS = web.AppKey("workers", WorkerRegistry)
+AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
+CLIENT_ADDRESS = web.AppKey("client_address", ClientAddress)
+LIMITER = web.AppKey("limiter", Limiter)
+ENHANCER = web.AppKey("enhancer", PromptEnhancer)
+TRANSFORM = web.AppKey("transform", ReferrerTransform)
+FEED = web.AppKey("feed", Feed)
 REQUEST_ID = web.RequestKey("request_id", str)
 PARAMS = web.RequestKey("params", ImageParams)
 
@@ -50,7 +64,7 @@ CORS_HEADERS = {
     "Access-Control-Allow-Origin": "*",
     "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
     "Access-Control-Allow-Headers": "Authorization, Content-Type, traceparent",
-    "Access-Control-Expose-Headers": "X-Request-Id, X-Cache, Content-Disposition, traceparent",
+    "Access-Control-Expose-Headers": "X-Request-Id, X-Cache, Content-Disposition, Retry-After, traceparent",
 }
 # Query parameters never echoed back in an error body.
 SECRET_PARAMS = frozenset({"token", "key", "api_key", "apikey"})
@@ -123,6 +137,7 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
     except ServiceError as exc:
         error = exc.code
         response = error_response(request, exc.status, exc.code, exc.message, **exc.details)
+        response.headers.update(exc.headers())
     except web.HTTPException as exc:
         error = "http_error"
         response = _http_error(request, exc)
@@ -142,7 +157,22 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
     return response
 
 
+def _prepare(request: web.Request, identity: Identity) -> Prepare:
+    """The production step for this client: a slot in its queue, then the (maybe enhanced) params."""
+    app = request.app
+    key = f"user:{identity.user}" if identity.user else f"addr:{app[CLIENT_ADDRESS](request)}"
+    limits = app[SETTINGS].tiers.limits(identity.tier)
+
+    @asynccontextmanager
+    async def prepare(params: ImageParams) -> AsyncIterator[ImageParams]:
+        async with slot(app[LIMITER], key, identity.tier, limits):
+            yield await app[ENHANCER].enhance(params)
+
+    return prepare
+
+
 async def image_handler(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
     start = time.perf_counter()
     params, key = request.app[PARSER].parse(request.match_info.get("prompt", ""), request.query, request.query_string)
     request[PARAMS] = params
@@ -151,9 +181,19 @@ async def image_handler(request: web.Request) -> web.Response:
         seed=params.seed, private=params.private, nofeed=params.nofeed, nologo=params.nologo,
         enhance=params.enhance, safe=params.safe,
     )
+    identity = await request.app[AUTHENTICATOR].identify(request)
+    bind(**identity.bindings())
+    require_tier(identity.tier, params.model, settings.models[params.model].tier)
+    was_transformed = request.app[TRANSFORM].applies(identity.referrer)
+    bind(was_transformed=was_transformed)
+    if was_transformed:
+        params = request.app[TRANSFORM].apply(params)
+        key = params.cache_key()
     log.info("request.received", stage="request", duration_ms=round((time.perf_counter() - start) * 1000, 3))
-    outcome = await request.app[PIPELINE].run(params, key)
+    outcome = await request.app[PIPELINE].run(params, key, _prepare(request, identity))
     bind(cache_status=outcome.cache_status.value)
+    if outcome.cache_status == CacheStatus.MISS:
+        request.app[FEED].publish(feed_item(params, outcome.image.verdict))
     filename = "image.jpg" if params.private else f"{params.slug()}.jpg"
     return web.Response(
         body=outcome.image.body,
@@ -180,6 +220,7 @@ async def about_handler(request: web.Request) -> web.Response:
                 "backend": spec.backend,
                 "tier": spec.tier,
                 "enhance": spec.enhance,
+                "enhanceAvailable": request.app[ENHANCER].enabled,
                 "maxSideLength": spec.max_side,
                 "defaultSideLength": spec.default_side,
             }
@@ -247,6 +288,43 @@ async def tracking_ctx(app: web.Application) -> AsyncIterator[None]:
     await tracking.close()
 
 
+async def feed_handler(request: web.Request) -> web.StreamResponse:
+    """Server-Sent Events: the recent public items, then live ones, with heartbeat comments."""
+    feed, settings = request.app[FEED], request.app[SETTINGS].feed
+    subscription = feed.subscribe()
+    response = web.StreamResponse(headers={
+        "Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no",
+        "X-Request-Id": request[REQUEST_ID], **CORS_HEADERS,
+    })
+    await response.prepare(request)
+    try:
+        async for chunk in feed.stream(subscription):
+            async with asyncio.timeout(settings.write_timeout):
+                await response.write(chunk)
+    except TimeoutError:
+        log.info("feed.subscriber_dropped", reason="write_timeout")
+        if request.transport is not None:
+            request.transport.close()
+    except ConnectionError:
+        pass
+    finally:
+        subscription.close()
+    if subscription.dropped:
+        log.info("feed.subscriber_dropped", reason="too_slow")
+        if request.transport is not None:
+            request.transport.close()
+    return response
+
+
+@cache
+def _page() -> bytes:
+    return (Path(__file__).parent / "static" / "index.html").read_bytes()
+
+
+async def page_handler(request: web.Request) -> web.Response:
+    return web.Response(body=_page(), content_type="text/html", charset="utf-8", headers={"Cache-Control": "no-cache"})
+
+
 async def executor_ctx(app: web.Application) -> AsyncIterator[None]:
     """One thread pool, sized to the cores, for every piece of CPU work (render, encode, moderate)."""
     workers = app[SETTINGS].server.cpu_workers or os.cpu_count() or 1
@@ -256,16 +334,47 @@ async def executor_ctx(app: web.Application) -> AsyncIterator[None]:
     executor.shutdown(wait=True, cancel_futures=True)
 
 
+def _token_validator(settings: Settings, clock: Clock) -> TokenValidator:
+    access = settings.access
+    if access.validator_url:
+        return HttpTokenValidator(
+            access.validator_url, timeout=access.validator_timeout, ttl=access.validator_cache_ttl,
+            max_entries=access.validator_cache_size, clock=clock,
+        )
+    path = Path(access.tokens_file)
+    return FileTokenValidator.from_file(path if path.is_absolute() else CONFIG_DIR / path)
+
+
 def create_app(
     settings: Settings,
     *,
     backends: Mapping[str, Backend] | None = None,
     moderator: Moderator | None = None,
+    limiter: Limiter | None = None,
+    clock: Clock | None = None,
 ) -> web.Application:
-    """Wire the service; `backends` and `moderator` replace the configured ones (for embedding and tests)."""
+    """Wire the service; `backends`, `moderator` and `limiter` replace the configured ones (for
+    embedding and tests); `clock` drives queue intervals and token memoisation."""
     app = web.Application(middlewares=[edge_middleware])
     app[SETTINGS] = settings
     app[PARSER] = ParamsParser(settings.models, settings.generation.default_model, settings.server.max_prompt_length)
+    app_clock = clock or MonotonicClock()
+
+    async def access_ctx(app: web.Application) -> AsyncIterator[None]:
+        app[AUTHENTICATOR] = Authenticator(_token_validator(settings, app_clock), settings.access.referrers)
+        app[CLIENT_ADDRESS] = ClientAddress(settings.access.trusted_proxies)
+        app[LIMITER] = limiter if limiter is not None else MemoryLimiter(app_clock)
+        app[ENHANCER] = PromptEnhancer(settings.enhance)
+        app[TRANSFORM] = ReferrerTransform(settings.enhance)
+        app[FEED] = Feed(settings.feed)
+        yield
+        app[FEED].close()
+        await app[ENHANCER].close()
+        await app[LIMITER].close()
+        await app[AUTHENTICATOR].close()
+
+    async def close_feed(app: web.Application) -> None:
+        app[FEED].close()  # open streams would otherwise hold graceful shutdown for its whole timeout
 
     async def pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
         executor = app[EXECUTOR]
@@ -285,6 +394,8 @@ def create_app(
     app.cleanup_ctx.append(tracking_ctx)
     app.cleanup_ctx.append(executor_ctx)
     app.cleanup_ctx.append(pipeline_ctx)
+    app.cleanup_ctx.append(access_ctx)
+    app.on_shutdown.append(close_feed)
 
     app.router.add_get("/prompt", image_handler)
     app.router.add_get("/prompt/{prompt:.*}", image_handler)
@@ -295,4 +406,6 @@ def create_app(
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_post("/register", register_worker_handler)
     app.router.add_get("/register", list_workers_handler)
+    app.router.add_get("/feed", feed_handler)
+    app.router.add_get("/", page_handler)
     return app

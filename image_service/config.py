@@ -7,16 +7,17 @@ built, and an error names the offending key so an operator can fix it without re
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 CONFIG_DIR = Path(os.environ.get("IMAGE_SERVICE_CONFIG_DIR", Path(__file__).resolve().parent.parent / "config"))
-DEFAULT_FILES = ("defaults.toml", "models.toml")
+DEFAULT_FILES = ("defaults.toml", "models.toml", "tiers.toml", "access.toml")
 # The seed's variable names, honoured as they are (IMAGE_SERVICE_TRACKING__* still wins).
 SEED_ENV = {"TINYBIRD_API_URL": "api_url", "TINYBIRD_API_KEY": "api_key"}
 
@@ -159,6 +160,99 @@ class ReferenceSettings(_Section):
     max_bytes: int = Field(10 * 1024 * 1024, gt=0)
     timeout: float = Field(10.0, gt=0)
     max_redirects: int = Field(3, ge=0, le=10)
+# Tiers from least to most privileged; a model's `tier` is the least one that may use it.
+TIER_ORDER = ("anonymous", "seed", "flower", "nectar")
+
+
+class TierSettings(_Section):
+    """Per-client limits of one tier: at most `concurrency` generations at once, starts at least
+    `interval` seconds apart, and at most `queue_depth` requests held (running plus waiting)."""
+
+    concurrency: int = Field(ge=1, le=10_000)
+    interval: float = Field(ge=0, le=3600)
+    queue_depth: int = Field(ge=1, le=100_000)
+
+    @model_validator(mode="after")
+    def _depth_holds_the_running(self) -> TierSettings:
+        if self.queue_depth < self.concurrency:
+            raise ValueError(f"queue_depth {self.queue_depth} is below concurrency {self.concurrency}")
+        return self
+
+
+class TiersSettings(_Section):
+    anonymous: TierSettings = TierSettings(concurrency=1, interval=5.0, queue_depth=5)
+    seed: TierSettings = TierSettings(concurrency=3, interval=3.0, queue_depth=15)
+    flower: TierSettings = TierSettings(concurrency=6, interval=1.0, queue_depth=30)
+    nectar: TierSettings = TierSettings(concurrency=20, interval=0.0, queue_depth=100)
+
+    def limits(self, tier: str) -> TierSettings:
+        return getattr(self, tier) if tier in TIER_ORDER else self.anonymous
+
+
+class AccessSettings(_Section):
+    # Token file (relative paths are under the config directory): SHA-256 of a token → account.
+    tokens_file: str = "tokens.toml"
+    # When set, tokens are validated by this HTTP service instead of the file.
+    validator_url: str = ""
+    validator_timeout: float = Field(2.0, gt=0, le=60)
+    validator_cache_ttl: float = Field(300.0, ge=0)
+    validator_cache_size: int = Field(10_000, ge=1)
+    # Peers whose X-Forwarded-For is believed (addresses or CIDR networks).
+    trusted_proxies: tuple[str, ...] = ()
+    # Referrer domain (and its subdomains) → tier, for requests without a token.
+    referrers: dict[str, str] = {}
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or network") from None
+        return value
+
+    @field_validator("referrers")
+    @classmethod
+    def _referrer_tiers(cls, value: dict[str, str]) -> dict[str, str]:
+        for domain, tier in value.items():
+            if tier not in TIER_ORDER:
+                raise ValueError(f"referrer {domain!r} names unknown tier {tier!r} (tiers: {', '.join(TIER_ORDER)})")
+        return {domain.lower().strip("."): tier for domain, tier in value.items()}
+
+
+class EnhanceSettings(_Section):
+    # OpenAI-compatible server: POST {base_url}/v1/chat/completions. Empty = enhancement is off.
+    base_url: str = ""
+    model: str = ""
+    api_key: SecretStr = SecretStr("")
+    timeout: float = Field(5.0, gt=0, le=60)
+    system_prompt: str = (
+        "Rewrite the user's image prompt into one vivid, detailed image description. "
+        "Answer with the description only."
+    )
+    # Referrer domains whose prompts are rewritten with `transform_template` (was_transformed).
+    transform_referrers: tuple[str, ...] = ()
+    transform_template: str = "{prompt}"
+
+    @field_validator("transform_template")
+    @classmethod
+    def _has_prompt(cls, value: str) -> str:
+        if "{prompt}" not in value:
+            raise ValueError("must contain {prompt}")
+        return value
+
+
+class FeedSettings(_Section):
+    # Items replayed to a new subscriber.
+    replay: int = Field(20, ge=0, le=1000)
+    # Items buffered per subscriber; a subscriber that falls further behind is dropped.
+    subscriber_buffer: int = Field(64, ge=1, le=10_000)
+    max_subscribers: int = Field(1000, ge=1)
+    # Seconds between SSE comment lines that keep proxies from closing an idle stream.
+    heartbeat: float = Field(15.0, gt=0)
+    # Seconds one write to a subscriber may take before it is dropped.
+    write_timeout: float = Field(10.0, gt=0)
 
 
 class Settings(BaseSettings):
@@ -176,6 +270,10 @@ class Settings(BaseSettings):
     backends: dict[str, BackendSettings] = {"embedded": BackendSettings(type="embedded")}
     workers: WorkerSettings = WorkerSettings()
     references: ReferenceSettings = ReferenceSettings()
+    tiers: TiersSettings = TiersSettings()
+    access: AccessSettings = AccessSettings()
+    enhance: EnhanceSettings = EnhanceSettings()
+    feed: FeedSettings = FeedSettings()
 
     @model_validator(mode="after")
     def _default_model_exists(self) -> Settings:
@@ -195,6 +293,13 @@ class Settings(BaseSettings):
                         f"models.{name} names backend {backend!r}, which is not in backends "
                         f"({', '.join(sorted(self.backends))})"
                     )
+        return self
+
+    @model_validator(mode="after")
+    def _model_tiers_exist(self) -> Settings:
+        for name, spec in self.models.items():
+            if spec.tier not in TIER_ORDER:
+                raise ValueError(f"models.{name}.tier {spec.tier!r} is not one of {', '.join(TIER_ORDER)}")
         return self
 
     @classmethod

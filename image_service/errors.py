@@ -6,10 +6,15 @@
     │   ├── PromptTooLong             400 names the limit
     │   └── ReferenceRejected         400 an `image=` URL refused or not fetchable
     ├── Unauthorized                  401 credentials missing (worker registration)
-    ├── Forbidden                     403 credentials wrong or the feature is disabled
+    │   └── InvalidToken              401 a token was given and is not valid
+    ├── Forbidden                     403 credentials wrong, feature disabled, or tier too low
+    │   └── TierRequired              403 the model needs a higher tier
+    ├── TooManyRequests               429 the caller's queue is full; carries Retry-After
     ├── ContentBlocked                451 the moderation policy refused the request
     └── GenerationError               502 the backend failed or answered garbage
         ├── BackendUnavailable        503 no backend can take the request now
+        │   ├── AuthUnavailable       503 the token service did not answer
+        │   └── FeedFull              503 the live feed has no room for another subscriber
         └── GenerationTimeout         504 the backend did not answer in time
 
 Messages are written for the client: they never carry a stack trace, a path or a credential.
@@ -17,6 +22,7 @@ Messages are written for the client: they never carry a stack trace, a path or a
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -28,6 +34,10 @@ class ServiceError(Exception):
         super().__init__(message)
         self.message = message
         self.details = details
+
+    def headers(self) -> dict[str, str]:
+        """Extra response headers the edge middleware adds to the JSON error."""
+        return {}
 
 
 class BadRequest(ServiceError):
@@ -41,6 +51,48 @@ class UnknownModel(BadRequest):
 
 class PromptTooLong(BadRequest):
     code = "prompt_too_long"
+
+
+class ReferenceRejected(BadRequest):
+    """A reference image URL (`image=`) that is refused or cannot be fetched."""
+
+    code = "reference_rejected"
+
+
+class Unauthorized(ServiceError):
+    status = 401
+    code = "unauthorized"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
+
+class InvalidToken(Unauthorized):
+    code = "invalid_token"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer error="invalid_token"'}
+
+
+class Forbidden(ServiceError):
+    status = 403
+    code = "forbidden"
+
+
+class TierRequired(Forbidden):
+    code = "tier_required"
+
+
+class TooManyRequests(ServiceError):
+    status = 429
+    code = "too_many_requests"
+
+    def __init__(self, message: str, retry_after: float, **details: Any) -> None:
+        super().__init__(message, **details)
+        self.retry_after = max(1, math.ceil(retry_after))
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
 
 
 class ContentBlocked(ServiceError):
@@ -63,17 +115,9 @@ class GenerationTimeout(GenerationError):
     code = "generation_timeout"
 
 
-class ReferenceRejected(BadRequest):
-    """A reference image URL (`image=`) that is refused or cannot be fetched."""
-
-    code = "reference_rejected"
+class AuthUnavailable(BackendUnavailable):
+    code = "auth_unavailable"
 
 
-class Unauthorized(ServiceError):
-    status = 401
-    code = "unauthorized"
-
-
-class Forbidden(ServiceError):
-    status = 403
-    code = "forbidden"
+class FeedFull(BackendUnavailable):
+    code = "feed_full"

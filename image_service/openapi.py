@@ -48,8 +48,10 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
             {"name": "quality", "in": "query", "schema": {"type": "string", "enum": list(JPEG_QUALITY), "default": "medium"}},
             {"name": "image", "in": "query", "schema": {"type": "string"},
              "description": "Reference image URLs (http/https), separated by `|`."},
-            {"name": "referrer", "in": "query", "schema": {"type": "string"}},
-            {"name": "token", "in": "query", "schema": {"type": "string"}},
+            {"name": "referrer", "in": "query", "schema": {"type": "string"},
+             "description": "Referrer domain (else the Referer/Origin header); allow-listed domains get a tier."},
+            {"name": "token", "in": "query", "schema": {"type": "string"},
+             "description": "Access token; prefer the `Authorization: Bearer` header, which wins when both are sent."},
         ],
         "responses": {
             "200": {
@@ -58,7 +60,10 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                     "X-Request-Id", "X-Cache", "Cache-Control", "Content-Disposition")},
                 "content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}},
             },
-            "400": _ERROR, "451": _ERROR, "502": _ERROR, "503": _ERROR, "504": _ERROR,
+            "400": _ERROR, "401": _ERROR, "403": _ERROR,
+            "429": {**_ERROR, "description": "The client's queue is full; `queueInfo` in the body, `Retry-After` header",
+                    "headers": {"Retry-After": {"schema": {"type": "integer"}}}},
+            "451": _ERROR, "502": _ERROR, "503": _ERROR, "504": _ERROR,
         },
     }
     return {
@@ -87,6 +92,12 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                     "responses": {"200": {"description": "Registered"}, "400": _ERROR, "401": _ERROR, "403": _ERROR},
                 },
             },
+            "/feed": {"get": {"summary": "Live feed of public generations (Server-Sent Events)", "responses": {
+                "200": {"description": "`data: {json}` events (the recent items first), `:` heartbeat comments",
+                        "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                "503": _ERROR}}},
+            "/": {"get": {"summary": "A page to try the service and watch the feed", "responses": {
+                "200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}}}},
         },
         "components": {"schemas": {"Error": {
             "type": "object",

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
 import structlog
@@ -35,6 +37,11 @@ class Outcome:
     cache_status: CacheStatus
 
 
+# Wraps a production: may wait for a queue slot, and yields the params to generate with (e.g. an
+# enhanced prompt). Runs only on a cache miss, once per single-flight production.
+Prepare = Callable[[ImageParams], AbstractAsyncContextManager[ImageParams]]
+
+
 class Pipeline:
     """Produces the served image for validated parameters; raises ServiceError subclasses."""
 
@@ -44,14 +51,14 @@ class Pipeline:
         self._moderator = moderator
         self._executor = executor
 
-    async def run(self, params: ImageParams, key: str | None = None) -> Outcome:
+    async def run(self, params: ImageParams, key: str | None = None, prepare: Prepare | None = None) -> Outcome:
         """`key` is `params.cache_key()`, passed in when the caller already has it."""
         key = key or params.cache_key()
         cached = await self._lookup(key)
         if cached is not None:
             self._bind_generation_facts(cached, cost=0.0)
             return Outcome(cached, CacheStatus.HIT)
-        image, status = await self._cache.produce_once(key, lambda: self._produce(params, key))
+        image, status = await self._cache.produce_once(key, lambda: self._prepared(params, key, prepare))
         # Only the request that caused the generation pays for it; hits and shared waits cost nothing.
         cost = self._generator.cost_of(params.model) if status is CacheStatus.MISS else 0.0
         self._bind_generation_facts(image, cost)
@@ -72,9 +79,15 @@ class Pipeline:
         log.info("cache.lookup", stage="cache", cache_status=outcome.value, duration_ms=_ms_since(start))
         return cached
 
-    async def _produce(self, params: ImageParams, key: str) -> CachedImage:
+    async def _prepared(self, params: ImageParams, key: str, prepare: Prepare | None) -> CachedImage:
+        if prepare is None:
+            return await self._produce(params, key)
+        async with prepare(params) as generation_params:
+            return await self._produce(params, key, generation_params)
+
+    async def _produce(self, params: ImageParams, key: str, generation_params: ImageParams | None = None) -> CachedImage:
         start = time.perf_counter()
-        generated = await self._generate(params)
+        generated = await self._generate(generation_params or params)
         generation_ms = _ms_since(start)
         verdict = await self._moderate(generated, params)
         body = await asyncio.get_running_loop().run_in_executor(

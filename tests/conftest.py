@@ -47,7 +47,13 @@ class CountingBackend:
         return None
 
 
+# Tests of other features run with an unthrottled anonymous tier (the shipped one spaces an anonymous
+# client's generations 5 s apart); the access tests pass their own `tiers`.
+UNTHROTTLED = {"concurrency": 64, "interval": 0.0, "queue_depth": 1024}
+
+
 def make_settings(**sections: Any) -> Settings:
+    sections.setdefault("tiers", {"anonymous": UNTHROTTLED})
     return load_settings(overrides=sections)
 
 

@@ -67,3 +67,41 @@ def test_env_example_documents_every_setting() -> None:
     for section in ("server", "generation", "cache"):
         for key in type(getattr(settings, section)).model_fields:
             assert f"IMAGE_SERVICE_{section.upper()}__{key.upper()}" in example
+
+
+def test_env_example_documents_access_tiers_enhance_and_feed_settings() -> None:
+    """Every key of the access, enhance and feed sections and of every tier has its variable."""
+    example = (Path(__file__).parent.parent / "config" / ".env.example").read_text()
+    settings = load_settings()
+    for section in ("access", "enhance", "feed"):
+        for key in type(getattr(settings, section)).model_fields:
+            assert f"IMAGE_SERVICE_{section.upper()}__{key.upper()}=" in example
+    for tier in type(settings.tiers).model_fields:
+        for key in type(getattr(settings.tiers, tier)).model_fields:
+            assert f"IMAGE_SERVICE_TIERS__{tier.upper()}__{key.upper()}=" in example
+
+
+def test_environment_sets_trusted_proxies_and_referrers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMAGE_SERVICE_ACCESS__TRUSTED_PROXIES", '["10.0.0.0/8"]')
+    monkeypatch.setenv("IMAGE_SERVICE_ACCESS__REFERRERS", '{"Partner.Example": "seed"}')
+    settings = load_settings()
+    assert settings.access.trusted_proxies == ("10.0.0.0/8",)
+    assert settings.access.referrers == {"partner.example": "seed"}
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"IMAGE_SERVICE_ACCESS__TRUSTED_PROXIES": '["not-an-ip"]'}, "access.trusted_proxies"),
+        ({"IMAGE_SERVICE_ACCESS__REFERRERS": '{"a.example": "gold"}'}, "access.referrers"),
+        ({"IMAGE_SERVICE_TIERS__SEED__QUEUE_DEPTH": "1"}, "tiers.seed"),
+        ({"IMAGE_SERVICE_ENHANCE__TRANSFORM_TEMPLATE": "no placeholder"}, "enhance.transform_template"),
+    ],
+)
+def test_invalid_access_values_fail_naming_the_key(
+    env: dict[str, str], named: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_settings()

@@ -1,0 +1,157 @@
+"""The live feed: what is published, replay, live delivery, heartbeats, and slow consumers."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from image_service.app import FEED
+from image_service.config import FeedSettings, load_settings
+from image_service.feed import Feed, feed_item
+from image_service.identity import token_digest
+from image_service.moderation import Verdict
+from image_service.params import parse_params
+
+from .conftest import ClientFactory, make_settings
+
+SETTINGS = load_settings()
+TOKEN = "tok-seed-feedtest"
+
+
+def params(query: dict[str, str] | None = None, prompt: str = "a red fox") -> Any:
+    return parse_params(prompt, query or {}, SETTINGS.models, "procedural", 2000)
+
+
+class TestFeedItem:
+    @pytest.mark.parametrize("query", [{"private": "true"}, {"nofeed": "true"}])
+    def test_private_and_nofeed_are_never_published(self, query: dict[str, str]) -> None:
+        assert feed_item(params(query), Verdict().to_dict()) is None
+
+    @pytest.mark.parametrize("verdict", [Verdict(is_mature=True), Verdict(is_child=True)])
+    def test_flagged_images_are_never_published(self, verdict: Verdict) -> None:
+        assert feed_item(params(), verdict.to_dict()) is None
+
+    def test_public_item_links_to_the_same_image(self) -> None:
+        item = feed_item(params({"width": "64", "height": "48", "seed": "9", "nologo": "true"}), {})
+        assert item is not None and item["prompt"] == "a red fox"
+        assert item["imageURL"] == "/prompt/a%20red%20fox?model=procedural&width=64&height=48&seed=9&nologo=true"
+
+
+class TestFeedBuffers:
+    def test_slow_subscriber_is_dropped_with_bounded_buffers(self) -> None:
+        """A subscriber that never reads holds at most its buffer; then it is dropped, not grown."""
+        feed = Feed(FeedSettings(replay=5, subscriber_buffer=8))
+        slow = feed.subscribe()
+        for index in range(10_000):
+            feed.publish({"prompt": f"p{index}" * 50})
+            assert slow.buffered <= 8
+        assert slow.dropped and feed.subscribers == 0 and feed.dropped == 1
+        assert len(feed.recent) == 5 and feed.recent[-1]["prompt"].startswith("p9999")
+
+    async def test_new_subscriber_gets_the_last_items_in_order(self) -> None:
+        feed = Feed(FeedSettings(replay=3))
+        for index in range(5):
+            feed.publish({"n": index})
+        subscription = feed.subscribe()
+        assert [(await subscription.next(0.1) or {}).get("n") for _ in range(4)] == [2, 3, 4, None]
+
+    def test_too_many_subscribers_is_refused(self) -> None:
+        from image_service.errors import FeedFull
+
+        feed = Feed(FeedSettings(max_subscribers=2))
+        feed.subscribe(), feed.subscribe()
+        with pytest.raises(FeedFull):
+            feed.subscribe()
+
+
+async def read_events(response: Any, count: int, timeout: float = 5) -> list[dict[str, Any]]:
+    """The next `count` data events of an SSE stream (comment lines skipped)."""
+    events: list[dict[str, Any]] = []
+    async with asyncio.timeout(timeout):
+        while len(events) < count:
+            line = (await response.content.readline()).decode()
+            if line.startswith("data: "):
+                events.append(orjson.loads(line[len("data: "):]))
+    return events
+
+
+@pytest.fixture
+async def feed_client(make_client: ClientFactory, tmp_path: Path) -> Any:
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(f'[tokens]\n"{token_digest(TOKEN)}" = {{ user_id = "u-7", username = "zoe", tier = "seed" }}\n')
+    return await make_client(make_settings(feed={"replay": 2}, access={"tokens_file": str(tokens)}))
+
+
+class TestFeedStream:
+    async def test_replays_the_last_items_then_streams_live_ones(self, feed_client: Any) -> None:
+        for index in range(3):
+            assert (await feed_client.get(f"/prompt/old{index}?width=32&height=32")).status == 200
+        response = await feed_client.get("/feed")
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        assert [e["prompt"] for e in await read_events(response, 2)] == ["old1", "old2"]
+        await feed_client.get("/prompt/fresh?width=32&height=32")
+        (live,) = await read_events(response, 1)
+        assert live["prompt"] == "fresh" and (live["width"], live["height"]) == (32, 32)
+        response.close()
+
+    async def test_only_public_generations_reach_the_feed(self, feed_client: Any) -> None:
+        """Private, nofeed and cache hits publish nothing; no token, address or referrer leaks."""
+        response = await feed_client.get("/feed")
+        await feed_client.get("/prompt/secret%20plan?width=32&height=32&private=true")
+        await feed_client.get("/prompt/quiet?width=32&height=32&nofeed=true")
+        await feed_client.get(
+            f"/prompt/public?width=32&height=32&token={TOKEN}&referrer=site.example",
+            headers={"X-Forwarded-For": "198.51.100.77"})
+        await feed_client.get(f"/prompt/public?width=32&height=32&token={TOKEN}")  # a hit: not again
+        await feed_client.get("/prompt/last?width=32&height=32")
+        events = await read_events(response, 2)
+        assert [e["prompt"] for e in events] == ["public", "last"]
+        text = repr(events)
+        for secret in (TOKEN, "127.0.0.1", "198.51.100.77", "site.example", "u-7", "zoe", "secret", "quiet"):
+            assert secret not in text
+        response.close()
+
+    async def test_idle_stream_carries_heartbeats(self, make_client: ClientFactory) -> None:
+        client = await make_client(make_settings(feed={"heartbeat": 0.05}))
+        response = await client.get("/feed")
+        async with asyncio.timeout(5):
+            assert (await response.content.readline()).startswith(b":")
+        response.close()
+
+    async def test_slow_reader_is_disconnected_and_memory_stays_bounded(self, make_client: ClientFactory) -> None:
+        """A client that stops reading is dropped once its buffer fills; the feed keeps no backlog for it."""
+        client = await make_client(make_settings(feed={"subscriber_buffer": 16, "write_timeout": 0.5}))
+        feed = client.app[FEED]
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(sock, (client.host, client.port))
+        await loop.sock_sendall(sock, b"GET /feed HTTP/1.1\r\nHost: x\r\n\r\n")
+        try:
+            async with asyncio.timeout(10):
+                while feed.subscribers == 0:
+                    await asyncio.sleep(0.01)
+                big = "x" * 1500
+                index = 0
+                while feed.subscribers:
+                    feed.publish({"prompt": big, "n": index})
+                    index += 1
+                    if index % 50 == 0:
+                        await asyncio.sleep(0.01)
+        finally:
+            sock.close()
+        assert feed.dropped == 1 and len(feed.recent) <= 20
+
+    async def test_shutdown_ends_open_streams(self, make_client: ClientFactory) -> None:
+        """An open feed does not hold graceful shutdown for its whole timeout."""
+        client = await make_client()
+        response = await client.get("/feed")
+        client.app[FEED].close()
+        async with asyncio.timeout(5):
+            assert await response.content.read() == b""

@@ -1,0 +1,248 @@
+"""Tiers and queues: caps, intervals, depth, 429s, idle clean-up, the model gate and trusted proxies."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from image_service.config import TierSettings
+from image_service.errors import TooManyRequests
+from image_service.identity import token_digest
+from image_service.queues import ManualClock, MemoryLimiter
+
+from .conftest import ClientFactory, CountingBackend, make_settings
+from .test_pipeline_events import capture_logs
+
+
+def limits(concurrency: int, interval: float, depth: int) -> TierSettings:
+    return TierSettings(concurrency=concurrency, interval=interval, queue_depth=depth)
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+class TestMemoryLimiter:
+    async def test_concurrency_cap_holds_the_next_request_until_a_release(self) -> None:
+        limiter = MemoryLimiter(ManualClock())
+        tier = limits(2, 0, 5)
+        await limiter.acquire("a", "seed", tier)
+        await limiter.acquire("a", "seed", tier)
+        third = asyncio.ensure_future(limiter.acquire("a", "seed", tier))
+        await settle()
+        assert not third.done()
+        await limiter.release("a")
+        await settle()
+        assert third.done()
+
+    async def test_interval_spaces_starts_on_the_clock(self) -> None:
+        """With a free slot, the next start still waits for the interval; nothing sleeps for real."""
+        clock = ManualClock()
+        limiter = MemoryLimiter(clock)
+        tier = limits(3, 10.0, 5)
+        await limiter.acquire("a", "seed", tier)
+        second = asyncio.ensure_future(limiter.acquire("a", "seed", tier))
+        await clock.advance(9.9)
+        assert not second.done()
+        await clock.advance(0.1)
+        assert second.done()
+
+    async def test_clients_do_not_wait_for_each_other(self) -> None:
+        limiter = MemoryLimiter(ManualClock())
+        tier = limits(1, 60.0, 1)
+        await limiter.acquire("a", "anonymous", tier)
+        await asyncio.wait_for(limiter.acquire("b", "anonymous", tier), 1)
+
+    async def test_waiters_are_served_in_arrival_order(self) -> None:
+        clock = ManualClock()
+        limiter = MemoryLimiter(clock)
+        tier = limits(1, 0, 10)
+        order: list[int] = []
+        await limiter.acquire("a", "seed", tier)
+
+        async def take(index: int) -> None:
+            await limiter.acquire("a", "seed", tier)
+            order.append(index)
+
+        tasks = [asyncio.ensure_future(take(i)) for i in range(4)]
+        await settle()
+        for _ in range(4):
+            await limiter.release("a")
+            await settle()
+        await asyncio.gather(*tasks)
+        assert order == [0, 1, 2, 3]
+
+    async def test_full_queue_refuses_with_retry_after_and_queue_info(self) -> None:
+        clock = ManualClock()
+        limiter = MemoryLimiter(clock)
+        tier = limits(1, 5.0, 2)
+        await limiter.acquire("a", "anonymous", tier)
+        waiting = asyncio.ensure_future(limiter.acquire("a", "anonymous", tier))
+        await settle()
+        with pytest.raises(TooManyRequests) as refused:
+            await limiter.acquire("a", "anonymous", tier)
+        assert refused.value.retry_after >= 5
+        assert refused.value.headers() == {"Retry-After": str(refused.value.retry_after)}
+        info = refused.value.details["queueInfo"]
+        assert (info["running"], info["queued"], info["queueDepth"], info["tier"]) == (1, 1, 2, "anonymous")
+        waiting.cancel()
+
+    async def test_cancelled_waiter_leaves_the_queue(self) -> None:
+        """A client that gives up frees its place: the queue is not full any more."""
+        limiter = MemoryLimiter(ManualClock())
+        tier = limits(1, 0, 2)
+        await limiter.acquire("a", "seed", tier)
+        waiting = asyncio.ensure_future(limiter.acquire("a", "seed", tier))
+        await settle()
+        waiting.cancel()
+        await settle()
+        again = asyncio.ensure_future(limiter.acquire("a", "seed", tier))
+        await settle()
+        await limiter.release("a")
+        await settle()
+        assert again.done() and again.exception() is None
+
+    async def test_idle_queues_are_forgotten(self) -> None:
+        """Thousands of one-off clients leave no state behind once their interval has passed."""
+        clock = ManualClock()
+        limiter = MemoryLimiter(clock)
+        tier = limits(1, 5.0, 5)
+        for index in range(5000):
+            await limiter.acquire(f"client-{index}", "anonymous", tier)
+            await limiter.release(f"client-{index}")
+        assert limiter.tracked_keys == 5000  # each interval is still running: it must be remembered
+        await clock.advance(5)
+        await limiter.acquire("late", "anonymous", limits(1, 0, 5))
+        await limiter.release("late")
+        assert limiter.tracked_keys == 0
+
+
+TOKEN = "tok-flower-abcdef"
+SLOW = "/prompt/slow?width=32&height=32"
+
+
+def tiers(**anonymous: Any) -> dict[str, Any]:
+    return {"anonymous": {"concurrency": 1, "interval": 0.0, "queue_depth": 1, **anonymous}}
+
+
+class TestHttpQueues:
+    async def test_full_queue_is_429_json_with_retry_after(
+        self, make_client: ClientFactory, backend: CountingBackend
+    ) -> None:
+        """While a client's generation runs, its next one is refused with queueInfo, and the refusal is logged."""
+        client = await make_client(make_settings(tiers=tiers(interval=3.0)), backends={"embedded": backend})
+        backend.gate.clear()
+        first = asyncio.ensure_future(client.get(SLOW))
+        while backend.calls == 0:
+            await asyncio.sleep(0.01)
+        with capture_logs() as logs:
+            response = await client.get("/prompt/other?width=32&height=32")
+            body = await response.json()
+        assert response.status == 429 and body["error"] == "too_many_requests"
+        assert int(response.headers["Retry-After"]) >= 3
+        assert body["queueInfo"]["queueDepth"] == 1 and body["queueInfo"]["running"] == 1
+        assert {"requestId", "requestParameters", "message"} <= body.keys()
+        (event,) = [e for e in logs if e["event"] == "request.completed"]
+        assert (event["status"], event["error"], event["tier"]) == (429, "too_many_requests", "anonymous")
+        backend.gate.set()
+        assert (await first).status == 200
+
+    async def test_cache_hits_and_shared_generations_are_not_queued(
+        self, make_client: ClientFactory, backend: CountingBackend
+    ) -> None:
+        """Only generations take a slot: a hit or a request joining an identical one is served."""
+        client = await make_client(make_settings(tiers=tiers()), backends={"embedded": backend})
+        backend.gate.clear()
+        requests = [asyncio.ensure_future(client.get(SLOW)) for _ in range(3)]
+        while backend.calls == 0:
+            await asyncio.sleep(0.01)
+        backend.gate.set()
+        assert [r.status for r in await asyncio.gather(*requests)] == [200] * 3
+        assert (await client.get(SLOW)).status == 200
+
+    async def test_interval_delays_the_next_generation(
+        self, make_client: ClientFactory, backend: CountingBackend
+    ) -> None:
+        """An anonymous client's second image waits for the interval on the app's clock."""
+        clock = ManualClock()
+        client = await make_client(
+            make_settings(tiers=tiers(interval=30.0, queue_depth=3)), backends={"embedded": backend}, clock=clock)
+        assert (await client.get("/prompt/one?width=32&height=32")).status == 200
+        second = asyncio.ensure_future(client.get("/prompt/two?width=32&height=32"))
+        await asyncio.sleep(0.2)
+        assert not second.done() and backend.calls == 1
+        await clock.advance(30)
+        assert (await asyncio.wait_for(second, 5)).status == 200
+
+    async def test_tokens_get_their_own_queue_and_tier(
+        self, make_client: ClientFactory, backend: CountingBackend, tmp_path: Path
+    ) -> None:
+        """A paying user is not queued behind the anonymous limits of the address it shares."""
+        tokens = tmp_path / "tokens.toml"
+        tokens.write_text(f'[tokens]\n"{token_digest(TOKEN)}" = {{ user_id = "u-1", username = "a", tier = "flower" }}\n')
+        flower = {"concurrency": 6, "interval": 0.0, "queue_depth": 30}
+        settings = make_settings(tiers={**tiers(), "flower": flower}, access={"tokens_file": str(tokens)})
+        client = await make_client(settings, backends={"embedded": backend})
+        backend.gate.clear()
+        first = asyncio.ensure_future(client.get(SLOW))
+        while backend.calls == 0:
+            await asyncio.sleep(0.01)
+        paid = [asyncio.ensure_future(client.get(f"/prompt/paid{i}?width=32&height=32&token={TOKEN}")) for i in range(3)]
+        while backend.calls < 4:
+            await asyncio.sleep(0.01)
+        backend.gate.set()
+        assert [r.status for r in await asyncio.gather(first, *paid)] == [200] * 4
+
+    async def test_spoofed_forwarded_for_from_untrusted_peer_shares_the_queue(
+        self, make_client: ClientFactory, backend: CountingBackend
+    ) -> None:
+        """Rotating X-Forwarded-For does not buy a fresh queue unless the peer is a trusted proxy."""
+        for trusted, expected in (((), 429), (("127.0.0.1",), 200)):
+            backend = CountingBackend()
+            settings = make_settings(tiers=tiers(), access={"trusted_proxies": list(trusted)})
+            client = await make_client(settings, backends={"embedded": backend})
+            backend.gate.clear()
+            first = asyncio.ensure_future(client.get(SLOW, headers={"X-Forwarded-For": "198.51.100.1"}))
+            while backend.calls == 0:
+                await asyncio.sleep(0.01)
+            second = asyncio.ensure_future(
+                client.get("/prompt/b?width=32&height=32", headers={"X-Forwarded-For": "198.51.100.2"}))
+            await asyncio.sleep(0.1)
+            backend.gate.set()
+            assert (await first).status == 200
+            assert (await second).status == expected
+
+
+class TestModelGate:
+    @pytest.fixture
+    async def gated(self, make_client: ClientFactory, tmp_path: Path) -> Any:
+        tokens = tmp_path / "tokens.toml"
+        tokens.write_text(f'[tokens]\n"{token_digest(TOKEN)}" = {{ user_id = "u-1", username = "a", tier = "flower" }}\n')
+        settings = make_settings(
+            access={"tokens_file": str(tokens)},
+            models={"premium": {"backend": "embedded", "tier": "flower", "max_side": 512, "default_side": 256}},
+        )
+        return await make_client(settings)
+
+    async def test_model_above_the_tier_is_403(self, gated: Any) -> None:
+        response = await gated.get("/prompt/fox?model=premium&width=32&height=32")
+        body = await response.json()
+        assert response.status == 403 and body["error"] == "tier_required"
+        assert (body["requiredTier"], body["tier"]) == ("flower", "anonymous")
+
+    async def test_cache_hit_still_passes_the_gate(self, gated: Any) -> None:
+        """An image a flower user generated is not handed to an anonymous client from the cache."""
+        url = "/prompt/fox?model=premium&width=32&height=32"
+        assert (await gated.get(url, headers={"Authorization": f"Bearer {TOKEN}"})).status == 200
+        assert (await gated.get(url, headers={"Authorization": f"Bearer {TOKEN}"})).headers["X-Cache"] == "HIT"
+        assert (await gated.get(url)).status == 403
+
+    async def test_unknown_model_tier_is_a_configuration_error(self) -> None:
+        from image_service.config import ConfigError
+
+        with pytest.raises(ConfigError, match="models.procedural.tier"):
+            make_settings(models={"procedural": {"backend": "embedded", "tier": "gold"}})
