@@ -22,7 +22,7 @@ from .cache import ImageCache, build_store
 from .config import Settings
 from .errors import ServiceError
 from .generation import Backend, Generator, build_backends
-from .moderation import Moderator, PassThroughModerator
+from .moderation import ContentPolicy, Moderator, load_moderator
 from .openapi import openapi_document
 from .params import ImageParams, parse_params
 from .pipeline import Pipeline
@@ -110,6 +110,7 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
     except ServiceError as exc:
         error = exc.code
         response = error_response(request, exc.status, exc.code, exc.message, **exc.details)
+        response.headers.update(exc.headers())
     except web.HTTPException as exc:
         error = "http_error"
         response = _http_error(request, exc)
@@ -143,7 +144,7 @@ async def image_handler(request: web.Request) -> web.Response:
         enhance=params.enhance, safe=params.safe,
     )
     log.info("request.received", stage="request", duration_ms=round((time.perf_counter() - start) * 1000, 3))
-    outcome = await request.app[PIPELINE].run(params)
+    outcome = await request.app[PIPELINE].run(params, client=request.remote)
     structlog.contextvars.bind_contextvars(cache_status=outcome.cache_status.value)
     filename = "image.jpg" if params.private else f"{params.slug()}.jpg"
     return web.Response(
@@ -215,19 +216,25 @@ def create_app(
     app = web.Application(middlewares=[edge_middleware])
     app[SETTINGS] = settings
 
+    async def moderator_ctx(app: web.Application) -> AsyncIterator[None]:
+        """Load the models once, with a warm-up; a missing model file stops start-up with its name."""
+        app[MODERATOR] = moderator if moderator is not None else await load_moderator(settings.moderation, app[EXECUTOR])
+        yield
+        await app[MODERATOR].close()
+
     async def pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
         executor = app[EXECUTOR]
         cache = ImageCache(build_store(settings.cache), settings.cache.ttl)
         generator = Generator(settings, backends if backends is not None else build_backends(settings, executor))
         app[CACHE], app[GENERATOR] = cache, generator
-        app[MODERATOR] = moderator if moderator is not None else PassThroughModerator()
-        app[PIPELINE] = Pipeline(cache, generator, app[MODERATOR], executor)
+        content_policy = ContentPolicy.from_settings(settings.moderation)
+        app[PIPELINE] = Pipeline(cache, generator, app[MODERATOR], executor, content_policy)
         yield
         await generator.close()
-        await app[MODERATOR].close()
         await cache.close()
 
     app.cleanup_ctx.append(executor_ctx)
+    app.cleanup_ctx.append(moderator_ctx)
     app.cleanup_ctx.append(pipeline_ctx)
 
     app.router.add_get("/prompt", image_handler)

@@ -4,7 +4,8 @@
     ├── BadRequest                    400 input the client can fix
     │   ├── UnknownModel              400 names the valid models
     │   └── PromptTooLong             400 names the limit
-    ├── ContentBlocked                451 the moderation policy refused the request
+    ├── ContentBlocked                451 the moderation policy refused the request (body names the reason)
+    ├── ClientBlocked                 429 too many refusals from this client; Retry-After says when to retry
     └── GenerationError               502 the backend failed or answered garbage
         ├── BackendUnavailable        503 no backend can take the request now
         └── GenerationTimeout         504 the backend did not answer in time
@@ -26,6 +27,10 @@ class ServiceError(Exception):
         self.message = message
         self.details = details
 
+    def headers(self) -> dict[str, str]:
+        """Extra response headers the error implies."""
+        return {}
+
 
 class BadRequest(ServiceError):
     status = 400
@@ -43,6 +48,18 @@ class PromptTooLong(BadRequest):
 class ContentBlocked(ServiceError):
     status = 451
     code = "content_blocked"
+
+
+class ClientBlocked(ServiceError):
+    status = 429
+    code = "client_blocked"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message, retryAfter=retry_after)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
 
 
 class GenerationError(ServiceError):

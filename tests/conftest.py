@@ -45,8 +45,13 @@ class CountingBackend:
         return None
 
 
+# Tests of unrelated features use the pass-through image moderator (prompt checks and policy still
+# apply); the moderation tests load the real models once per session and inject them.
+TEST_DEFAULTS: dict[str, Any] = {"moderation": {"image": "none"}}
+
+
 def make_settings(**sections: Any) -> Settings:
-    return load_settings(overrides=sections)
+    return load_settings(overrides={**TEST_DEFAULTS, **sections})
 
 
 @pytest.fixture
