@@ -14,6 +14,7 @@ from image_service.app import EXECUTOR, create_app
 from image_service.config import Settings, load_settings
 from image_service.generation import GeneratedImage
 from image_service.generation.embedded import render
+from image_service.moderation import Classifiers, load_classifiers
 from image_service.params import ImageParams
 
 ClientFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
@@ -75,6 +76,12 @@ async def client(make_client: ClientFactory) -> TestClient[web.Request, web.Appl
 @pytest.fixture
 def backend() -> CountingBackend:
     return CountingBackend()
+
+
+@pytest.fixture(scope="session")
+def classifiers() -> Classifiers:
+    """The real NudeNet and age models, loaded and warmed up once for the whole run."""
+    return load_classifiers(load_settings().moderation)
 
 
 __all__ = ["EXECUTOR", "ClientFactory", "CountingBackend", "make_settings"]
