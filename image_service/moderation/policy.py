@@ -141,10 +141,11 @@ class ViolationTracker:
         now = self._clock()
         score, updated, blocked_until = self._clients.pop(client, (0.0, now, 0.0))
         score = self._decayed(score, updated, now) + 1.0
-        starts = score >= self._threshold and blocked_until <= now
+        # Within 1%: violations in quick succession have decayed a hair and must still add up.
+        starts = (score >= self._threshold or math.isclose(score, self._threshold, rel_tol=0.01)) and blocked_until <= now
         if starts:
             # Blocked until the score has decayed to half the threshold.
-            blocked_until = now + self._half_life * math.log2(score / (self._threshold / 2))
+            blocked_until = now + self._half_life * math.log2(max(score, self._threshold) / (self._threshold / 2))
         self._clients[client] = (score, now, blocked_until)
         while len(self._clients) > self._max_clients:
             self._clients.popitem(last=False)
