@@ -7,6 +7,8 @@ errors into JSON, adds CORS and tracing headers, and emits the terminal `request
 from __future__ import annotations
 
 import os
+import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -197,13 +199,33 @@ async def openapi_handler(request: web.Request) -> web.Response:
     return json_response(openapi_document(request.app[SETTINGS]))
 
 
+# With every core busy in the pool, the event loop must still get a core and the GIL within a
+# millisecond or two: workers run at a lower OS priority, and the GIL is handed over every 1 ms
+# instead of CPython's 5 ms (measured in BENCHMARKS.md, "Moderation").
+WORKER_NICE = 10
+GIL_SWITCH_INTERVAL = 0.001
+
+
+def _lower_thread_priority() -> None:
+    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICE)
+
+
+def cpu_executor(workers: int) -> ThreadPoolExecutor:
+    """The CPU pool; on Linux, where nice values are per thread, its threads yield to the event loop."""
+    initializer = _lower_thread_priority if sys.platform == "linux" else None
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="image-cpu", initializer=initializer)
+
+
 async def executor_ctx(app: web.Application) -> AsyncIterator[None]:
     """One thread pool, sized to the cores, for every piece of CPU work (render, encode, moderate)."""
     workers = app[SETTINGS].server.cpu_workers or os.cpu_count() or 1
-    executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="image-cpu")
+    executor = cpu_executor(workers)
     app[EXECUTOR] = executor
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     yield
     executor.shutdown(wait=True, cancel_futures=True)
+    sys.setswitchinterval(switch_interval)
 
 
 def create_app(
