@@ -43,7 +43,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
             _bool_param("enhance", "Rewrite the prompt with a text model."),
             _bool_param("private", "Keep the prompt out of logs, telemetry and EXIF; implies nofeed."),
             _bool_param("nofeed", "Keep the image out of the public feed."),
-            _bool_param("safe", "Refuse mature images."),
+            _bool_param("safe", "Refuse mature images (451), and sexual prompts before generation."),
             {"name": "negative_prompt", "in": "query", "schema": {"type": "string", "default": DEFAULT_NEGATIVE_PROMPT}},
             {"name": "quality", "in": "query", "schema": {"type": "string", "enum": list(JPEG_QUALITY), "default": "medium"}},
             {"name": "image", "in": "query", "schema": {"type": "string"},
@@ -58,7 +58,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                     "X-Request-Id", "X-Cache", "Cache-Control", "Content-Disposition")},
                 "content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}},
             },
-            "400": _ERROR, "451": _ERROR, "502": _ERROR, "503": _ERROR, "504": _ERROR,
+            "400": _ERROR, "429": _ERROR, "451": _ERROR, "502": _ERROR, "503": _ERROR, "504": _ERROR,
         },
     }
     return {
