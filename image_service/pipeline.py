@@ -15,6 +15,7 @@ import asyncio
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from typing import NoReturn
 
 import structlog
 
@@ -157,7 +158,7 @@ class Pipeline:
             )
         return outcome
 
-    def _refuse(self, refusal: Refusal, verdict: Verdict, client_id: str | None, cache_status: str | None) -> None:
+    def _refuse(self, refusal: Refusal, verdict: Verdict, client_id: str | None, cache_status: str | None) -> NoReturn:
         structlog.contextvars.bind_contextvars(is_mature=verdict.is_mature, is_child=verdict.is_child)
         log.warning(
             "content.flagged", stage="moderation", action="refused", reason=refusal.reason.value,

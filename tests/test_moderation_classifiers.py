@@ -82,8 +82,8 @@ class TestEventLoop:
     async def test_loop_stays_responsive_while_20_moderations_run(self, classifiers: Classifiers) -> None:
         """Inference runs in the pool: a 1 ms ticker keeps ticking while 20 images are classified.
 
-        Inline inference would stall the loop for the whole batch (~20 × 30 ms); the bound here is
-        generous on purpose, the real figure is in BENCHMARKS.md.
+        Inline inference would stall the loop for the whole batch (~20 × 30 ms); the bounds here are
+        generous on purpose (the machine may be busy), the real figure is in BENCHMARKS.md.
         """
         workers = min(2, os.cpu_count() or 1)
         with ThreadPoolExecutor(max_workers=workers) as executor:
@@ -105,7 +105,10 @@ class TestEventLoop:
             done.set()
             await tick
         assert all(not v.is_child and v.duration_ms > 0 for v in verdicts)
-        assert len(lags) > 10 and max(lags) < 0.2 and statistics.median(lags) < 0.02, (max(lags), elapsed)
+        # Robust to a busy machine: inline inference would give a handful of ~0.5 s gaps instead.
+        lags.sort()
+        p90 = lags[int(len(lags) * 0.9)]
+        assert len(lags) >= 50 and statistics.median(lags) < 0.02 and p90 < 0.1, (statistics.median(lags), p90, elapsed)
 
 
 class TestStartup:

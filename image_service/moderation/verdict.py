@@ -66,17 +66,15 @@ class Verdict:
         """
         if not prompt.labels:
             return self
-        minor_score = max(self.minor_score, 1.0 if prompt.minor else 0.0)
-        verdict = Verdict.scored(
+        return Verdict.scored(
             sexual_score=self.category_scores.get(SEXUAL, 0.0),
-            minor_score=minor_score,
+            minor_score=max(self.minor_score, 1.0 if prompt.minor else 0.0),
             is_mature=self.is_mature,
             is_child=self.is_child or prompt.minor,
             labels=self.labels + prompt.labels,
             models=self.models,
             duration_ms=self.duration_ms,
         )
-        return verdict
 
     def timed(self, duration_ms: float) -> Verdict:
         return replace(self, duration_ms=round(duration_ms, 3))
