@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 CONFIG_DIR = Path(os.environ.get("IMAGE_SERVICE_CONFIG_DIR", Path(__file__).resolve().parent.parent / "config"))
-DEFAULT_FILES = ("defaults.toml", "models.toml", "tiers.toml", "access.toml")
+DEFAULT_FILES = ("defaults.toml", "models.toml", "tiers.toml", "access.toml", "moderation.toml")
 # The seed's variable names, honoured as they are (IMAGE_SERVICE_TRACKING__* still wins).
 SEED_ENV = {"TINYBIRD_API_URL": "api_url", "TINYBIRD_API_KEY": "api_key"}
 
@@ -255,6 +255,57 @@ class FeedSettings(_Section):
     write_timeout: float = Field(10.0, gt=0)
 
 
+# NudeNet classes whose detection can make an image mature (see config/moderation.toml).
+NUDENET_CLASSES = frozenset({
+    "female_genitalia_covered", "female_genitalia_exposed", "female_breast_covered", "female_breast_exposed",
+    "buttocks_covered", "buttocks_exposed", "anus_covered", "anus_exposed", "belly_covered", "belly_exposed",
+    "feet_covered", "feet_exposed", "armpits_covered", "armpits_exposed", "male_genitalia_exposed",
+    "male_breast_exposed", "face_female", "face_male",
+})
+
+
+class TermLists(_Section):
+    """Prompt word lists by category, each a mapping language → terms."""
+
+    minor: dict[str, list[str]] = {}
+    sexual: dict[str, list[str]] = {}
+    minor_sexual: dict[str, list[str]] = {}
+
+
+class ModerationSettings(_Section):
+    image: Literal["classifiers", "none"] = "classifiers"
+    nudenet_model: Path | None = None
+    age_model_dir: Path | None = None
+    face_threshold: float = Field(0.4, ge=0, le=1)
+    min_face_side: int = Field(24, ge=2)
+    minor_probability: float = Field(0.5, gt=0, le=1)
+    safe_refuses_sexual_prompt: bool = True
+    violation_threshold: float = Field(3.0, gt=0)
+    violation_half_life: float = Field(600.0, gt=0)
+    violation_max_clients: int = Field(100_000, ge=1)
+    thresholds: dict[str, float] = {}
+    terms: TermLists = TermLists()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_path_is_bundled(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = {k: (None if k in ("nudenet_model", "age_model_dir") and v == "" else v) for k, v in data.items()}
+        return data
+
+    @model_validator(mode="after")
+    def _known_classes(self) -> ModerationSettings:
+        unknown = set(self.thresholds) - NUDENET_CLASSES
+        if unknown:
+            raise ValueError(
+                f"thresholds name unknown NudeNet classes {sorted(unknown)}; known: {', '.join(sorted(NUDENET_CLASSES))}"
+            )
+        bad = {k: v for k, v in self.thresholds.items() if not 0 < v <= 1}
+        if bad:
+            raise ValueError(f"thresholds must be in (0, 1], got {bad}")
+        return self
+
+
 class Settings(BaseSettings):
     """The whole configuration; one frozen object shared by every stage."""
 
@@ -274,6 +325,7 @@ class Settings(BaseSettings):
     access: AccessSettings = AccessSettings()
     enhance: EnhanceSettings = EnhanceSettings()
     feed: FeedSettings = FeedSettings()
+    moderation: ModerationSettings = ModerationSettings()
 
     @model_validator(mode="after")
     def _default_model_exists(self) -> Settings:

@@ -10,7 +10,8 @@
     ├── Forbidden                     403 credentials wrong, feature disabled, or tier too low
     │   └── TierRequired              403 the model needs a higher tier
     ├── TooManyRequests               429 the caller's queue is full; carries Retry-After
-    ├── ContentBlocked                451 the moderation policy refused the request
+    ├── ClientBlocked                 429 too many refusals from this client; Retry-After says when
+    ├── ContentBlocked                451 the moderation policy refused the request (body names the reason)
     └── GenerationError               502 the backend failed or answered garbage
         ├── BackendUnavailable        503 no backend can take the request now
         │   ├── AuthUnavailable       503 the token service did not answer
@@ -98,6 +99,18 @@ class TooManyRequests(ServiceError):
 class ContentBlocked(ServiceError):
     status = 451
     code = "content_blocked"
+
+
+class ClientBlocked(ServiceError):
+    status = 429
+    code = "client_blocked"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message, retryAfter=retry_after)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
 
 
 class GenerationError(ServiceError):

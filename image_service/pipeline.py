@@ -3,6 +3,10 @@
 The request stage (params.py) and the response stage (app.py) sit at the HTTP edge; this module
 runs the three in between. Each stage emits exactly one structlog event with its duration; the
 request id and parameters are already bound to the context by the HTTP layer.
+
+Moderation brackets generation: the prompt is checked first (a refused prompt costs no generation),
+the image is classified after, and the policy is applied to the verdict on every request, hits
+included, since `safe` is not part of the cache key.
 """
 
 from __future__ import annotations
@@ -13,14 +17,15 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from typing import NoReturn
 
 import structlog
 
 from .cache import CachedImage, CacheStatus, ImageCache
-from .errors import ServiceError
+from .errors import ContentBlocked, ServiceError
 from .generation import GeneratedImage, Generator
 from .imaging import encode_jpeg
-from .moderation import Moderator, Verdict
+from .moderation import ContentPolicy, Moderator, PromptFindings, Refusal, Verdict
 from .params import ImageParams
 from .tracking import bind
 
@@ -45,32 +50,43 @@ Prepare = Callable[[ImageParams], AbstractAsyncContextManager[ImageParams]]
 class Pipeline:
     """Produces the served image for validated parameters; raises ServiceError subclasses."""
 
-    def __init__(self, cache: ImageCache, generator: Generator, moderator: Moderator, executor: Executor) -> None:
+    def __init__(
+        self,
+        cache: ImageCache,
+        generator: Generator,
+        moderator: Moderator,
+        executor: Executor,
+        content_policy: ContentPolicy,
+    ) -> None:
         self._cache = cache
         self._generator = generator
         self._moderator = moderator
         self._executor = executor
+        self._content = content_policy
 
-    async def run(self, params: ImageParams, key: str | None = None, prepare: Prepare | None = None) -> Outcome:
-        """`key` is `params.cache_key()`, passed in when the caller already has it."""
+    async def run(
+        self, params: ImageParams, key: str | None = None, prepare: Prepare | None = None, client: str | None = None
+    ) -> Outcome:
+        """`key` is `params.cache_key()` when the caller has it; `prepare` brackets a generation (queues,
+        enhancement); `client` is the caller's address, of which only a keyed hash is kept."""
+        client_id = self._content.violations.client_id(client)
+        self._content.violations.admit(client_id)
+        prompt = self._check_prompt(params, client_id)
         key = key or params.cache_key()
         cached = await self._lookup(key)
         if cached is not None:
             self._bind_generation_facts(cached, cost=0.0)
-            return Outcome(cached, CacheStatus.HIT)
-        image, status = await self._cache.produce_once(key, lambda: self._prepared(params, key, prepare))
+            return self._enforce(Outcome(cached, CacheStatus.HIT), params, client_id)
+        image, status = await self._cache.produce_once(key, lambda: self._prepared(params, key, prompt, prepare))
         # Only the request that caused the generation pays for it; hits and shared waits cost nothing.
         cost = self._generator.cost_of(params.model) if status is CacheStatus.MISS else 0.0
         self._bind_generation_facts(image, cost)
-        return Outcome(image, status)
+        return self._enforce(Outcome(image, status), params, client_id)
 
     @staticmethod
     def _bind_generation_facts(image: CachedImage, cost: float) -> None:
         """Bound here, in the request's context: the production runs in a task whose bindings stay there."""
-        bind(
-            backend=image.backend, provider=image.provider, cost=cost,
-            is_mature=image.verdict.get("is_mature", False), is_child=image.verdict.get("is_child", False),
-        )
+        bind(backend=image.backend, provider=image.provider, cost=cost)
 
     async def _lookup(self, key: str) -> CachedImage | None:
         start = time.perf_counter()
@@ -79,20 +95,27 @@ class Pipeline:
         log.info("cache.lookup", stage="cache", cache_status=outcome.value, duration_ms=_ms_since(start))
         return cached
 
-    async def _prepared(self, params: ImageParams, key: str, prepare: Prepare | None) -> CachedImage:
+    async def _prepared(
+        self, params: ImageParams, key: str, prompt: PromptFindings, prepare: Prepare | None
+    ) -> CachedImage:
         if prepare is None:
-            return await self._produce(params, key)
+            return await self._produce(params, key, prompt)
         async with prepare(params) as generation_params:
-            return await self._produce(params, key, generation_params)
+            return await self._produce(params, key, prompt, generation_params)
 
-    async def _produce(self, params: ImageParams, key: str, generation_params: ImageParams | None = None) -> CachedImage:
+    async def _produce(
+        self, params: ImageParams, key: str, prompt: PromptFindings, generation_params: ImageParams | None = None
+    ) -> CachedImage:
         start = time.perf_counter()
         generated = await self._generate(generation_params or params)
         generation_ms = _ms_since(start)
-        verdict = await self._moderate(generated, params)
-        body = await asyncio.get_running_loop().run_in_executor(
-            self._executor, encode_jpeg, generated.image, params, params.shows_logo and not verdict.flagged
-        )
+        verdict = await self._moderate(generated, params, prompt)
+        if verdict.never_servable:
+            body = b""  # cached as a refusal, so a repeat costs no generation and serves nothing
+        else:
+            body = await asyncio.get_running_loop().run_in_executor(
+                self._executor, encode_jpeg, generated.image, params, self._content.policy.shows_logo(verdict, params)
+            )
         image = CachedImage(
             body=body,
             content_type="image/jpeg",
@@ -122,11 +145,58 @@ class Pipeline:
         )
         return generated
 
-    async def _moderate(self, generated: GeneratedImage, params: ImageParams) -> Verdict:
+    def _check_prompt(self, params: ImageParams, client_id: str | None) -> PromptFindings:
+        """Refuse before generation; a prompt that passes is logged with the image's verdict."""
         start = time.perf_counter()
-        verdict = await self._moderator.check_image(generated, params)
+        findings = self._content.prompts.check(params.prompt)
+        refusal = self._content.policy.for_prompt(findings, params)
+        if refusal is not None:
+            verdict = Verdict.scored(
+                sexual_score=1.0 if findings.sexual else 0.0, minor_score=1.0 if findings.minor else 0.0,
+                is_mature=findings.sexual, is_child=findings.minor, labels=findings.labels,
+                models={"prompt": "word lists"},
+            )
+            self._log_verdict(verdict, _ms_since(start))
+            self._refuse(refusal, verdict, client_id, cache_status=None)
+        return findings
+
+    async def _moderate(self, generated: GeneratedImage, params: ImageParams, prompt: PromptFindings) -> Verdict:
+        start = time.perf_counter()
+        verdict = (await self._moderator.check_image(generated, params)).with_prompt(prompt)
+        self._log_verdict(verdict, _ms_since(start))
+        return verdict
+
+    def _log_verdict(self, verdict: Verdict, duration_ms: float) -> None:
         log.info(
             "moderation.verdict", stage="moderation", is_mature=verdict.is_mature, is_child=verdict.is_child,
-            labels=list(verdict.labels), duration_ms=_ms_since(start),
+            labels=list(verdict.labels), categories=verdict.categories, category_scores=verdict.category_scores,
+            models=verdict.models, duration_ms=duration_ms,
         )
-        return verdict
+
+    def _enforce(self, outcome: Outcome, params: ImageParams, client_id: str | None) -> Outcome:
+        """Apply the policy to this request: the verdict may be fresh or replayed from the cache."""
+        verdict = Verdict.from_dict(outcome.image.verdict)
+        refusal = self._content.policy.for_image(verdict, params)
+        if refusal is not None:
+            self._refuse(refusal, verdict, client_id, cache_status=outcome.cache_status.value)
+        bind(is_mature=verdict.is_mature, is_child=verdict.is_child)
+        if not self._content.policy.listed(verdict, params):
+            bind(nofeed=True)
+        if verdict.flagged:
+            log.info(
+                "content.flagged", stage="moderation", action="served" if not verdict.is_mature else "served_unlisted",
+                is_mature=verdict.is_mature, is_child=verdict.is_child, labels=list(verdict.labels),
+                category_scores=verdict.category_scores, cache_status=outcome.cache_status.value,
+            )
+        return outcome
+
+    def _refuse(self, refusal: Refusal, verdict: Verdict, client_id: str | None, cache_status: str | None) -> NoReturn:
+        bind(is_mature=verdict.is_mature, is_child=verdict.is_child)
+        log.warning(
+            "content.flagged", stage="moderation", action="refused", reason=refusal.reason.value,
+            is_mature=verdict.is_mature, is_child=verdict.is_child, labels=list(verdict.labels),
+            category_scores=verdict.category_scores, cache_status=cache_status,
+        )
+        if refusal.is_violation and self._content.violations.record(client_id):
+            log.warning("moderation.client_blocked", client=client_id)
+        raise ContentBlocked(refusal.message, reason=refusal.reason.value)

@@ -14,6 +14,7 @@ from image_service.app import EXECUTOR, create_app
 from image_service.config import Settings, load_settings
 from image_service.generation import GeneratedImage
 from image_service.generation.embedded import render
+from image_service.moderation import Classifiers, load_classifiers
 from image_service.params import ImageParams
 
 from .events_api import EventsAPI
@@ -48,13 +49,14 @@ class CountingBackend:
 
 
 # Tests of other features run with an unthrottled anonymous tier (the shipped one spaces an anonymous
-# client's generations 5 s apart); the access tests pass their own `tiers`.
+# client's generations 5 s apart) and the pass-through image moderator (prompt checks and policy still
+# apply); the access tests pass their own `tiers`, the moderation tests inject the real models.
 UNTHROTTLED = {"concurrency": 64, "interval": 0.0, "queue_depth": 1024}
+TEST_DEFAULTS: dict[str, Any] = {"moderation": {"image": "none"}, "tiers": {"anonymous": UNTHROTTLED}}
 
 
 def make_settings(**sections: Any) -> Settings:
-    sections.setdefault("tiers", {"anonymous": UNTHROTTLED})
-    return load_settings(overrides=sections)
+    return load_settings(overrides={**TEST_DEFAULTS, **sections})
 
 
 @pytest.fixture(autouse=True)
@@ -100,6 +102,12 @@ async def client(make_client: ClientFactory) -> TestClient[web.Request, web.Appl
 @pytest.fixture
 def backend() -> CountingBackend:
     return CountingBackend()
+
+
+@pytest.fixture(scope="session")
+def classifiers() -> Classifiers:
+    """The real NudeNet and age models, loaded and warmed up once for the whole run."""
+    return load_classifiers(load_settings().moderation)
 
 
 __all__ = ["EXECUTOR", "ClientFactory", "CountingBackend", "EventsAPI", "make_settings", "tracking_to"]

@@ -1,0 +1,110 @@
+"""Prompt checks before generation: normalise the text, then match word lists on word boundaries.
+
+Normalisation defeats the cheap evasions (full-width letters, accents, case, `s3xy`, `s.e.x`);
+matching whole words (plurals are listed, never guessed: "sexes" is not "sex") avoids the substring traps that flag
+"class", "Sussex", "document" or the German "Nudeln". The lists live in config/moderation.toml;
+a term listed under `minor_sexual` counts as both a minor and a sexual term.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import unicodedata
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+# Digits and symbols read as letters, only inside a word that also has a real letter.
+_LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s", "!": "i", "|": "i"})
+_WORD = re.compile(r"[a-zñ0-9@$!|]+")
+_HAS_LETTER = re.compile(r"[a-zñ]")
+# Single letters joined by separators: "s.e.x", "n-u-d-e", "k_i_d".
+_SPELLED = re.compile(r"(?<![a-zñ0-9])(?:[a-zñ0-9@$][.\-_*]){2,}[a-zñ0-9@$](?![a-zñ0-9])")
+_SEPARATORS = re.compile(r"[.\-_*]")
+# An explicit age below 18 is a minor term in every language: "12 year old", "12yo", "12 años", "12 ans",
+# "12 jahre alt", "12-jährige", "12 anni", "12 anos".
+_AGE = re.compile(
+    r"(?<![0-9])(?P<age>[0-9]{1,2})\s*-?\s*"
+    r"(?:y/?o|yrs?\s*-?\s*old|years?\s*-?\s*old|a[nñ]os|ans|anni|jahre\s+alt|jahrige[nrs]?|jahrig)(?![a-z])"
+)
+ADULT_AGE = 18
+
+
+def fold(text: str) -> str:
+    """NFKC, accents stripped, case-folded, spelled-out words joined; digits left alone."""
+    text = unicodedata.normalize("NFKC", text).casefold().replace("ß", "ss")
+    text = "".join(_base_letter(ch) for ch in text)
+    return _SPELLED.sub(lambda m: _SEPARATORS.sub("", m.group()), text)
+
+
+@functools.lru_cache(maxsize=4096)
+def _base_letter(ch: str) -> str:
+    # ñ keeps its tilde: without it "niña" would become the name "Nina".
+    if ch == "ñ" or ch.isascii():
+        return ch
+    return "".join(c for c in unicodedata.normalize("NFKD", ch) if not unicodedata.combining(c))
+
+
+def normalise(text: str) -> str:
+    """`fold`, then leetspeak undone: the form the word lists are matched against."""
+    return _WORD.sub(_unleet, fold(text))
+
+
+def _unleet(match: re.Match[str]) -> str:
+    word = match.group()
+    if not _HAS_LETTER.search(word):
+        return word  # a number stays a number ("12 year old")
+    stripped = word.rstrip("!|")
+    return stripped.translate(_LEET) + word[len(stripped):]
+
+
+def _pattern(terms: Iterable[str]) -> re.Pattern[str] | None:
+    alternatives = sorted(
+        {r"\s+".join(re.escape(part) for part in normalise(term).split()) for term in terms if term.strip()},
+        key=len, reverse=True,
+    )
+    if not alternatives:
+        return None
+    return re.compile(rf"(?<![a-zñ0-9])(?:{'|'.join(alternatives)})(?![a-zñ0-9])")
+
+
+@dataclass(frozen=True, slots=True)
+class PromptFindings:
+    minor: bool = False
+    sexual: bool = False
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """Which lists fired, never the words themselves: a private prompt must not leak through labels."""
+        return tuple(label for label, fired in (("prompt:minor", self.minor), ("prompt:sexual", self.sexual)) if fired)
+
+    @property
+    def sexual_minor(self) -> bool:
+        return self.minor and self.sexual
+
+
+class PromptChecker:
+    """Matches the minor and sexual word lists (every language at once) against a normalised prompt."""
+
+    def __init__(
+        self,
+        minor: dict[str, list[str]],
+        sexual: dict[str, list[str]],
+        minor_sexual: dict[str, list[str]] | None = None,
+    ) -> None:
+        both = [term for terms in (minor_sexual or {}).values() for term in terms]
+        self._minor = _pattern([term for terms in minor.values() for term in terms] + both)
+        self._sexual = _pattern([term for terms in sexual.values() for term in terms] + both)
+        self.languages = tuple(sorted(set(minor) | set(sexual)))
+
+    def check(self, prompt: str) -> PromptFindings:
+        folded = fold(prompt)
+        text = _WORD.sub(_unleet, folded)
+        return PromptFindings(
+            minor=_matches(self._minor, text) or any(int(m["age"]) < ADULT_AGE for m in _AGE.finditer(folded)),
+            sexual=_matches(self._sexual, text),
+        )
+
+
+def _matches(pattern: re.Pattern[str] | None, text: str) -> bool:
+    return pattern is not None and pattern.search(text) is not None
