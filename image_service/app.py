@@ -18,10 +18,11 @@ import structlog
 from aiohttp import web
 
 from . import __version__
-from .cache import ImageCache, build_store
+from .cache import ImageCache, build_cache
 from .config import Settings
 from .errors import ServiceError
 from .generation import Backend, Generator, build_backends
+from .limits import Limiter, build_limiter
 from .moderation import Moderator, PassThroughModerator
 from .openapi import openapi_document
 from .params import ImageParams, parse_params
@@ -35,6 +36,7 @@ CACHE = web.AppKey("cache", ImageCache)
 GENERATOR = web.AppKey("generator", Generator)
 MODERATOR = web.AppKey("moderator", Moderator)
 PIPELINE = web.AppKey("pipeline", Pipeline)
+LIMITER = web.AppKey("limiter", Limiter)
 REQUEST_ID = web.RequestKey("request_id", str)
 PARAMS = web.RequestKey("params", ImageParams)
 
@@ -144,7 +146,6 @@ async def image_handler(request: web.Request) -> web.Response:
     )
     log.info("request.received", stage="request", duration_ms=round((time.perf_counter() - start) * 1000, 3))
     outcome = await request.app[PIPELINE].run(params)
-    structlog.contextvars.bind_contextvars(cache_status=outcome.cache_status.value)
     filename = "image.jpg" if params.private else f"{params.slug()}.jpg"
     return web.Response(
         body=outcome.image.body,
@@ -181,13 +182,9 @@ async def about_handler(request: web.Request) -> web.Response:
 
 
 async def health_handler(request: web.Request) -> web.Response:
-    store = request.app[CACHE].store
+    # "ok" even when Redis is down: the service still answers, without the shared cache.
     return json_response(
-        {
-            "status": "ok",
-            "version": __version__,
-            "cache": {"backend": request.app[SETTINGS].cache.backend, "usedBytes": getattr(store, "used_bytes", None)},
-        },
+        {"status": "ok", "version": __version__, "cache": await request.app[CACHE].health()},
         headers={"Cache-Control": "no-store"},
     )
 
@@ -217,14 +214,16 @@ def create_app(
 
     async def pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
         executor = app[EXECUTOR]
-        cache = ImageCache(build_store(settings.cache), settings.cache.ttl)
+        cache = build_cache(settings.cache)
         generator = Generator(settings, backends if backends is not None else build_backends(settings, executor))
         app[CACHE], app[GENERATOR] = cache, generator
+        app[LIMITER] = build_limiter(settings.cache, cache.link)
         app[MODERATOR] = moderator if moderator is not None else PassThroughModerator()
         app[PIPELINE] = Pipeline(cache, generator, app[MODERATOR], executor)
         yield
         await generator.close()
         await app[MODERATOR].close()
+        await app[LIMITER].close()
         await cache.close()
 
     app.cleanup_ctx.append(executor_ctx)

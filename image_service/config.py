@@ -8,15 +8,19 @@ built, and an error names the offending key so an operator can fix it without re
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 CONFIG_DIR = Path(os.environ.get("IMAGE_SERVICE_CONFIG_DIR", Path(__file__).resolve().parent.parent / "config"))
 DEFAULT_FILES = ("defaults.toml", "models.toml")
+# Credentials in a URL (redis://user:password@host) are never echoed in an error message.
+_USERINFO = re.compile(r"//[^/@]*@")
 
 
 class ConfigError(ValueError):
@@ -43,10 +47,31 @@ class GenerationSettings(_Section):
 
 
 class CacheSettings(_Section):
-    backend: Literal["memory"] = "memory"
+    backend: Literal["memory", "redis"] = "memory"
     max_bytes: int = Field(256 * 1024 * 1024, gt=0)
     ttl: int = Field(86400, ge=0)
     key_prefix: str = "image_service:"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    local_cache: bool = True
+    redis_timeout: float = Field(0.5, gt=0, le=60)
+    redis_backoff_max: float = Field(15.0, gt=0)
+    lock_ttl: float = Field(10.0, gt=0)
+    lock_wait: float = Field(90.0, gt=0)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_parses(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+            raise ValueError("must look like redis://host:port/db (or rediss:// for TLS)")
+        try:
+            _ = parts.port
+        except ValueError:
+            raise ValueError("has a malformed port") from None
+        db = parts.path.strip("/")
+        if db and not db.isdigit():
+            raise ValueError(f"database must be a number, got {db!r}")
+        return value
 
 
 class ModelSettings(_Section):
@@ -122,7 +147,8 @@ def _describe(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        got = f" (got {item['input']!r})" if item["type"] != "missing" and not isinstance(item["input"], dict) else ""
+        shown = _USERINFO.sub("//***@", item["input"]) if isinstance(item["input"], str) else item["input"]
+        got = f" (got {shown!r})" if item["type"] != "missing" and not isinstance(item["input"], dict) else ""
         lines.append(f"{key}: {item['msg']}{got}")
     return "; ".join(lines)
 

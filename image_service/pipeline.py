@@ -49,12 +49,13 @@ class Pipeline:
         if cached is not None:
             return Outcome(cached, CacheStatus.HIT)
         image, status = await self._cache.produce_once(key, lambda: self._produce(params, key))
+        structlog.contextvars.bind_contextvars(cache_status=status.value)
         return Outcome(image, status)
 
     async def _lookup(self, key: str) -> CachedImage | None:
         start = time.perf_counter()
-        cached = await self._cache.get(key)
-        outcome = CacheStatus.HIT if cached is not None else CacheStatus.MISS
+        cached, outcome = await self._cache.lookup(key)
+        structlog.contextvars.bind_contextvars(cache_status=outcome.value, cache_backend=self._cache.backend)
         log.info("cache.lookup", stage="cache", cache_status=outcome.value, duration_ms=_ms_since(start))
         return cached
 
