@@ -198,6 +198,12 @@ class RedisImageStore(RedisCache):
     def _build_key(self, key: str, namespace: str | None = None) -> str:
         return f"{self.namespace if namespace is None else namespace}{key}"
 
+    async def _set(self, key: str, value: Any, ttl: Any = None, _cas_token: Any = None, _conn: Any = None) -> bool:
+        # SET EX/PX: aiocache's SETEX / PSETEX are deprecated by redis-py.
+        if isinstance(ttl, float):
+            return bool(await self.client.set(key, value, px=int(ttl * 1000)))
+        return bool(await self.client.set(key, value, ex=ttl))
+
     async def _close(self, *args: Any, _conn: Any = None, **kwargs: Any) -> None:
         """The client belongs to the RedisLink, which closes it."""
 
