@@ -142,7 +142,8 @@ def _supervise(settings: Settings, workers: int) -> int:
             file=sys.stderr,
         )
         return 1
-    return 0 if all(process.exitcode == 0 for process in processes) else 1
+    # A worker stopped before it installed its signal handlers dies of the SIGTERM itself: still clean.
+    return 0 if all(process.exitcode in (0, -signal.SIGTERM) for process in processes) else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
