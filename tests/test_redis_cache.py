@@ -7,7 +7,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -18,6 +18,7 @@ import structlog
 from structlog.testing import capture_logs as _capture_logs
 from structlog.typing import EventDict
 
+from image_service.app import CACHE
 from image_service.cache import CachedImage, ImageSerializer
 from image_service.config import load_settings
 from image_service.generation import GeneratedImage
@@ -48,7 +49,7 @@ def fox_key() -> str:
     return params.cache_key()
 
 
-async def wait_for(condition, deadline: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+async def wait_for(condition: Callable[[], bool], deadline: float = 10.0) -> None:
     end = asyncio.get_running_loop().time() + deadline
     while not condition():
         assert asyncio.get_running_loop().time() < end, "condition not reached in time"
@@ -138,8 +139,6 @@ class TestSharedCache:
         await a.get(FOX)
         with capture_logs() as logs:
             await b.get(FOX)
-        from image_service.app import CACHE
-
         image = await b.app[CACHE].get(fox_key())
         assert image is not None and (image.backend, image.provider) == ("embedded", "test")
         (event,) = terminal_events(logs)
