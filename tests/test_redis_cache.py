@@ -163,8 +163,9 @@ class TestSharedCache:
             bodies = {await r.read() for r in responses}
         assert backend_a.calls + backend_b.calls == 1
         assert [r.status for r in responses] == [200] * 6 and len(bodies) == 1
-        statuses = sorted(e["cache_status"] for e in terminal_events(logs))
-        assert statuses == ["miss"] + ["shared-wait"] * 5
+        statuses = [e["cache_status"] for e in terminal_events(logs)]
+        # One produced it; the others waited for it (or, on a very slow machine, found it stored).
+        assert statuses.count("miss") == 1 and set(statuses) <= {"miss", "shared-wait", "hit"}
 
     async def test_a_failed_generation_frees_the_lock_for_the_next_instance(
         self, make_client: ClientFactory, redis_server: RedisServer
