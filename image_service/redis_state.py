@@ -3,8 +3,8 @@
 Redis is an optimisation, never a dependency of answering: every operation goes through `RedisLink`,
 which bounds it by `cache.redis_timeout` and, after a failure, stops calling Redis for a backoff that
 doubles up to `cache.redis_backoff_max` (a small circuit breaker). Callers catch `RedisUnavailable`
-and carry on without the shared state; the first call after the backoff is the probe that closes the
-breaker again when Redis is back.
+and carry on without the shared state; the first call after the backoff is the one probe that closes
+the breaker again when Redis is back (concurrent calls keep skipping meanwhile).
 
 `SharedFlight` makes N instances that miss the same image cause one generation: the first takes a lock
 (`SET NX PX`) and renews it while it generates; the others poll, with backoff, for the stored image.
@@ -72,9 +72,15 @@ class Breaker:
     def state(self) -> LinkState:
         return LinkState.DOWN if self._backoff else LinkState.UP
 
-    @property
-    def allows_call(self) -> bool:
-        return self._clock() >= self._retry_at
+    def admit(self) -> bool:
+        """May a call go to Redis now? While down, only one probe per backoff is let through."""
+        if not self._backoff:
+            return True
+        now = self._clock()
+        if now < self._retry_at:
+            return False
+        self._retry_at = now + self._backoff  # the others keep skipping while the probe runs
+        return True
 
     def failed(self) -> bool:
         """Record a failure; True when it turned the link from up to down."""
@@ -126,7 +132,7 @@ class RedisLink:
 
     async def call(self, operation: Callable[[], Awaitable[T]]) -> T:
         """Run one Redis operation; raises RedisUnavailable instead of waiting on a sick Redis."""
-        if not self._breaker.allows_call:
+        if not self._breaker.admit():
             raise RedisUnavailable("skipped while Redis is down")
         try:
             async with asyncio.timeout(self._timeout):

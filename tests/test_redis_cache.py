@@ -86,11 +86,11 @@ class TestBreaker:
     def test_backoff_doubles_up_to_the_maximum_and_a_success_closes_it(self) -> None:
         now = [0.0]
         breaker = Breaker(max_backoff=1.0, clock=lambda: now[0])
-        assert breaker.failed() is True and breaker.state is LinkState.DOWN and not breaker.allows_call
+        assert breaker.failed() is True and breaker.state is LinkState.DOWN
         waits = []
         for _ in range(4):
             waited = 0.0
-            while not breaker.allows_call:
+            while not breaker.admit():
                 now[0] += 0.125  # exact in binary: no rounding drift
                 waited += 0.125
             waits.append(waited)
@@ -98,6 +98,18 @@ class TestBreaker:
         assert waits == [0.25, 0.5, 1.0, 1.0]
         now[0] += 1.0
         assert breaker.succeeded() is True and breaker.state is LinkState.UP and breaker.failures == 5
+
+    def test_only_one_probe_passes_per_backoff_while_down(self) -> None:
+        """After the pause one caller probes Redis; the others keep skipping until it reports."""
+        now = [0.0]
+        breaker = Breaker(max_backoff=10.0, clock=lambda: now[0])
+        assert breaker.admit() and breaker.admit()  # up: everyone goes
+        breaker.failed()
+        assert not breaker.admit()
+        now[0] = 0.25
+        assert [breaker.admit() for _ in range(3)] == [True, False, False]
+        breaker.succeeded()
+        assert breaker.admit() and breaker.admit()
 
     def test_non_positive_backoff_is_refused(self) -> None:
         with pytest.raises(ValueError, match="max_backoff"):
@@ -272,6 +284,18 @@ class TestDegradation:
             await asyncio.sleep(0.05)
         health = await (await client.get("/health")).json()
         assert health["cache"]["state"] == "up"
+
+    async def test_the_local_level_keeps_serving_hits_while_redis_is_down(
+        self, make_client: ClientFactory, redis_server: RedisServer
+    ) -> None:
+        """With two levels, an image this instance served stays a hit without Redis."""
+        backend = CountingBackend()
+        client = await make_client(redis_settings(redis_server), backends={"embedded": backend})
+        first = await client.get(FOX)
+        redis_server.stop()
+        again = await client.get(FOX)
+        assert again.headers["X-Cache"] == "HIT" and await again.read() == await first.read()
+        assert backend.calls == 1
 
     async def test_a_frozen_redis_is_bypassed_within_the_timeout(
         self, make_client: ClientFactory, redis_server: RedisServer
