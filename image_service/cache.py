@@ -191,7 +191,7 @@ class RedisImageStore(RedisCache):
     """aiocache's Redis cache on the service's guarded client, keys as `<key_prefix><hash>`."""
 
     def __init__(self, client: Redis, key_prefix: str) -> None:
-        # timeout=0: RedisLink bounds every call itself.
+        # timeout=0: RedisLink bounds every call itself. The pool RedisCache builds is never connected.
         super().__init__(serializer=ImageSerializer(), namespace=key_prefix, timeout=0)
         self.client = client
 
@@ -226,8 +226,8 @@ def build_cache(settings: CacheSettings) -> ImageCache:
     """The configured cache: memory alone, or Redis with (optionally) the memory level in front."""
     if settings.backend == "memory":
         return ImageCache(build_store(settings), settings.ttl)
-    link = RedisLink(connect(settings.redis_url, settings.redis_timeout), settings.redis_timeout,
-                     settings.redis_backoff_max)
+    client = connect(settings.redis_url, settings.redis_timeout)
+    link = RedisLink(client, settings.redis_timeout, settings.redis_backoff_max)
     shared = SharedLevel(
         store=RedisImageStore(link.client, settings.key_prefix),
         link=link,

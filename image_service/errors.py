@@ -7,7 +7,8 @@
     ├── ContentBlocked                451 the moderation policy refused the request
     └── GenerationError               502 the backend failed or answered garbage
         ├── BackendUnavailable        503 no backend can take the request now
-        └── GenerationTimeout         504 the backend did not answer in time
+        ├── GenerationTimeout         504 the backend did not answer in time
+        └── SharedGenerationError     the status of another instance's failed generation we waited for
 
 Messages are written for the client: they never carry a stack trace, a path or a credential.
 """
@@ -58,3 +59,12 @@ class BackendUnavailable(GenerationError):
 class GenerationTimeout(GenerationError):
     status = 504
     code = "generation_timeout"
+
+
+class SharedGenerationError(GenerationError):
+    """Another instance generated this image for us and failed: its status, code and message, replayed."""
+
+    def __init__(self, message: str, *, status: int, code: str, **details: Any) -> None:
+        super().__init__(message, **details)
+        self.status = status
+        self.code = code

@@ -9,6 +9,8 @@ the breaker again when Redis is back (concurrent calls keep skipping meanwhile).
 `SharedFlight` makes N instances that miss the same image cause one generation: the first takes a lock
 (`SET NX PX`) and renews it while it generates; the others poll, with backoff, for the stored image.
 A holder that dies stops renewing, so its lock expires after `cache.lock_ttl` and a waiter takes over.
+A holder whose generation fails publishes the error (for `lock_ttl`) before releasing the lock, so its
+waiters answer with it, as in-process waiters do, instead of retrying it one instance after another.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
+import orjson
 import redis.asyncio as aioredis
 import structlog
 
-from .config import CacheSettings
+from .errors import ServiceError, SharedGenerationError
 
 log = structlog.get_logger("image_service.redis")
 
@@ -165,6 +168,7 @@ class SharedFlight:
             raise ValueError("lock_ttl and lock_wait must be positive")
         self._link = link
         self._prefix = f"{key_prefix}lock:"
+        self._failed_prefix = f"{key_prefix}failed:"
         self._ttl_ms = max(1, int(lock_ttl * 1000))
         self._wait = lock_wait
         self._release = link.client.register_script(RELEASE_LOCK)
@@ -186,21 +190,23 @@ class SharedFlight:
         fails before a producer is settled, and LockWaitExpired when another instance's production
         outlasts `lock_wait`; the caller then produces without the lock.
         """
-        lock = self.lock_key(key)
+        lock, failed = self.lock_key(key), self._failed_prefix + key
         deadline = time.monotonic() + self._wait
         while True:
             token = uuid.uuid4().hex
             if await self._link.call(lambda: self._link.client.set(lock, token, nx=True, px=self._ttl_ms)):
-                return await self._hold(lock, token, produce), False
-            found = await self._await_holder(lock, lookup, deadline)
+                return await self._hold(lock, failed, token, produce), False
+            found = await self._await_holder(lock, failed, lookup, deadline)
             if found is not None:
                 return found, True
 
     async def _await_holder(
-        self, lock: str, lookup: Callable[[], Awaitable[T | None]], deadline: float
+        self, lock: str, failed: str, lookup: Callable[[], Awaitable[T | None]], deadline: float
     ) -> T | None:
-        """Poll until the holder's result appears (returned) or its lock is gone (None: try to take it)."""
+        """Poll until the holder's result appears (returned), its failure is published (raised), or
+        its lock is gone without either (None: the holder died; try to take the lock)."""
         delay = POLL_FIRST
+        holder: bytes | None = None
         while True:
             if time.monotonic() + delay > deadline:
                 raise LockWaitExpired("another instance's generation outlasted lock_wait")
@@ -209,14 +215,50 @@ class SharedFlight:
             found = await lookup()
             if found is not None:
                 return found
-            if not await self._link.call(lambda: self._link.client.exists(lock)):
-                # The holder stores before it releases: a result may have landed since our lookup.
-                return await lookup()
+            current: bytes | None = await self._link.call(lambda: self._link.client.get(lock))
+            if current is not None:
+                holder = current
+                continue
+            # The holder stores (or publishes its failure) before it releases: look once more.
+            found = await lookup()
+            if found is None and holder is not None:
+                await self._raise_published_failure(failed, holder.decode())
+            return found
 
-    async def _hold(self, lock: str, token: str, produce: Callable[[], Awaitable[T]]) -> T:
+    async def _raise_published_failure(self, failed: str, holder: str) -> None:
+        raw = await self._link.call(lambda: self._link.client.get(failed))
+        if raw is None:
+            return
+        try:
+            data = orjson.loads(raw)
+            if data["holder"] != holder:
+                return  # an older failure, not the one of the holder we waited for
+            status, code, message, details = data["status"], data["code"], data["message"], data["details"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return
+        if (isinstance(status, int) and 400 <= status <= 599 and isinstance(code, str) and isinstance(message, str)
+                and isinstance(details, dict)):
+            raise SharedGenerationError(message, status=status, code=code, **details)
+
+    async def _publish_failure(self, failed: str, token: str, exc: ServiceError) -> None:
+        """Let the waiters answer with this failure instead of retrying it one instance at a time."""
+        record = {"holder": token, "status": exc.status, "code": exc.code, "message": exc.message}
+        try:
+            payload = orjson.dumps({**record, "details": exc.details})
+        except TypeError:
+            payload = orjson.dumps({**record, "details": {}})
+        try:
+            await self._link.call(lambda: self._link.client.set(failed, payload, px=self._ttl_ms))
+        except RedisUnavailable:
+            pass  # the waiters see a vanished lock and try themselves
+
+    async def _hold(self, lock: str, failed: str, token: str, produce: Callable[[], Awaitable[T]]) -> T:
         renewer = asyncio.ensure_future(self._keep_renewing(lock, token))
         try:
             return await produce()
+        except ServiceError as exc:
+            await self._publish_failure(failed, token, exc)
+            raise
         finally:
             renewer.cancel()
             await asyncio.gather(renewer, return_exceptions=True)

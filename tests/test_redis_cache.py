@@ -179,6 +179,26 @@ class TestSharedCache:
         # One produced it; the others waited for it (or, on a very slow machine, found it stored).
         assert statuses.count("miss") == 1 and set(statuses) <= {"miss", "shared-wait", "hit"}
 
+    async def test_a_failure_reaches_the_instances_that_waited_for_it(
+        self, make_client: ClientFactory, redis_server: RedisServer
+    ) -> None:
+        """B waited for A's generation; A's 502 is B's answer too, without B trying again."""
+        backend_a, backend_b = CountingBackend(), CountingBackend()
+        backend_a.gate.clear()
+        backend_a.fail_with = RuntimeError("GPU on fire")
+        a = await make_client(redis_settings(redis_server), backends={"embedded": backend_a})
+        b = await make_client(redis_settings(redis_server), backends={"embedded": backend_b})
+        on_a = asyncio.ensure_future(a.get(FOX))
+        await wait_for(lambda: backend_a.calls == 1)
+        on_b = asyncio.ensure_future(b.get(FOX))
+        await asyncio.sleep(0.3)  # B is polling A's lock
+        backend_a.gate.set()
+        first, second = await asyncio.gather(on_a, on_b)
+        assert (first.status, second.status) == (502, 502)
+        body = await second.json()
+        assert body["error"] == "generation_failed" and "RuntimeError" in body["message"]
+        assert backend_b.calls == 0
+
     async def test_a_failed_generation_frees_the_lock_for_the_next_instance(
         self, make_client: ClientFactory, redis_server: RedisServer
     ) -> None:
