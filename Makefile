@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 HOST ?= 127.0.0.1
 PORT ?= 8080
 # Debian packages the tests and benchmarks run for real (binary name:package name).
-SYSTEM_TOOLS := wrk:wrk chromium:chromium
+SYSTEM_TOOLS := wrk:wrk chromium:chromium redis-server:redis-server
 
 .PHONY: install serve test bench system-deps clean
 

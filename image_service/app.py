@@ -24,7 +24,7 @@ import structlog
 from aiohttp import web
 
 from . import __version__
-from .cache import CacheStatus, ImageCache, build_store
+from .cache import CacheStatus, ImageCache, build_cache
 from .config import CONFIG_DIR, Settings
 from .enhance import PromptEnhancer, ReferrerTransform
 from .errors import BadRequest, ServiceError
@@ -32,6 +32,8 @@ from .feed import Feed, feed_item
 from .generation import Backend, Generator, WorkerRegistry, build_backends
 from .identity import Authenticator, ClientAddress, FileTokenValidator, HttpTokenValidator, Identity, TokenValidator
 from .moderation import ContentPolicy, Moderator, load_moderator
+from .limits import Limiter as SlotLimiter
+from .limits import build_limiter
 from .openapi import openapi_document
 from .params import ImageParams, ParamsParser
 from .pipeline import Pipeline, Prepare
@@ -57,6 +59,7 @@ LIMITER = web.AppKey("limiter", Limiter)
 ENHANCER = web.AppKey("enhancer", PromptEnhancer)
 TRANSFORM = web.AppKey("transform", ReferrerTransform)
 FEED = web.AppKey("feed", Feed)
+SLOTS = web.AppKey("slots", SlotLimiter)
 REQUEST_ID = web.RequestKey("request_id", str)
 PARAMS = web.RequestKey("params", ImageParams)
 
@@ -194,7 +197,6 @@ async def image_handler(request: web.Request) -> web.Response:
     log.info("request.received", stage="request", duration_ms=round((time.perf_counter() - start) * 1000, 3))
     client = request.app[CLIENT_ADDRESS](request)
     outcome = await request.app[PIPELINE].run(params, key, _prepare(request, identity, client), client=client)
-    bind(cache_status=outcome.cache_status.value)
     if outcome.cache_status == CacheStatus.MISS:
         request.app[FEED].publish(feed_item(params, outcome.image.verdict))
     filename = "image.jpg" if params.private else f"{params.slug()}.jpg"
@@ -234,13 +236,13 @@ async def about_handler(request: web.Request) -> web.Response:
 
 
 async def health_handler(request: web.Request) -> web.Response:
-    store = request.app[CACHE].store
     tracking = request.app.get(TRACKING)
+    # "ok" even when Redis is down: the service still answers, without the shared cache.
     return json_response(
         {
             "status": "ok",
             "version": __version__,
-            "cache": {"backend": request.app[SETTINGS].cache.backend, "usedBytes": getattr(store, "used_bytes", None)},
+            "cache": await request.app[CACHE].health(),
             "telemetry": tracking.forwarder.health() if tracking is not None else {"sink": "disabled"},
             "generation": request.app[GENERATOR].stats(),
         },
@@ -407,16 +409,18 @@ def create_app(
 
     async def pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
         executor = app[EXECUTOR]
-        cache = ImageCache(build_store(settings.cache), settings.cache.ttl)
+        cache = build_cache(settings.cache)
         app[WORKERS] = registry = WorkerRegistry(settings.workers)
         generator = Generator(
             settings, backends if backends is not None else build_backends(settings, executor, registry)
         )
         app[CACHE], app[GENERATOR] = cache, generator
+        app[SLOTS] = build_limiter(settings.cache, cache.link)
         content_policy = ContentPolicy.from_settings(settings.moderation)
         app[PIPELINE] = Pipeline(cache, generator, app[MODERATOR], executor, content_policy)
         yield
         await generator.close()
+        await app[SLOTS].close()
         await cache.close()
 
     app.cleanup_ctx.append(tracking_ctx)

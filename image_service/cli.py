@@ -1,16 +1,43 @@
-"""Command line: `image-service serve --host --port [--config PATH] [--log-format json|console]`."""
+"""Command line: `image-service serve --host --port [--config PATH] [--log-format json|console] [--workers N]`.
+
+With `--workers N` (N > 1) the command is a supervisor: it starts N worker processes that each
+listen on the same port with SO_REUSEPORT (the kernel spreads connections between them) and each
+run the whole service with their own executor, backends, cache connection and telemetry. SIGTERM or
+SIGINT to the supervisor stops every worker gracefully; a worker that dies on its own makes the
+supervisor stop the others and exit 1, so whatever supervises it (systemd, Kubernetes) restarts all.
+"""
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from aiohttp import web
 
-from .config import ConfigError, load_settings
+from .config import ConfigError, Settings, load_settings
+
+# Seconds the supervisor allows a stopping worker beyond server.shutdown_timeout before killing it.
+WORKER_EXIT_GRACE = 10.0
+MAX_WORKERS = 256
+
+
+def _workers(value: str) -> int:
+    try:
+        count = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {value!r}") from None
+    if not 1 <= count <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_WORKERS}, got {count}")
+    return count
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -21,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to listen on (default: server.port)")
     serve.add_argument("--config", type=Path, help="TOML file overriding config/defaults.toml")
     serve.add_argument("--log-format", choices=("console", "json"), help="default: server.log_format")
+    serve.add_argument(
+        "--workers", type=_workers, default=1,
+        help="processes sharing the port with SO_REUSEPORT (default: 1, no supervisor)",
+    )
     events = commands.add_parser("events", help="telemetry tools")
     events_commands = events.add_subparsers(dest="events_command", required=True)
     replay = events_commands.add_parser(
@@ -41,7 +72,9 @@ def serve(args: argparse.Namespace) -> int:
         if value is not None
     }
     settings = load_settings(args.config, {"server": server} if server else None)
-    configure_logging(settings.server.log_format, settings.server.log_level)
+    if args.workers > 1:
+        return _supervise(settings, args.workers)
+    configure_logging(settings.server.log_format, settings.server.log_level, cache_loggers=True)
     web.run_app(
         create_app(settings),
         host=settings.server.host,
@@ -71,6 +104,73 @@ def events_replay(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"serve": serve, "events": events_replay}
+
+
+def _run_worker(settings: Settings) -> None:
+    """One worker process: the whole service on the shared port."""
+    from .app import create_app
+    from .tracking import configure_logging
+
+    configure_logging(settings.server.log_format, settings.server.log_level, cache_loggers=True)
+    web.run_app(
+        create_app(settings),
+        host=settings.server.host,
+        port=settings.server.port,
+        shutdown_timeout=settings.server.shutdown_timeout,
+        access_log=None,
+        reuse_port=True,
+        print=None,
+    )
+
+
+def _supervise(settings: Settings, workers: int) -> int:
+    """Start the workers, wait for a signal or a dead worker, then stop them all."""
+    if settings.server.port == 0:
+        raise ConfigError("--workers needs a fixed port: with port 0 every worker would listen elsewhere")
+    stopping = False
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    # spawn, not fork: each worker starts from a clean interpreter, no inherited threads or loops.
+    context = multiprocessing.get_context("spawn")
+    processes = [
+        context.Process(target=_run_worker, args=(settings,), name=f"image-service-worker-{index}")
+        for index in range(workers)
+    ]
+    try:
+        for process in processes:
+            process.start()
+        print(
+            f"image-service: {workers} workers on http://{settings.server.host}:{settings.server.port}",
+            file=sys.stderr,
+        )
+        while not stopping and all(process.is_alive() for process in processes):
+            multiprocessing.connection.wait([process.sentinel for process in processes], timeout=0.5)
+        crashed = [process for process in processes if not process.is_alive()] if not stopping else []
+        for process in processes:
+            if process.is_alive() and process.pid is not None:
+                os.kill(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + settings.server.shutdown_timeout + WORKER_EXIT_GRACE
+        for process in processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+                process.join()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if crashed:
+        print(
+            f"image-service: worker {crashed[0].name} exited with status {crashed[0].exitcode}; stopped the others",
+            file=sys.stderr,
+        )
+        return 1
+    # A worker stopped before it installed its signal handlers dies of the SIGTERM itself: still clean.
+    return 0 if all(process.exitcode in (0, -signal.SIGTERM) for process in processes) else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -20,6 +22,8 @@ CONFIG_DIR = Path(os.environ.get("IMAGE_SERVICE_CONFIG_DIR", Path(__file__).reso
 DEFAULT_FILES = ("defaults.toml", "models.toml", "tiers.toml", "access.toml", "moderation.toml")
 # The seed's variable names, honoured as they are (IMAGE_SERVICE_TRACKING__* still wins).
 SEED_ENV = {"TINYBIRD_API_URL": "api_url", "TINYBIRD_API_KEY": "api_key"}
+# Credentials in a URL (redis://user:password@host) are never echoed in an error message.
+_USERINFO = re.compile(r"//[^/@]*@")
 
 
 class ConfigError(ValueError):
@@ -46,10 +50,31 @@ class GenerationSettings(_Section):
 
 
 class CacheSettings(_Section):
-    backend: Literal["memory"] = "memory"
+    backend: Literal["memory", "redis"] = "memory"
     max_bytes: int = Field(256 * 1024 * 1024, gt=0)
     ttl: int = Field(86400, ge=0)
     key_prefix: str = "image_service:"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    local_cache: bool = True
+    redis_timeout: float = Field(0.5, gt=0, le=60)
+    redis_backoff_max: float = Field(15.0, gt=0)
+    lock_ttl: float = Field(10.0, gt=0)
+    lock_wait: float = Field(90.0, gt=0)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_parses(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+            raise ValueError("must look like redis://host:port/db (or rediss:// for TLS)")
+        try:
+            _ = parts.port
+        except ValueError:
+            raise ValueError("has a malformed port") from None
+        db = parts.path.strip("/")
+        if db and not db.isdigit():
+            raise ValueError(f"database must be a number, got {db!r}")
+        return value
 
 
 class ModelSettings(_Section):
@@ -392,7 +417,8 @@ def _describe(error: ValidationError) -> str:
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"]) or "(top level)"
         shown = item["type"] != "missing" and not isinstance(item["input"], dict) and "key" not in key
-        got = f" (got {item['input']!r})" if shown else ""
+        value = _USERINFO.sub("//***@", item["input"]) if isinstance(item["input"], str) else item["input"]
+        got = f" (got {value!r})" if shown else ""
         lines.append(f"{key}: {item['msg']}{got}")
     return "; ".join(lines)
 

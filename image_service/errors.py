@@ -16,7 +16,8 @@
         ├── BackendUnavailable        503 no backend can take the request now
         │   ├── AuthUnavailable       503 the token service did not answer
         │   └── FeedFull              503 the live feed has no room for another subscriber
-        └── GenerationTimeout         504 the backend did not answer in time
+        ├── GenerationTimeout         504 the backend did not answer in time
+        └── SharedGenerationError     the status of another instance's failed generation we waited for
 
 Messages are written for the client: they never carry a stack trace, a path or a credential.
 """
@@ -134,3 +135,12 @@ class AuthUnavailable(BackendUnavailable):
 
 class FeedFull(BackendUnavailable):
     code = "feed_full"
+
+
+class SharedGenerationError(GenerationError):
+    """Another instance generated this image for us and failed: its status, code and message, replayed."""
+
+    def __init__(self, message: str, *, status: int, code: str, **details: Any) -> None:
+        super().__init__(message, **details)
+        self.status = status
+        self.code = code

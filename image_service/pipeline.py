@@ -81,6 +81,7 @@ class Pipeline:
         # Only the request that caused the generation pays for it; hits and shared waits cost nothing.
         cost = self._generator.cost_of(params.model) if status is CacheStatus.MISS else 0.0
         self._bind_generation_facts(image, cost)
+        bind(cache_status=status.value)
         return self._enforce(Outcome(image, status), params, client_id)
 
     @staticmethod
@@ -90,8 +91,8 @@ class Pipeline:
 
     async def _lookup(self, key: str) -> CachedImage | None:
         start = time.perf_counter()
-        cached = await self._cache.get(key)
-        outcome = CacheStatus.HIT if cached is not None else CacheStatus.MISS
+        cached, outcome = await self._cache.lookup(key)
+        bind(cache_status=outcome.value, cache_backend=self._cache.backend)
         log.info("cache.lookup", stage="cache", cache_status=outcome.value, duration_ms=_ms_since(start))
         return cached
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ from image_service.generation import GeneratedImage
 from image_service.generation.embedded import render
 from image_service.moderation import Classifiers, load_classifiers
 from image_service.params import ImageParams
+from image_service.testing import RedisServer
 
 from .events_api import EventsAPI
 
@@ -110,4 +112,18 @@ def classifiers() -> Classifiers:
     return load_classifiers(load_settings().moderation)
 
 
-__all__ = ["EXECUTOR", "ClientFactory", "CountingBackend", "EventsAPI", "make_settings", "tracking_to"]
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server on a free loopback port, empty, stopped after the test."""
+    with RedisServer(tmp_path) as server:
+        yield server
+
+
+def redis_settings(server: RedisServer, **cache: Any) -> Settings:
+    """Settings for the Redis backend on `server`, with short timeouts so failures show quickly."""
+    return make_settings(cache={
+        "backend": "redis", "redis_url": server.url, "redis_timeout": 0.3, "redis_backoff_max": 0.2, **cache,
+    })
+
+
+__all__ = ["EXECUTOR", "ClientFactory", "CountingBackend", "EventsAPI", "make_settings", "redis_settings", "tracking_to"]

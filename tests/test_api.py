@@ -201,7 +201,7 @@ class TestMetadataRoutes:
 
     async def test_health_reports_ok(self, client) -> None:
         body = await (await client.get("/health")).json()
-        assert body["status"] == "ok" and body["cache"]["backend"] == "memory"
+        assert body["status"] == "ok" and body["cache"]["backend"] == "memory" and body["cache"]["state"] == "up"
 
     async def test_openapi_documents_every_route(self, client) -> None:
         """Each GET route the app serves has a path in the OpenAPI document."""

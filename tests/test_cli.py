@@ -11,6 +11,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from image_service.testing import RedisServer
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -61,3 +63,82 @@ def test_invalid_configuration_exits_2_naming_the_key(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert b"cache.max_bytes" in result.stderr and b"Traceback" not in result.stderr
+
+
+def listening_sockets(port: int) -> int:
+    """How many sockets listen on the loopback port (SO_REUSEPORT lets several)."""
+    wanted = f"0100007F:{port:04X}"
+    lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return sum(1 for line in lines if line.split()[1] == wanted and line.split()[3] == "0A")
+
+
+def worker_pids(supervisor: int) -> list[int]:
+    """The supervisor's spawned workers (not multiprocessing's resource tracker)."""
+    children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
+    return [int(pid) for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
+def test_serve_with_two_workers_shares_the_port_and_stops_all_on_sigterm(tmp_path: Path) -> None:
+    """Two worker processes answer on one port, share the Redis cache, and SIGTERM stops them all."""
+    with RedisServer(tmp_path) as redis_server:
+        port = free_port()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "image_service", "serve", "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "2", "--log-format", "json"],
+            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env={**os.environ, "IMAGE_SERVICE_CACHE__BACKEND": "redis",
+                 "IMAGE_SERVICE_CACHE__REDIS_URL": redis_server.url},
+        )
+        try:
+            wait_until_listening(port, process)
+            end = time.monotonic() + 20
+            while listening_sockets(port) < 2:
+                assert time.monotonic() < end, "the second worker did not start listening"
+                time.sleep(0.05)
+            caches = []
+            for _ in range(12):  # new connections: the kernel spreads them over both workers
+                url = f"http://127.0.0.1:{port}/prompt/fox?width=64&height=48"
+                with urllib.request.urlopen(url, timeout=10) as reply:
+                    assert reply.status == 200 and reply.headers["Content-Type"] == "image/jpeg"
+                    caches.append(reply.headers["X-Cache"])
+            workers = worker_pids(process.pid)
+            process.send_signal(signal.SIGTERM)
+            stdout, stderr = process.communicate(timeout=30)
+        finally:
+            process.kill()
+    assert process.returncode == 0, stderr.decode()
+    assert caches.count("MISS") == 1, caches  # one generation for all workers: the cache is shared
+    assert len(workers) == 2 and not any(Path(f"/proc/{pid}").exists() for pid in workers)
+    assert stdout.count(b'"event":"request.completed"') == 12
+    assert b"2 workers" in stderr and b"Traceback" not in stderr
+
+
+def test_workers_must_be_a_positive_number(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "image_service", "serve", "--workers", "0"],
+        cwd=tmp_path, capture_output=True, timeout=30,
+    )
+    assert result.returncode == 2 and b"--workers" in result.stderr
+
+
+def test_a_dead_worker_stops_the_others_and_the_supervisor_exits_1(tmp_path: Path) -> None:
+    """A worker killed from outside is not silently lost: all stop, status 1, for a supervisor to restart."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "image_service", "serve", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "2"],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        wait_until_listening(port, process)
+        end = time.monotonic() + 20
+        while len(worker_pids(process.pid)) < 2 or listening_sockets(port) < 2:
+            assert time.monotonic() < end, "workers did not start"
+            time.sleep(0.05)
+        victim, survivor = worker_pids(process.pid)
+        os.kill(victim, signal.SIGKILL)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 1
+    assert b"exited with status -9" in stderr and not Path(f"/proc/{survivor}").exists()

@@ -40,6 +40,9 @@ def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.Monk
         ({"IMAGE_SERVICE_SERVER__LOG_FORMAT": "xml"}, "server.log_format"),
         ({"IMAGE_SERVICE_GENERATION__DEFAULT_MODEL": "flux"}, "generation.default_model"),
         ({"IMAGE_SERVICE_MODELS__PROCEDURAL__DEFAULT_SIDE": "4000"}, "default_side"),
+        ({"IMAGE_SERVICE_CACHE__BACKEND": "memcached"}, "cache.backend"),
+        ({"IMAGE_SERVICE_CACHE__REDIS_URL": "http://127.0.0.1:6379"}, "cache.redis_url"),
+        ({"IMAGE_SERVICE_CACHE__REDIS_URL": "redis://127.0.0.1:6379/zero"}, "cache.redis_url"),
     ],
 )
 def test_invalid_values_fail_with_a_message_naming_the_key(
@@ -105,3 +108,10 @@ def test_invalid_access_values_fail_naming_the_key(
         monkeypatch.setenv(key, value)
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
         load_settings()
+
+
+def test_a_bad_redis_url_is_reported_without_its_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMAGE_SERVICE_CACHE__REDIS_URL", "redis://:hunter2@127.0.0.1:port/0")
+    with pytest.raises(ConfigError, match=r"cache\.redis_url") as caught:
+        load_settings()
+    assert "hunter2" not in str(caught.value)

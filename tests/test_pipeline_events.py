@@ -33,6 +33,7 @@ async def test_a_miss_emits_one_event_per_stage_with_request_id_and_duration(cli
     assert [e["stage"] for e in mine] == ["request", "cache", "generation", "moderation", "response"]
     assert all(e["duration_ms"] >= 0 for e in mine)
     assert mine[-1]["status"] == 200 and mine[-1]["cache_status"] == "miss"
+    assert mine[-1]["cache_backend"] == "memory"
 
 
 async def test_a_hit_skips_generation_and_moderation(client) -> None:

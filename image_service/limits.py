@@ -1,0 +1,193 @@
+"""Limiter state: per-key concurrency slots and start spacing, atomic, in process or shared through Redis.
+
+This is the storage layer that per-client queues and rate limits are built on; it holds no policy.
+A key is whatever is limited (a client, a tier, a model). For each key the limiter keeps the slots in
+use and the time of the last start, and `acquire` grants a slot only when both allow it:
+
+    acquire(key, limit)  → Grant   a slot when fewer than `limit.max_active` are held on the key AND
+                                   at least `limit.min_interval` seconds passed since the last start;
+                                   otherwise acquired=False and, when spacing is what refused,
+                                   `retry_after` says how long until it would allow a start.
+    release(key, token)            frees the slot (idempotent; unknown tokens are ignored).
+
+Each check-and-take is atomic: one Lua script in Redis, no await between check and take in memory.
+A slot that is never released (its instance crashed) frees itself after `limit.slot_ttl` seconds,
+so a dead instance cannot hold a client's slots forever. Waiting, queueing and fairness belong to the
+caller: poll `acquire` after `retry_after`, or after another request's `release`.
+
+`build_limiter` picks `InMemoryLimiter` for `cache.backend = "memory"` and `RedisLimiter` for
+"redis", so limits hold across instances. While Redis is unreachable `RedisLimiter` falls back to
+its own in-memory state: limits then hold per instance (`Grant.shared` is False) until Redis returns.
+The app exposes the limiter as `app[LIMITER]`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .config import CacheSettings
+from .redis_state import RedisLink, RedisUnavailable
+
+# KEYS: slots (sorted set token → expiry ms), last (string: last start ms).
+# ARGV: max_active, min_interval ms, slot ttl ms, token. Times are Redis server time, the one clock
+# every instance shares. Returns {acquired 0/1, active slots after the call, last start ms before
+# the call or -1, retry_after ms}.
+ACQUIRE_SCRIPT = """
+local slots, last = KEYS[1], KEYS[2]
+local max_active, interval, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
+local active = redis.call('ZCARD', slots)
+local previous = tonumber(redis.call('GET', last) or '-1')
+local wait = 0
+if previous >= 0 and now - previous < interval then wait = interval - (now - previous) end
+if active >= max_active or wait > 0 then return {0, active, previous, wait} end
+redis.call('ZADD', slots, now + ttl, ARGV[4])
+redis.call('PEXPIRE', slots, ttl)
+redis.call('SET', last, now, 'PX', math.max(interval, ttl))
+return {1, active + 1, previous, 0}
+"""
+RELEASE_SCRIPT = "return redis.call('ZREM', KEYS[1], ARGV[1])"
+
+
+@dataclass(frozen=True, slots=True)
+class SlotLimit:
+    """How much of one key may run: concurrent slots, spacing between starts, lifetime of a lost slot."""
+
+    max_active: int
+    min_interval: float = 0.0
+    slot_ttl: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.max_active < 1:
+            raise ValueError(f"max_active must be at least 1, got {self.max_active}")
+        if self.min_interval < 0:
+            raise ValueError(f"min_interval must not be negative, got {self.min_interval}")
+        if self.slot_ttl <= 0:
+            raise ValueError(f"slot_ttl must be positive, got {self.slot_ttl}")
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """The answer to one `acquire`."""
+
+    acquired: bool
+    token: str | None  # pass to release(); None when refused
+    active: int  # slots held on the key after this call
+    last_start: float | None  # epoch seconds of the previous start on the key, None if none is known
+    retry_after: float  # seconds until spacing allows a start; 0 when spacing did not refuse
+    shared: bool  # True when decided by state every instance sees
+
+
+class Limiter(Protocol):
+    async def acquire(self, key: str, limit: SlotLimit) -> Grant: ...
+
+    async def release(self, key: str, token: str) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass
+class _KeyState:
+    slots: dict[str, float] = field(default_factory=dict)  # token → expiry (epoch seconds)
+    last_start: float | None = None
+    min_interval: float = 0.0
+
+
+class InMemoryLimiter:
+    """Limiter state in this process: limits hold per instance."""
+
+    def __init__(self) -> None:
+        self._keys: dict[str, _KeyState] = {}
+
+    async def acquire(self, key: str, limit: SlotLimit) -> Grant:
+        return self.acquire_now(key, limit)
+
+    def acquire_now(self, key: str, limit: SlotLimit) -> Grant:
+        """The synchronous core: nothing can interleave between the check and the take."""
+        now = time.time()
+        state = self._keys.setdefault(key, _KeyState())
+        state.slots = {token: expiry for token, expiry in state.slots.items() if expiry > now}
+        previous = state.last_start
+        wait = 0.0
+        if previous is not None and now - previous < limit.min_interval:
+            wait = limit.min_interval - (now - previous)
+        if len(state.slots) >= limit.max_active or wait > 0:
+            return Grant(False, None, len(state.slots), previous, wait, shared=False)
+        token = uuid.uuid4().hex
+        state.slots[token] = now + limit.slot_ttl
+        state.last_start = now
+        state.min_interval = limit.min_interval
+        return Grant(True, token, len(state.slots), previous, 0.0, shared=False)
+
+    def holds(self, key: str, token: str) -> bool:
+        state = self._keys.get(key)
+        return state is not None and token in state.slots
+
+    async def release(self, key: str, token: str) -> None:
+        state = self._keys.get(key)
+        if state is None:
+            return
+        state.slots.pop(token, None)
+        # Forget an idle key once its spacing can no longer refuse anything: memory stays bounded.
+        if not state.slots and (state.last_start is None or time.time() - state.last_start >= state.min_interval):
+            del self._keys[key]
+
+    async def close(self) -> None:
+        self._keys.clear()
+
+
+class RedisLimiter:
+    """Limiter state in Redis, so limits hold across instances; in-memory while Redis is down."""
+
+    def __init__(self, link: RedisLink, key_prefix: str) -> None:
+        self._link = link
+        self._prefix = f"{key_prefix}limit:"
+        self._acquire = link.client.register_script(ACQUIRE_SCRIPT)
+        self._release = link.client.register_script(RELEASE_SCRIPT)
+        self._fallback = InMemoryLimiter()
+
+    def _keys(self, key: str) -> list[str]:
+        # The hash tag keeps both keys of one limited key in one Redis Cluster slot.
+        return [f"{self._prefix}{{{key}}}:slots", f"{self._prefix}{{{key}}}:last"]
+
+    async def acquire(self, key: str, limit: SlotLimit) -> Grant:
+        token = uuid.uuid4().hex
+        args = [limit.max_active, round(limit.min_interval * 1000), max(1, round(limit.slot_ttl * 1000)), token]
+        try:
+            acquired, active, previous, wait = await self._link.call(
+                lambda: self._acquire(keys=self._keys(key), args=args)
+            )
+        except RedisUnavailable:
+            return self._fallback.acquire_now(key, limit)
+        return Grant(
+            acquired=bool(acquired),
+            token=token if acquired else None,
+            active=int(active),
+            last_start=int(previous) / 1000 if int(previous) >= 0 else None,
+            retry_after=int(wait) / 1000,
+            shared=True,
+        )
+
+    async def release(self, key: str, token: str) -> None:
+        if self._fallback.holds(key, token):
+            await self._fallback.release(key, token)
+            return
+        try:
+            await self._link.call(lambda: self._release(keys=self._keys(key)[:1], args=[token]))
+        except RedisUnavailable:
+            pass  # the slot frees itself after its slot_ttl
+
+    async def close(self) -> None:
+        """The link belongs to the cache, which closes it."""
+        await self._fallback.close()
+
+
+def build_limiter(settings: CacheSettings, link: RedisLink | None) -> Limiter:
+    if settings.backend == "redis" and link is not None:
+        return RedisLimiter(link, settings.key_prefix)
+    return InMemoryLimiter()
