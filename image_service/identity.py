@@ -234,7 +234,7 @@ class ClientAddress:
 
     def __call__(self, request: web.BaseRequest) -> str:
         peer = request.remote or "unknown"
-        if not self._is_trusted(_address(peer)):
+        if not self._trusted or not self._is_trusted(_address(peer)):
             return peer
         hops = [hop.strip() for header in request.headers.getall("X-Forwarded-For", ()) for hop in header.split(",")]
         for hop in reversed([hop for hop in hops if hop]):

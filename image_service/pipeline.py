@@ -176,6 +176,9 @@ class Pipeline:
 
     def _enforce(self, outcome: Outcome, params: ImageParams, client_id: str | None) -> Outcome:
         """Apply the policy to this request: the verdict may be fresh or replayed from the cache."""
+        if not outcome.image.verdict.get("is_mature") and not outcome.image.verdict.get("is_child"):
+            bind(is_mature=False, is_child=False)  # nothing flagged: no rule can refuse or unlist it
+            return outcome
         verdict = Verdict.from_dict(outcome.image.verdict)
         refusal = self._content.policy.for_image(verdict, params)
         if refusal is not None:

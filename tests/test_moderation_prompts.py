@@ -6,6 +6,7 @@ import pytest
 
 from image_service.config import load_settings
 from image_service.moderation import PromptChecker, normalise
+from image_service.moderation.prompts import MEMO_SIZE
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +122,13 @@ class TestLabels:
         terms = load_settings().moderation.terms
         for lang in ("en", "es", "fr", "de", "pt", "it"):
             assert terms.minor[lang] and terms.sexual[lang], lang
+
+
+def test_repeated_prompts_give_the_same_findings_and_the_memo_stays_bounded() -> None:
+    """The memo answers repeats exactly as a fresh check would, and never grows past its bound."""
+    checker = PromptChecker({"en": ["child"]}, {"en": ["nude"]})
+    first = checker.check("a nude child")
+    assert checker.check("a nude child") == first and first.sexual_minor
+    for n in range(MEMO_SIZE + 10):
+        checker.check(f"landscape {n}")
+    assert len(checker._memo) == MEMO_SIZE and not checker.check("landscape 3").sexual

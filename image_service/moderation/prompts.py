@@ -83,6 +83,9 @@ class PromptFindings:
         return self.minor and self.sexual
 
 
+MEMO_SIZE = 4096
+
+
 class PromptChecker:
     """Matches the minor and sexual word lists (every language at once) against a normalised prompt."""
 
@@ -96,8 +99,19 @@ class PromptChecker:
         self._minor = _pattern([term for terms in minor.values() for term in terms] + both)
         self._sexual = _pattern([term for terms in sexual.values() for term in terms] + both)
         self.languages = tuple(sorted(set(minor) | set(sexual)))
+        self._memo: dict[str, PromptFindings] = {}
 
     def check(self, prompt: str) -> PromptFindings:
+        """Findings for `prompt`, memoised: popular prompts repeat on every cache hit."""
+        found = self._memo.get(prompt)
+        if found is None:
+            found = self._check(prompt)
+            if len(self._memo) >= MEMO_SIZE:
+                del self._memo[next(iter(self._memo))]
+            self._memo[prompt] = found
+        return found
+
+    def _check(self, prompt: str) -> PromptFindings:
         folded = fold(prompt)
         text = _WORD.sub(_unleet, folded)
         return PromptFindings(
