@@ -15,7 +15,7 @@ import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from functools import cache
+from functools import cache, lru_cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from aiohttp import web
 
 from . import __version__
 from .cache import CacheStatus, ImageCache, build_cache
-from .config import CONFIG_DIR, Settings
+from .config import CONFIG_DIR, Settings, TierSettings
 from .enhance import PromptEnhancer, ReferrerTransform
 from .errors import BadRequest, ServiceError
 from .feed import Feed, feed_item
@@ -38,7 +38,9 @@ from .openapi import openapi_document
 from .params import ImageParams, ParamsParser
 from .pipeline import Pipeline, Prepare
 from .queues import Clock, Limiter, MemoryLimiter, MonotonicClock, require_tier, slot
-from .tracking import TELEMETRY, Tracking, bind, configure_logging, is_configured, new_request, parse_traceparent, request_ids
+from .tracking import (
+    TELEMETRY, Tracking, bind, configure_logging, flush_logs, is_configured, new_request, parse_traceparent, request_ids,
+)
 from .tracking.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .tracking.metrics import render as render_metrics
 
@@ -162,18 +164,25 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
     return response
 
 
+@asynccontextmanager
+async def _generation_slot(
+    app: web.Application, key: str, tier: str, limits: TierSettings, params: ImageParams
+) -> AsyncIterator[ImageParams]:
+    """The production step for one client: a slot in its queue, then the (maybe enhanced) params."""
+    async with slot(app[LIMITER], key, tier, limits):
+        yield await app[ENHANCER].enhance(params)
+
+
 def _prepare(request: web.Request, identity: Identity, client: str) -> Prepare:
-    """The production step for this client: a slot in its queue, then the (maybe enhanced) params."""
     app = request.app
     key = f"user:{identity.user}" if identity.user else f"addr:{client}"
-    limits = app[SETTINGS].tiers.limits(identity.tier)
+    return partial(_generation_slot, app, key, identity.tier, app[SETTINGS].tiers.limits(identity.tier))
 
-    @asynccontextmanager
-    async def prepare(params: ImageParams) -> AsyncIterator[ImageParams]:
-        async with slot(app[LIMITER], key, identity.tier, limits):
-            yield await app[ENHANCER].enhance(params)
 
-    return prepare
+@lru_cache(maxsize=4096)
+def _content_disposition(params: ImageParams) -> str:
+    filename = "image.jpg" if params.private else f"{params.slug()}.jpg"
+    return f'inline; filename="{filename}"'
 
 
 async def image_handler(request: web.Request) -> web.Response:
@@ -199,13 +208,12 @@ async def image_handler(request: web.Request) -> web.Response:
     outcome = await request.app[PIPELINE].run(params, key, _prepare(request, identity, client), client=client)
     if outcome.cache_status == CacheStatus.MISS:
         request.app[FEED].publish(feed_item(params, outcome.image.verdict))
-    filename = "image.jpg" if params.private else f"{params.slug()}.jpg"
     return web.Response(
         body=outcome.image.body,
         headers={
             "Content-Type": outcome.image.content_type,
             "Cache-Control": PRIVATE_IMMUTABLE if params.private else IMMUTABLE,
-            "Content-Disposition": f'inline; filename="{filename}"',
+            "Content-Disposition": _content_disposition(params),
             "X-Cache": "HIT" if outcome.cache_status == "hit" else "MISS",
         },
     )
@@ -283,14 +291,14 @@ async def tracking_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     if not is_configured():
         configure_logging(settings.server.log_format, settings.server.log_level)
-    if not settings.tracking.enabled:
-        yield
-        return
-    tracking = Tracking(settings.tracking)
-    await tracking.start()
-    app[TRACKING] = tracking
+    tracking = Tracking(settings.tracking) if settings.tracking.enabled else None
+    if tracking is not None:
+        await tracking.start()
+        app[TRACKING] = tracking
     yield
-    await tracking.close()
+    if tracking is not None:
+        await tracking.close()
+    flush_logs()
 
 
 async def feed_handler(request: web.Request) -> web.StreamResponse:

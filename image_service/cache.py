@@ -172,6 +172,10 @@ class BoundedMemoryCache(SimpleMemoryCache):
     async def _get(self, key: str, encoding: str = "utf-8", _conn: Any = None) -> Any:
         return self._cache.touch(key)
 
+    def peek(self, key: str) -> Any:
+        """A synchronous `get` for the hot path: a memory lookup needs no await, no plugins, no timeout."""
+        return self._cache.touch(self.build_key(key))
+
     async def _set(self, key: str, value: Any, ttl: Any = None, _cas_token: Any = None, _conn: Any = None) -> bool:
         if _sizeof(value) > self._cache.max_bytes:
             return False
@@ -264,8 +268,9 @@ class ImageCache:
 
     async def lookup(self, key: str) -> tuple[CachedImage | None, CacheStatus]:
         """The image if cached (HIT); MISS; or BYPASS when the Redis level cannot answer."""
-        if self._store is not None:
-            found = await self._store.get(key)
+        store = self._store
+        if store is not None:
+            found = store.peek(key) if isinstance(store, BoundedMemoryCache) else await store.get(key)
             if found is not None:
                 return found, CacheStatus.HIT
         if self._shared is None:

@@ -11,7 +11,7 @@ import orjson
 import structlog
 
 from image_service.app import TRACKING
-from image_service.tracking import COLUMNS, configure_logging, record_text_completion
+from image_service.tracking import COLUMNS, configure_logging, flush_logs, record_text_completion
 
 from .conftest import ClientFactory, make_settings, tracking_to
 from .events_api import EventsAPI, Fault
@@ -98,6 +98,7 @@ async def test_private_prompts_tokens_and_ips_appear_in_no_row_and_no_log(
                          headers=headers)
         await client.get("/prompt/my%20diary%20entry?private=true&width=oops&token=sk-query-123456789", headers=headers)
         await flushed(client)
+        flush_logs()
     finally:
         structlog.reset_defaults()
     logs = capfd.readouterr().out

@@ -10,7 +10,7 @@
 
 from .context import bind, new_request, parse_traceparent, request_ids
 from .forwarder import Breaker, BreakerState, Forwarder, ForwarderSettings
-from .logs import configure_logging, is_configured, processors
+from .logs import configure_logging, flush_logs, is_configured, processors
 from .processor import TELEMETRY, EventQueue, TelemetryProcessor
 from .rows import COLUMNS, TERMINAL_EVENT, TEXT_EVENT, build_row, sanitise
 from .service import Tracking, make_sink
@@ -21,6 +21,6 @@ from .text import record_text_completion
 __all__ = [
     "COLUMNS", "TELEMETRY", "TERMINAL_EVENT", "TEXT_EVENT", "Breaker", "BreakerState", "EventQueue", "FileSink",
     "Forwarder", "ForwarderSettings", "Outcome", "SendResult", "Sink", "Spool", "TelemetryProcessor", "TinybirdSink",
-    "Tracking", "bind", "build_row", "configure_logging", "is_configured", "make_sink", "new_request",
+    "Tracking", "bind", "build_row", "configure_logging", "flush_logs", "is_configured", "make_sink", "new_request",
     "parse_traceparent", "processors", "record_text_completion", "request_ids", "sanitise",
 ]

@@ -7,8 +7,12 @@ rendered at info, so production logs carry one line per request while every stag
 
 from __future__ import annotations
 
+import atexit
+import io
 import logging
 import sys
+import threading
+import time
 from typing import Any
 
 import orjson
@@ -17,10 +21,12 @@ from structlog.typing import EventDict, Processor, WrappedLogger
 
 from .context import merge_request_context
 from .processor import TELEMETRY
-from .rows import TERMINAL_EVENT
+from .rows import TERMINAL_EVENT, SecondFormatter
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 _INTERNAL_KEYS = ("request_start",)
+LOG_BUFFER_BYTES = 1 << 20
+FLUSH_SECONDS = 0.2
 
 
 class StageEventFilter:
@@ -43,6 +49,59 @@ def _orjson_dumps(data: Any, **_: Any) -> bytes:
     return orjson.dumps(data, default=str)
 
 
+_iso_time = SecondFormatter("%Y-%m-%dT%H:%M:%S", "Z")
+
+
+def add_timestamp(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+    """ISO-8601 UTC with milliseconds, formatted once per second (structlog's TimeStamper formats every line)."""
+    event_dict["timestamp"] = _iso_time(time.time())
+    return event_dict
+
+
+class BufferedLineLogger:
+    """Writes rendered lines into a large buffer instead of one write and flush per line.
+
+    A request's log line must not cost a system call (or block on a full pipe) on the event loop: a
+    daemon thread flushes the buffer every FLUSH_SECONDS, and `flush()` runs at shutdown and exit.
+    """
+
+    def __init__(self, fileno: int, buffer_size: int = LOG_BUFFER_BYTES) -> None:
+        self._out = io.BufferedWriter(io.FileIO(fileno, "wb", closefd=False), buffer_size=buffer_size)
+        self._thread = threading.Thread(target=self._flush_forever, name="log-flusher", daemon=True)
+        self._thread.start()
+        atexit.register(self.flush)
+
+    def msg(self, message: bytes) -> None:
+        self._out.write(message + b"\n")
+
+    debug = info = warning = warn = error = critical = exception = log = failure = fatal = msg
+
+    def flush(self) -> None:
+        try:
+            self._out.flush()
+        except (OSError, ValueError):
+            pass  # stdout went away: logs are best effort, the service goes on
+
+    def _flush_forever(self) -> None:
+        while True:
+            time.sleep(FLUSH_SECONDS)
+            self.flush()
+
+
+_buffered: dict[int, BufferedLineLogger] = {}
+
+
+def _buffered_logger(fileno: int) -> BufferedLineLogger:
+    if fileno not in _buffered:
+        _buffered[fileno] = BufferedLineLogger(fileno)
+    return _buffered[fileno]
+
+
+def flush_logs() -> None:
+    for logger in _buffered.values():
+        logger.flush()
+
+
 def processors(level: str = "info") -> list[Processor]:
     """The chain up to (not including) rendering; tests capture after it."""
     return [merge_request_context, TELEMETRY, StageEventFilter(level)]
@@ -54,11 +113,12 @@ def configure_logging(log_format: str = "console", level: str = "info", *, cache
         raise ValueError(f"log format must be 'console' or 'json', got {log_format!r}")
     chain = processors(level) + [
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        add_timestamp,
     ]
     if log_format == "json":
         chain += [structlog.processors.format_exc_info, structlog.processors.JSONRenderer(serializer=_orjson_dumps)]
-        factory: Any = structlog.BytesLoggerFactory(sys.stdout.buffer)
+        output = _buffered_logger(sys.stdout.fileno())
+        factory: Any = lambda *args: output  # noqa: E731
     else:
         chain.append(structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty()))
         factory = structlog.PrintLoggerFactory(sys.stdout)

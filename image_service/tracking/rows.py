@@ -122,11 +122,6 @@ def public_referrer(value: Any) -> str | None:
     return sanitise(text.split("?", 1)[0][:512])
 
 
-def format_time(epoch: float) -> str:
-    """DateTime64(3) text as Tinybird's JSON ingestion and ClickHouse parse it."""
-    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
-
-
 def _status_word(http_status: int | None, event_name: str) -> str:
     if event_name == "content.flagged" or http_status == 451:
         return "content_violation"
@@ -164,21 +159,24 @@ def _as_int(value: Any, upper: int) -> int | None:
     return value if 0 <= value <= upper else None
 
 
-class _SecondCache:
-    """Formats epoch seconds as DateTime64(3) text, re-using the formatted second (rows come in bursts)."""
+class SecondFormatter:
+    """Formats epoch seconds with millisecond precision in UTC, re-using the formatted second
+    (events come in bursts, so strftime runs about once a second instead of once an event)."""
 
-    def __init__(self) -> None:
+    def __init__(self, pattern: str, suffix: str = "") -> None:
+        self._pattern, self._suffix = pattern, suffix
         self._second = -1
         self._prefix = ""
 
     def __call__(self, epoch: float) -> str:
         second = int(epoch)
         if second != self._second:
-            self._second, self._prefix = second, datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%d %H:%M:%S")
-        return f"{self._prefix}.{int((epoch - second) * 1000):03d}"
+            self._second, self._prefix = second, datetime.fromtimestamp(second, UTC).strftime(self._pattern)
+        return f"{self._prefix}.{int((epoch - second) * 1000):03d}{self._suffix}"
 
 
-format_time = _SecondCache()
+# DateTime64(3) text, as Tinybird's JSON ingestion and ClickHouse parse it.
+format_time = SecondFormatter("%Y-%m-%d %H:%M:%S")
 
 
 def _metadata(event: dict[str, Any], environment: str, service_type: str) -> str:
