@@ -225,3 +225,14 @@ async def test_file_sink_writes_ndjson_rows(tmp_path: Path) -> None:
     await forwarder.close()
     lines = (tmp_path / "events.ndjson").read_bytes().splitlines()
     assert len(lines) == 10 and b'"event_id":"ev-000000"' in lines[0]
+
+
+async def test_flush_waits_for_events_still_being_serialised(make_forwarder: Make, events_api: tuple[EventsAPI, str]) -> None:
+    """flush() returns only once a large backlog has actually reached the sink."""
+    api, _ = events_api
+    forwarder = make_forwarder(queue_size=20_000, batch_rows=5_000)
+    await forwarder.start()
+    for n in range(20_000):
+        forwarder.queue.put(event(n))
+    assert await forwarder.flush(timeout=30)
+    assert len(api.rows) == 20_000

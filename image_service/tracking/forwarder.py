@@ -150,6 +150,7 @@ class Forwarder:
         self._pending: list[bytes] = []
         self._pending_since = 0.0
         self._busy = False
+        self._in_hand = 0
         self._logged: set[str] = set()
 
     # lifecycle -----------------------------------------------------------------------------
@@ -161,12 +162,17 @@ class Forwarder:
         TELEMETRY.default = self.queue
 
     async def flush(self, timeout: float = 5.0) -> bool:
-        """Send everything queued now; True when the queue emptied and nothing is in flight."""
+        """Send everything queued or spooled now; True when it all reached the sink in time."""
         deadline = self._clock() + timeout
         self._wake.set()
-        while (self.queue or self._pending or self._busy) and self._clock() < deadline:
+        while self._holding() and self._clock() < deadline:
             await asyncio.sleep(0.01)
-        return not self.queue and not self._pending and not self._busy
+        return not self._holding()
+
+    def _holding(self) -> bool:
+        """Whether any row still waits for the sink (the spool counts while the sink is taking rows)."""
+        waiting = self.queue or self._pending or self._busy or self._in_hand
+        return bool(waiting) or (self.spool.has_data() and self.breaker.state is BreakerState.CLOSED)
 
     async def close(self, timeout: float = 10.0) -> None:
         """Flush within `timeout` seconds, spool the rest; idempotent."""
@@ -267,7 +273,13 @@ class Forwarder:
             return
         if not self._pending:
             self._pending_since = queue.oldest_ts() or time.time()
-        self._pending.extend(await self._serialise(queue.take(len(queue))))
+        events = queue.take(len(queue))
+        self._in_hand += len(events)
+        try:
+            lines = await self._serialise(events)
+        finally:
+            self._in_hand -= len(events)
+        self._pending.extend(lines)
 
     def _take_pending(self, count: int) -> list[bytes]:
         taken = self._pending[:count]
