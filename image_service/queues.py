@@ -206,7 +206,8 @@ class MemoryLimiter:
                 continue
             if self._slots is None:
                 return None
-            grant = await self._take_shared(self._slots, key, SlotLimit(limits.concurrency, limits.interval, self._slot_ttl))
+            limit = SlotLimit(limits.concurrency, limits.interval, self._slot_ttl)
+            grant = await self._take_shared(self._slots, key, limit)
             if grant.acquired:
                 return grant.token
             if grant.retry_after > 0:

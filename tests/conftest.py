@@ -122,9 +122,9 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 def redis_settings(server: RedisServer, tiers: dict[str, Any] | None = None, **cache: Any) -> Settings:
     """Settings for the Redis backend on `server`, with short timeouts so failures show quickly."""
     sections = {"tiers": tiers} if tiers is not None else {}
-    return make_settings(cache={
-        "backend": "redis", "redis_url": server.url, "redis_timeout": 0.3, "redis_backoff_max": 0.2, **cache,
-    }, **sections)
+    cache = {"backend": "redis", "redis_url": server.url, "redis_timeout": 0.3, "redis_backoff_max": 0.2,
+             **cache}
+    return make_settings(cache=cache, **sections)
 
 
 __all__ = ["EXECUTOR", "ClientFactory", "CountingBackend", "EventsAPI", "make_settings", "redis_settings", "tracking_to"]
