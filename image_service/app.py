@@ -33,7 +33,7 @@ from .generation import Backend, Generator, WorkerRegistry, build_backends
 from .identity import Authenticator, ClientAddress, FileTokenValidator, HttpTokenValidator, Identity, TokenValidator
 from .moderation import ContentPolicy, Moderator, load_moderator
 from .limits import Limiter as SlotLimiter
-from .limits import build_limiter
+from .limits import build_shared_limiter
 from .openapi import openapi_document
 from .params import ImageParams, ParamsParser
 from .pipeline import Pipeline, Prepare
@@ -73,6 +73,10 @@ CORS_HEADERS = {
     "Access-Control-Allow-Headers": "Authorization, Content-Type, traceparent",
     "Access-Control-Expose-Headers": "X-Request-Id, X-Cache, Content-Disposition, Retry-After, traceparent",
 }
+# A shared start slot outlives the work it brackets — enhancement, then generation, each bounded by
+# its timeout — by this margin for moderation and encoding; a crashed instance's slots free
+# themselves after that long.
+SLOT_TTL_MARGIN = 60.0
 # Query parameters never echoed back in an error body.
 SECRET_PARAMS = frozenset({"token", "key", "api_key", "apikey"})
 
@@ -387,7 +391,8 @@ def create_app(
     clock: Clock | None = None,
 ) -> web.Application:
     """Wire the service; `backends`, `moderator` and `limiter` replace the configured ones (for
-    embedding and tests); `clock` drives queue intervals and token memoisation."""
+    embedding and tests); `clock` drives queue intervals and token memoisation. With the `redis`
+    cache backend the queues take their start slots from the shared store, `app[SLOTS]`."""
     app = web.Application(middlewares=[edge_middleware])
     app[SETTINGS] = settings
     app[PARSER] = ParamsParser(settings.models, settings.generation.default_model, settings.server.max_prompt_length)
@@ -396,7 +401,11 @@ def create_app(
     async def access_ctx(app: web.Application) -> AsyncIterator[None]:
         app[AUTHENTICATOR] = Authenticator(_token_validator(settings, app_clock), settings.access.referrers)
         app[CLIENT_ADDRESS] = ClientAddress(settings.access.trusted_proxies)
-        app[LIMITER] = limiter if limiter is not None else MemoryLimiter(app_clock)
+        if limiter is not None:
+            app[LIMITER] = limiter
+        else:
+            slot_ttl = settings.generation.timeout + settings.enhance.timeout + SLOT_TTL_MARGIN
+            app[LIMITER] = MemoryLimiter(app_clock, slots=app.get(SLOTS), slot_ttl=slot_ttl)
         app[ENHANCER] = PromptEnhancer(settings.enhance)
         app[TRANSFORM] = ReferrerTransform(settings.enhance)
         app[FEED] = Feed(settings.feed)
@@ -423,12 +432,15 @@ def create_app(
             settings, backends if backends is not None else build_backends(settings, executor, registry)
         )
         app[CACHE], app[GENERATOR] = cache, generator
-        app[SLOTS] = build_limiter(settings.cache, cache.link)
+        slots = build_shared_limiter(settings.cache, cache.link)
+        if slots is not None:
+            app[SLOTS] = slots  # the queues (app[LIMITER]) take their start slots from it
         content_policy = ContentPolicy.from_settings(settings.moderation)
         app[PIPELINE] = Pipeline(cache, generator, app[MODERATOR], executor, content_policy)
         yield
         await generator.close()
-        await app[SLOTS].close()
+        if slots is not None:
+            await slots.close()
         await cache.close()
 
     app.cleanup_ctx.append(tracking_ctx)

@@ -15,14 +15,17 @@ A slot that is never released (its instance crashed) frees itself after `limit.s
 so a dead instance cannot hold a client's slots forever. Waiting, queueing and fairness belong to the
 caller: poll `acquire` after `retry_after`, or after another request's `release`.
 
-`build_limiter` picks `InMemoryLimiter` for `cache.backend = "memory"` and `RedisLimiter` for
-"redis", so limits hold across instances. While Redis is unreachable `RedisLimiter` falls back to
-its own in-memory state: limits then hold per instance (`Grant.shared` is False) until Redis returns.
-The app exposes the limiter as `app[LIMITER]`.
+`build_shared_limiter` returns a `RedisLimiter` for `cache.backend = "redis"` (None otherwise): the
+app keeps it as `app[SLOTS]`, and the per-client queues (`queues.MemoryLimiter`, `app[LIMITER]`)
+take each start slot from it, so a client's tier limits hold across instances. Without Redis the
+queues' own state is the whole limit and no store is used. While Redis is unreachable `RedisLimiter`
+falls back to its own `InMemoryLimiter`: limits then hold per instance (`Grant.shared` is False)
+until Redis returns. Redis keys carry a digest of the limited key, never a client address or user.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -152,8 +155,9 @@ class RedisLimiter:
         self._fallback = InMemoryLimiter()
 
     def _keys(self, key: str) -> list[str]:
-        # The hash tag keeps both keys of one limited key in one Redis Cluster slot.
-        return [f"{self._prefix}{{{key}}}:slots", f"{self._prefix}{{{key}}}:last"]
+        # A digest, so Redis holds no client address; the hash tag keeps both keys in one Cluster slot.
+        digest = hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
+        return [f"{self._prefix}{{{digest}}}:slots", f"{self._prefix}{{{digest}}}:last"]
 
     async def acquire(self, key: str, limit: SlotLimit) -> Grant:
         token = uuid.uuid4().hex
@@ -187,7 +191,8 @@ class RedisLimiter:
         await self._fallback.close()
 
 
-def build_limiter(settings: CacheSettings, link: RedisLink | None) -> Limiter:
+def build_shared_limiter(settings: CacheSettings, link: RedisLink | None) -> Limiter | None:
+    """The slot store instances share, when there is one (the `redis` backend)."""
     if settings.backend == "redis" and link is not None:
         return RedisLimiter(link, settings.key_prefix)
-    return InMemoryLimiter()
+    return None

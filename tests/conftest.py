@@ -119,11 +119,12 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
 
 
-def redis_settings(server: RedisServer, **cache: Any) -> Settings:
+def redis_settings(server: RedisServer, tiers: dict[str, Any] | None = None, **cache: Any) -> Settings:
     """Settings for the Redis backend on `server`, with short timeouts so failures show quickly."""
-    return make_settings(cache={
-        "backend": "redis", "redis_url": server.url, "redis_timeout": 0.3, "redis_backoff_max": 0.2, **cache,
-    })
+    sections = {"tiers": tiers} if tiers is not None else {}
+    cache = {"backend": "redis", "redis_url": server.url, "redis_timeout": 0.3, "redis_backoff_max": 0.2,
+             **cache}
+    return make_settings(cache=cache, **sections)
 
 
 __all__ = ["EXECUTOR", "ClientFactory", "CountingBackend", "EventsAPI", "make_settings", "redis_settings", "tracking_to"]

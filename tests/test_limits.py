@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 
 from image_service.config import CacheSettings
-from image_service.limits import InMemoryLimiter, Limiter, RedisLimiter, SlotLimit, build_limiter
+from image_service.limits import InMemoryLimiter, Limiter, RedisLimiter, SlotLimit, build_shared_limiter
 from image_service.redis_state import RedisLink, connect
 from image_service.testing import RedisServer
 
@@ -128,10 +128,11 @@ def test_bad_limits_fail_when_built() -> None:
         SlotLimit(max_active=1, slot_ttl=0)
 
 
-async def test_the_configured_backend_picks_the_limiter(redis_server: RedisServer) -> None:
-    assert isinstance(build_limiter(CacheSettings(), None), InMemoryLimiter)
+async def test_only_the_redis_backend_has_a_shared_store(redis_server: RedisServer) -> None:
+    """With the memory backend the queues' own state is the limit; with Redis they share a store."""
+    assert build_shared_limiter(CacheSettings(), None) is None
     link = RedisLink(connect(redis_server.url, 1.0), 1.0, 0.2)
     try:
-        assert isinstance(build_limiter(CacheSettings(backend="redis"), link), RedisLimiter)
+        assert isinstance(build_shared_limiter(CacheSettings(backend="redis"), link), RedisLimiter)
     finally:
         await link.close()

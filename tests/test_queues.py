@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
 from image_service.config import TierSettings
 from image_service.errors import TooManyRequests
+from image_service.generation import GeneratedImage
 from image_service.identity import token_digest
+from image_service.limits import InMemoryLimiter
+from image_service.params import ImageParams
 from image_service.queues import ManualClock, MemoryLimiter
+from image_service.testing import RedisServer
 
-from .conftest import ClientFactory, CountingBackend, make_settings
+from .conftest import ClientFactory, CountingBackend, make_settings, redis_settings
 from .test_pipeline_events import capture_logs
 
 
@@ -215,6 +223,138 @@ class TestHttpQueues:
             backend.gate.set()
             assert (await first).status == 200
             assert (await second).status == expected
+
+
+@dataclass
+class Overlap:
+    """Generations running at once across every instance sharing it, the most seen, and start times."""
+
+    running: int = 0
+    peak: int = 0
+    starts: list[float] = field(default_factory=list)
+
+
+class ObservedBackend(CountingBackend):
+    """A gated CountingBackend that reports its generations to an `Overlap` shared by instances."""
+
+    def __init__(self, overlap: Overlap) -> None:
+        super().__init__()
+        self.overlap = overlap
+
+    async def generate(self, params: ImageParams) -> GeneratedImage:
+        self.overlap.running += 1
+        self.overlap.peak = max(self.overlap.peak, self.overlap.running)
+        self.overlap.starts.append(time.monotonic())
+        try:
+            return await super().generate(params)
+        finally:
+            self.overlap.running -= 1
+
+
+async def until(condition: Callable[[], bool], deadline: float = 5.0) -> None:
+    end = time.monotonic() + deadline
+    while not condition():
+        assert time.monotonic() < end, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+def image(name: str) -> str:
+    return f"/prompt/{name}?width=32&height=32"
+
+
+class TestSharedLimits:
+    """With the Redis backend a client's concurrency and interval hold across instances."""
+
+    async def test_queues_sharing_a_slot_store_hold_the_cap_together(self) -> None:
+        """Two instances' queues on one store run one request at a time; a cancelled waiter takes nothing."""
+        store = InMemoryLimiter()
+        a, b = MemoryLimiter(slots=store), MemoryLimiter(slots=store)
+        tier = limits(1, 0, 2)
+        await a.acquire("client", "anonymous", tier)
+        gave_up = asyncio.ensure_future(b.acquire("client", "anonymous", tier))
+        await asyncio.sleep(0.05)
+        assert not gave_up.done()
+        gave_up.cancel()
+        waiting = asyncio.ensure_future(b.acquire("client", "anonymous", tier))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        await a.release("client")
+        await asyncio.wait_for(waiting, 2)
+        await b.release("client")
+        await asyncio.wait_for(a.acquire("client", "anonymous", tier), 2)
+
+    async def test_a_request_cancelled_while_the_store_grants_gives_the_slot_back(self) -> None:
+        """A client that leaves just as its slot is granted does not block its next request for slot_ttl."""
+        store = InMemoryLimiter()
+        a, b = MemoryLimiter(slots=store), MemoryLimiter(slots=store)
+        tier = limits(1, 0, 2)
+        leaving = asyncio.ensure_future(b.acquire("client", "anonymous", tier))
+        await asyncio.sleep(0)  # b is now waiting on the store's answer
+        leaving.cancel()
+        await settle()
+        assert leaving.cancelled()
+        await asyncio.wait_for(a.acquire("client", "anonymous", tier), 1)
+
+    async def test_one_clients_generations_never_overlap_across_instances(
+        self, make_client: ClientFactory, redis_server: RedisServer
+    ) -> None:
+        """Four images from one client over two instances with concurrency 1: one generation at a time."""
+        overlap = Overlap()
+        backend_a, backend_b = ObservedBackend(overlap), ObservedBackend(overlap)
+        settings = redis_settings(redis_server, tiers=tiers(queue_depth=3))
+        a = await make_client(settings, backends={"embedded": backend_a})
+        b = await make_client(settings, backends={"embedded": backend_b})
+        backend_a.gate.clear()
+        backend_b.gate.clear()
+        first = asyncio.ensure_future(a.get(image("a1")))
+        await until(lambda: backend_a.calls == 1)
+        others = [asyncio.ensure_future(c.get(image(name))) for c, name in ((b, "b1"), (b, "b2"), (a, "a2"))]
+        await asyncio.sleep(0.3)
+        assert (backend_a.calls, backend_b.calls) == (1, 0)  # B waits for the slot A holds
+        backend_a.gate.set()
+        backend_b.gate.set()
+        responses = await asyncio.wait_for(asyncio.gather(first, *others), 10)
+        assert [r.status for r in responses] == [200] * 4
+        assert overlap.peak == 1 and (backend_a.calls, backend_b.calls) == (2, 2)
+        redis = aioredis.Redis(port=redis_server.port)
+        try:
+            limit_keys = await redis.keys("*limit:*")
+        finally:
+            await redis.aclose()
+        assert limit_keys and not any(b"127.0.0.1" in key for key in limit_keys)  # no client address in Redis
+
+    async def test_the_interval_holds_across_instances(
+        self, make_client: ClientFactory, redis_server: RedisServer
+    ) -> None:
+        """A client's second image, asked of another instance, starts only after the tier's interval."""
+        overlap = Overlap()
+        settings = redis_settings(redis_server, tiers=tiers(concurrency=2, interval=0.4, queue_depth=2))
+        a = await make_client(settings, backends={"embedded": ObservedBackend(overlap)})
+        b = await make_client(settings, backends={"embedded": ObservedBackend(overlap)})
+        assert (await a.get(image("one"))).status == 200
+        assert (await asyncio.wait_for(b.get(image("two")), 10)).status == 200
+        first, second = overlap.starts
+        assert second - first >= 0.35  # 0.4 s, less Redis's millisecond rounding
+
+    async def test_limits_hold_per_instance_while_redis_is_down(
+        self, make_client: ClientFactory, redis_server: RedisServer
+    ) -> None:
+        """Redis stopped: both instances still answer, each limiting the client on its own."""
+        overlap = Overlap()
+        backend_a, backend_b = ObservedBackend(overlap), ObservedBackend(overlap)
+        settings = redis_settings(redis_server, tiers=tiers())
+        a = await make_client(settings, backends={"embedded": backend_a})
+        b = await make_client(settings, backends={"embedded": backend_b})
+        redis_server.stop()
+        backend_a.gate.clear()
+        backend_b.gate.clear()
+        running = [asyncio.ensure_future(a.get(image("a1"))), asyncio.ensure_future(b.get(image("b1")))]
+        await until(lambda: backend_a.calls == backend_b.calls == 1)
+        assert overlap.peak == 2
+        assert (await a.get(image("a2"))).status == 429  # this instance's queue still holds
+        backend_a.gate.set()
+        backend_b.gate.set()
+        assert [r.status for r in await asyncio.gather(*running)] == [200, 200]
 
 
 class TestModelGate:
