@@ -67,7 +67,7 @@ def test_env_example_documents_every_setting() -> None:
     """config/.env.example names a variable for every key of every section."""
     example = (Path(__file__).parent.parent / "config" / ".env.example").read_text()
     settings = load_settings()
-    for section in ("server", "generation", "cache"):
+    for section in ("server", "generation", "cache", "tracking"):
         for key in type(getattr(settings, section)).model_fields:
             assert f"IMAGE_SERVICE_{section.upper()}__{key.upper()}" in example
 
@@ -115,3 +115,19 @@ def test_a_bad_redis_url_is_reported_without_its_password(monkeypatch: pytest.Mo
     with pytest.raises(ConfigError, match=r"cache\.redis_url") as caught:
         load_settings()
     assert "hunter2" not in str(caught.value)
+
+
+def test_seed_variables_configure_tinybird(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TINYBIRD_API_URL and TINYBIRD_API_KEY work as the seed names them; the key stays secret."""
+    monkeypatch.setenv("TINYBIRD_API_URL", "https://api.us-east.tinybird.co")
+    monkeypatch.setenv("TINYBIRD_API_KEY", "p.secret-append-token")
+    settings = load_settings()
+    assert settings.tracking.api_url == "https://api.us-east.tinybird.co"
+    assert settings.tracking.api_key.get_secret_value() == "p.secret-append-token"
+    assert "p.secret-append-token" not in repr(settings)
+
+
+def test_invalid_tracking_values_name_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMAGE_SERVICE_TRACKING__BATCH_ROWS", "0")
+    with pytest.raises(ConfigError, match=r"tracking\.batch_rows"):
+        load_settings()
