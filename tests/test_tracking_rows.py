@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 from image_service.tracking import COLUMNS, TELEMETRY, Breaker, BreakerState, EventQueue, Spool, build_row, sanitise
 from image_service.tracking.context import new_request, parse_traceparent, request_ids
 from image_service.tracking.processor import TelemetryProcessor
+from image_service.tracking.rows import RowEncoder
 
 
 def terminal(**fields: object) -> dict[str, object]:
@@ -43,6 +45,19 @@ class TestRows:
     def test_terminal_rows_carry_the_seed_event_types(self, status: int, cache_status: str | None, expected: str, word: str) -> None:
         row = build_row(terminal(status=status, cache_status=cache_status))
         assert (row["log_event_type"], row["status"], row["http_status"]) == (expected, word, status)
+
+    def test_rows_encoded_from_a_request_context_have_every_column_exactly_once(self) -> None:
+        """The request's columns are encoded once and joined to each event's: no key twice, none missing."""
+        encoder = RowEncoder("test")
+        context = {"request_id": "r9", "request_start": time.time(), "model": "procedural", "prompt": "a fox",
+                   "user": "u1", "tier": "seed", "width": 64, "cache_status": "hit"}
+        for event in ({"event": "cache.lookup", "stage": "cache", "_ts": time.time(), "_ctx": context},
+                      {"event": "request.completed", "stage": "response", "status": 200, "_ts": time.time(),
+                       "_ctx": context}):
+            pairs = json.loads(encoder.encode(event), object_pairs_hook=lambda items: items)
+            assert sorted(key for key, _ in pairs) == sorted(COLUMNS)
+            row = dict(pairs)
+            assert (row["id"], row["user"], row["tier"], row["cache_status"]) == ("r9", "u1", "seed", "hit")
 
     def test_times_are_datetime64_text_and_duration_is_milliseconds(self) -> None:
         row = build_row(terminal())

@@ -29,7 +29,7 @@ import orjson
 import structlog
 
 from .processor import TELEMETRY, EventQueue
-from .rows import build_row
+from .rows import RowEncoder
 from .sinks import Outcome, Sink
 from .spool import Spool
 
@@ -134,6 +134,7 @@ class Forwarder:
         self.spool = spool
         self.queue = EventQueue(settings.queue_size)
         self.stats = ForwarderStats()
+        self._encoder = RowEncoder(settings.environment)
         self.breaker = Breaker(settings.breaker_failures, settings.breaker_cooldown, clock)
         self._clock = clock
         self._rand = rand
@@ -392,15 +393,20 @@ class Forwarder:
 
     async def _serialise(self, events: list[dict[str, Any]]) -> list[bytes]:
         lines: list[bytes] = []
-        environment = self.settings.environment
-        for index, event in enumerate(events, 1):
-            try:
-                lines.append(orjson.dumps(build_row(event, environment), option=orjson.OPT_APPEND_NEWLINE))
-            except Exception as exc:
-                self.stats.dropped["unserialisable"] += 1
-                self._log_once(f"serialise:{type(exc).__name__}", "telemetry.unserialisable", error=type(exc).__name__)
-            if index % SERIALISE_SLICE == 0:
-                await asyncio.sleep(0)
+        encoder = self._encoder
+        try:
+            for index, event in enumerate(events, 1):
+                try:
+                    lines.append(encoder.encode(event))
+                except Exception as exc:
+                    self.stats.dropped["unserialisable"] += 1
+                    self._log_once(
+                        f"serialise:{type(exc).__name__}", "telemetry.unserialisable", error=type(exc).__name__
+                    )
+                if index % SERIALISE_SLICE == 0:
+                    await asyncio.sleep(0)
+        finally:
+            encoder.reset()
         return lines
 
     def _split_by_bytes(self, lines: list[bytes]) -> list[list[bytes]]:

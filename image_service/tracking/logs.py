@@ -1,7 +1,8 @@
 """Structured logging: one processor chain for the process, telemetry first, rendering last.
 
-Chain: request context → telemetry processor (sees every event) → stage filter → level, timestamp
-→ renderer. Stage events are rendered only at debug level; the terminal `request.completed` event is
+Chain: telemetry processor (sees every event, with a reference to its request's context) → stage
+filter → request context merged in → level, timestamp → renderer: events that are not rendered
+never pay for the merge. Stage events are rendered only at debug level; the terminal `request.completed` event is
 rendered at info, so production logs carry one line per request while every stage reaches telemetry.
 """
 
@@ -40,9 +41,14 @@ class StageEventFilter:
     def __call__(self, logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
         if not self._show_stages and "stage" in event_dict and event_dict.get("event") != TERMINAL_EVENT:
             raise structlog.DropEvent
-        for key in _INTERNAL_KEYS:
-            event_dict.pop(key, None)
         return event_dict
+
+
+def drop_internal_keys(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+    """Bookkeeping fields of the request context are for rows, not for log lines."""
+    for key in _INTERNAL_KEYS:
+        event_dict.pop(key, None)
+    return event_dict
 
 
 def _orjson_dumps(data: Any, **_: Any) -> bytes:
@@ -104,7 +110,7 @@ def flush_logs() -> None:
 
 def processors(level: str = "info") -> list[Processor]:
     """The chain up to (not including) rendering; tests capture after it."""
-    return [merge_request_context, TELEMETRY, StageEventFilter(level)]
+    return [TELEMETRY, StageEventFilter(level), merge_request_context]
 
 
 def configure_logging(log_format: str = "console", level: str = "info", *, cache_loggers: bool = False) -> None:
@@ -112,6 +118,7 @@ def configure_logging(log_format: str = "console", level: str = "info", *, cache
     if log_format not in ("console", "json"):
         raise ValueError(f"log format must be 'console' or 'json', got {log_format!r}")
     chain = processors(level) + [
+        drop_internal_keys,
         structlog.processors.add_log_level,
         add_timestamp,
     ]

@@ -1,6 +1,7 @@
 """The structlog processor that hands telemetry events to a forwarder without blocking.
 
-It copies the event onto the bounded queue of the forwarder serving the current request (or the
+It runs first in the chain, before the request context is merged in: it copies the event's own
+fields, adds a reference to the request's context, and puts both onto the bounded queue of the forwarder serving the current request (or the
 process default, for text events and work outside requests) and returns the event unchanged. It
 never raises, never awaits and does no I/O: row building, serialisation and sending happen later,
 in the forwarder.
@@ -15,6 +16,7 @@ from typing import Any
 
 from structlog.typing import EventDict, WrappedLogger
 
+from .context import current as current_context
 from .rows import TEXT_EVENT
 
 
@@ -67,13 +69,16 @@ class TelemetryProcessor:
 
     def __call__(self, logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
         try:
-            if "stage" in event_dict or event_dict.get("event") == TEXT_EVENT:
+            if "stage" in event_dict:
                 queue = _TARGET.get()
                 if queue is None:
                     queue = self.default
                 if queue is not None:
                     event = dict(event_dict)
                     event["_ts"] = time.time()
+                    if event_dict.get("event") != TEXT_EVENT:
+                        # A reference, not a copy: rows read the request's facts when they are built.
+                        event["_ctx"] = current_context()
                     queue.put(event)
         except Exception:
             self.errors += 1

@@ -179,32 +179,29 @@ class SecondFormatter:
 format_time = SecondFormatter("%Y-%m-%d %H:%M:%S")
 
 
-def _metadata(event: dict[str, Any], environment: str, service_type: str) -> str:
+def _metadata(get: Any, environment: str, service_type: str) -> str:
     data = {"organization": "pollinations", "project": f"{service_type}.pollinations.ai", "environment": environment}
     for key in ("route", "method", "cache_backend", "span_id", "parent_span_id", "labels"):
-        value = event.get(key)
+        value = get(key)
         if value is not None:
             data[key] = value
     return orjson.dumps(data, default=str).decode()
 
 
-def build_row(event: dict[str, Any], environment: str = "development") -> dict[str, Any]:
-    """The row for one event (an image stage event, a terminal event, or a text completion)."""
-    get = event.get
-    name = str(get("event", ""))
-    end = float(get("_ts", 0.0))
-    start = get("request_start")
-    start = end if start is None else float(start)
+# Columns that describe one event; the others describe its request and are equal on all its rows.
+EVENT_COLUMNS = (
+    "event_id", "service_type", "stage", "event", "end_time", "duration", "duration_ms", "status", "http_status",
+    "error", "log_event_type", "provider", "backend", "cost", "is_child", "is_mature", "cache_status",
+    "proxy_metadata", "exception", "traceback",
+)
+REQUEST_COLUMNS = tuple(column for column in COLUMNS if column not in EVENT_COLUMNS)
+
+
+def _event_columns(get: Any, environment: str, metadata: str | None = None) -> dict[str, Any]:
+    name = str(get("event") or "")
     text = name == TEXT_EVENT
     service_type = "text" if text else "image"
     http_status = _as_int(get("http_status") if text else get("status"), 999)
-    request_id = str(get("request_id") or request_ids.next())
-    prompt = None if text else get("prompt")
-    private = bool(get("private"))
-    if private and prompt is not None:
-        prompt = PRIVATE_PROMPT
-    elif prompt is not None:
-        prompt = str(prompt)[:MAX_TEXT]
     duration_ms = get("duration_ms")
     duration_ms = float(duration_ms) if isinstance(duration_ms, (int, float)) and duration_ms > 0 else 0.0
     if text:
@@ -216,35 +213,56 @@ def build_row(event: dict[str, Any], environment: str = "development") -> dict[s
     else:
         log_event_type = STAGE_EVENT_TYPES.get(name) or name.replace(".", "_")
         status = _status_word(None, name)
-    seed = get("seed")
-    guidance = get("guidance")
     exception = get("exception")
     traceback = get("traceback")
-    referrer = get("referrer")
     return {
         "event_id": get("event_id") or request_ids.next(),
         "service_type": service_type,
         "stage": str(get("stage") or service_type),
         "event": name,
-        "start_time": format_time(start),
-        "end_time": format_time(end),
-        "message_id": request_id,
-        "id": request_id,
-        "trace_id": str(get("trace_id") or request_id),
+        "end_time": format_time(float(get("_ts") or 0.0)),
         "duration": round(duration_ms),
         "duration_ms": duration_ms,
-        "user": str(get("user") or "anonymous"),
-        "username": get("username"),
-        "tier": str(get("tier") or "anonymous"),
         "status": status,
         "http_status": http_status,
         "error": get("error"),
         "log_event_type": log_event_type,
-        "call_type": "completion" if text else "image_generation",
-        "model": str(get("model") or "unknown"),
         "provider": get("provider"),
         "backend": get("backend"),
         "cost": float(get("cost") or 0.0),
+        "is_child": _as_bool(get("is_child")),
+        "is_mature": _as_bool(get("is_mature")),
+        "cache_status": get("cache_status"),
+        "proxy_metadata": metadata if metadata is not None else _metadata(get, environment, service_type),
+        "exception": sanitise(str(exception)) if exception else None,
+        "traceback": sanitise(str(traceback)) if traceback else None,
+    }
+
+
+def _request_columns(get: Any, text: bool) -> dict[str, Any]:
+    start = get("request_start")
+    if start is None:
+        start = get("_ts") or 0.0
+    request_id = str(get("request_id") or request_ids.next())
+    private = bool(get("private"))
+    prompt = None if text else get("prompt")
+    if private and prompt is not None:
+        prompt = PRIVATE_PROMPT
+    elif prompt is not None:
+        prompt = str(prompt)[:MAX_TEXT]
+    seed = get("seed")
+    guidance = get("guidance")
+    referrer = get("referrer")
+    return {
+        "start_time": format_time(float(start)),
+        "message_id": request_id,
+        "id": request_id,
+        "trace_id": str(get("trace_id") or request_id),
+        "user": str(get("user") or "anonymous"),
+        "username": get("username"),
+        "tier": str(get("tier") or "anonymous"),
+        "call_type": "completion" if text else "image_generation",
+        "model": str(get("model") or "unknown"),
         "prompt_tokens": _as_int(get("prompt_tokens"), UINT32),
         "completion_tokens": _as_int(get("completion_tokens"), UINT32),
         "cached_tokens": _as_int(get("cached_tokens"), UINT32),
@@ -258,12 +276,48 @@ def build_row(event: dict[str, Any], environment: str = "development") -> dict[s
         "enhance": _as_bool(get("enhance")),
         "private": None if text else private,
         "nofeed": _as_bool(get("nofeed")),
-        "is_child": _as_bool(get("is_child")),
-        "is_mature": _as_bool(get("is_mature")),
         "was_transformed": _as_bool(get("was_transformed")),
-        "cache_status": get("cache_status"),
         "referrer": public_referrer(referrer) if referrer else None,
-        "proxy_metadata": _metadata(event, environment, service_type),
-        "exception": sanitise(str(exception)) if exception else None,
-        "traceback": sanitise(str(traceback)) if traceback else None,
     }
+
+
+def build_row(event: dict[str, Any], environment: str = "development") -> dict[str, Any]:
+    """The row for one self-contained event (a text completion, or an event with its context merged in)."""
+    get = event.get
+    parts = _event_columns(get, environment)
+    parts.update(_request_columns(get, parts["service_type"] == "text"))
+    return {column: parts[column] for column in COLUMNS}
+
+
+class RowEncoder:
+    """Serialises events to NDJSON rows, encoding each request's columns once per batch.
+
+    The processor attaches the request's live context to an image event (`_ctx`) instead of copying
+    it. By the time a batch is encoded the request has usually finished, so all its rows carry the
+    request's final facts (user, tier, model, prompt...); each row's event columns come from the
+    event itself, falling back to the context (for `cache_status`, `backend` and the like).
+    """
+
+    def __init__(self, environment: str) -> None:
+        self._environment = environment
+        self._requests: dict[int, tuple[dict[str, Any], bytes, str]] = {}
+
+    def encode(self, event: dict[str, Any]) -> bytes:
+        context = event.get("_ctx")
+        if context is None:
+            return orjson.dumps(build_row(event, self._environment), option=orjson.OPT_APPEND_NEWLINE)
+        known = self._requests.get(id(context))
+        if known is None or known[0] is not context:
+            request_json = orjson.dumps(_request_columns(context.get, False))
+            metadata = _metadata(context.get, self._environment, "image")
+            known = self._requests[id(context)] = (context, request_json[1:-1], metadata)
+        merged = context.copy()
+        merged.update(event)
+        event_json = orjson.dumps(
+            _event_columns(merged.get, self._environment, None if "labels" in event else known[2])
+        )
+        return b"".join((event_json[:-1], b",", known[1], b"}\n"))
+
+    def reset(self) -> None:
+        """Forget the encoded requests (after a batch), releasing their contexts."""
+        self._requests.clear()
