@@ -62,12 +62,10 @@ class LocalEngine:
         self.execute(self.datasource.create_table(self.table))
 
     def execute(self, sql: str, fmt: str = "CSV") -> bytes:
-        from chdb import ChdbError
-
         with _LOCK:
             try:
                 return bytes(self._session.query(sql, fmt).bytes())
-            except ChdbError as exc:
+            except RuntimeError as exc:  # chdb raises ChdbError (two classes of that name), a RuntimeError
                 raise AnalyticsError(str(exc).strip().splitlines()[0]) from None
 
     def insert(self, ndjson: bytes, *, strict: bool = True) -> None:

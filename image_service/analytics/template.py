@@ -63,14 +63,14 @@ def _int32(raw: Any) -> _Sql:
     text = str(raw)
     if not _INT.match(text) or not -(2**31) <= int(text) < 2**31:
         raise TemplateError(f"Error validating '{text}' to type Int32")
-    return _Sql(text, f"toInt32('{text}')")
+    return _Sql(text, f"toInt32('{int(text)}')")
 
 
 def _float64(raw: Any) -> _Sql:
     text = str(raw)
     if not _FLOAT.match(text):
         raise TemplateError(f"Error validating '{text}' to type Float64")
-    return _Sql(text, f"toFloat64('{text}')")
+    return _Sql(text, f"toFloat64('{float(text)}')")
 
 
 TYPES = {"String": _string, "DateTime": _datetime, "Int32": _int32, "Float64": _float64}
