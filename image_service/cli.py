@@ -1,4 +1,5 @@
-"""Command line: `image-service serve --host --port [--config PATH] [--log-format json|console]`."""
+"""Command line: `image-service serve --host --port [--config PATH] [--log-format json|console]`,
+`events replay`, `stats`, `alerts check`."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from typing import Any
 
 from aiohttp import web
 
+from .analytics.commands import add_commands as add_analytics_commands
+from .analytics.commands import run as run_analytics
 from .config import ConfigError, load_settings
 
 
@@ -28,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     replay.add_argument("path", type=Path)
     replay.add_argument("--config", type=Path, help="TOML file overriding config/defaults.toml")
+    add_analytics_commands(commands)
     return parser
 
 
@@ -70,7 +74,12 @@ def events_replay(args: argparse.Namespace) -> int:
     return 0 if report.complete else 1
 
 
-COMMANDS = {"serve": serve, "events": events_replay}
+COMMANDS = {
+    "serve": serve,
+    "events": events_replay,
+    "stats": lambda args: run_analytics("stats", args),
+    "alerts": lambda args: run_analytics("alerts", args),
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
