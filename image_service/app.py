@@ -20,7 +20,9 @@ from aiohttp import web
 from . import __version__
 from .cache import ImageCache, build_store
 from .config import Settings
-from .errors import BadRequest, ServiceError
+from .analytics import AnalyticsError, PipeSource, check_params, make_source
+from .analytics import dashboard as analytics_dashboard
+from .errors import AnalyticsUnavailable, BadRequest, ServiceError
 from .generation import Backend, Generator, WorkerRegistry, build_backends
 from .moderation import Moderator, PassThroughModerator
 from .openapi import openapi_document
@@ -40,6 +42,7 @@ MODERATOR = web.AppKey("moderator", Moderator)
 PIPELINE = web.AppKey("pipeline", Pipeline)
 TRACKING = web.AppKey("tracking", Tracking)
 WORKERS = web.AppKey("workers", WorkerRegistry)
+ANALYTICS = web.AppKey("analytics", PipeSource)
 REQUEST_ID = web.RequestKey("request_id", str)
 PARAMS = web.RequestKey("params", ImageParams)
 
@@ -238,6 +241,30 @@ async def openapi_handler(request: web.Request) -> web.Response:
     return json_response(openapi_document(request.app[SETTINGS]))
 
 
+async def dashboard_handler(request: web.Request) -> web.Response:
+    return web.Response(body=analytics_dashboard.page(), content_type="text/html", headers={"Cache-Control": "no-store"})
+
+
+async def dashboard_data_handler(request: web.Request) -> web.Response:
+    """The dashboard's pipes, from Tinybird or from the local sink (chdb runs in the executor)."""
+    try:
+        params = check_params(request.query)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+    try:
+        body = await analytics_dashboard.data(request.app[ANALYTICS], params)
+    except AnalyticsError as exc:
+        raise AnalyticsUnavailable(str(exc)) from None
+    return json_response(body, headers={"Cache-Control": "no-store"})
+
+
+async def analytics_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The dashboard's pipe source; building it costs nothing (chdb loads on the first local query)."""
+    app[ANALYTICS] = source = make_source(app[SETTINGS], app[EXECUTOR])
+    yield
+    await source.close()
+
+
 async def tracking_ctx(app: web.Application) -> AsyncIterator[None]:
     """Telemetry starts first and stops last, so the final requests' events are shipped or spooled."""
     settings = app[SETTINGS]
@@ -290,6 +317,7 @@ def create_app(
     app.cleanup_ctx.append(tracking_ctx)
     app.cleanup_ctx.append(executor_ctx)
     app.cleanup_ctx.append(pipeline_ctx)
+    app.cleanup_ctx.append(analytics_ctx)
 
     app.router.add_get("/prompt", image_handler)
     app.router.add_get("/prompt/{prompt:.*}", image_handler)
@@ -300,4 +328,6 @@ def create_app(
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_post("/register", register_worker_handler)
     app.router.add_get("/register", list_workers_handler)
+    app.router.add_get("/dashboard", dashboard_handler)
+    app.router.add_get("/dashboard/data", dashboard_data_handler)
     return app

@@ -77,3 +77,10 @@ class Unauthorized(ServiceError):
 class Forbidden(ServiceError):
     status = 403
     code = "forbidden"
+
+
+class AnalyticsUnavailable(ServiceError):
+    """The analytics pipes could not be run (Tinybird unreachable or refusing, local engine failing)."""
+
+    status = 502
+    code = "analytics_unavailable"
