@@ -84,7 +84,7 @@ def _blocks(path: Path) -> list[tuple[int, str, list[str]]]:
 
 
 def _dedent(lines: list[str]) -> str:
-    text = [line for line in lines]
+    text = list(lines)
     while text and not text[-1].strip():
         text.pop()
     indent = min((len(line) - len(line.lstrip()) for line in text if line.strip()), default=0)

@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 
 from .datafile import PROJECT_DIR, Datasource, Pipe, datasource, endpoint_pipes
-from .template import render
+from .template import TemplateError, render
 
 _LOCK = threading.Lock()
 # Output as Tinybird's API answers: numbers as numbers, times as 'YYYY-MM-DD HH:MM:SS' in UTC.
@@ -109,8 +109,6 @@ class LocalEngine:
         pipe = self.pipes.get(name)
         if pipe is None:
             raise AnalyticsError(f"unknown pipe {name!r} (known: {', '.join(sorted(self.pipes))})")
-        from .template import TemplateError
-
         try:
             nodes = [(node.name, render(node.sql, params)) for node in pipe.nodes]
         except TemplateError as exc:

@@ -78,7 +78,7 @@ class LocalSource:
         if self._engine is None:
             try:
                 from .engine import LocalEngine
-            except ImportError:  # pragma: no cover - depends on the install
+            except ImportError:
                 raise AnalyticsError("local analytics need chdb: pip install 'image-service[analytics]'") from None
             self._engine = LocalEngine(self.project)
         self._engine.load_file(self.events)
