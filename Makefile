@@ -8,7 +8,13 @@ PORT ?= 8080
 # Debian packages the tests and benchmarks run for real (binary name:package name).
 SYSTEM_TOOLS := wrk:wrk chromium:chromium redis-server:redis-server
 
-.PHONY: install serve test bench system-deps clean
+# The official Tinybird CLI (`tb check`, its SQL template renderer) pins pydantic~=2.8, urllib3<2,
+# click<8.2 and cryptography~=41, so it lives in a venv of its own; tests call .venv-tb/bin/*.
+TB_VENV := .venv-tb
+TB_STAMP := $(TB_VENV)/.installed-stamp
+TINYBIRD_CLI := tinybird-cli==6.5.5
+
+.PHONY: install serve test bench system-deps clean tinybird-cli
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,6 +23,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+$(TB_STAMP):
+	test -x $(TB_VENV)/bin/python || $(PYTHON) -m venv $(TB_VENV)
+	$(TB_VENV)/bin/python -m pip install --quiet '$(TINYBIRD_CLI)'
+	touch $(TB_STAMP)
+
+tinybird-cli: $(TB_STAMP)
 
 system-deps:
 	@missing=""; for pair in $(SYSTEM_TOOLS); do \
@@ -34,11 +47,11 @@ system-deps:
 serve: install
 	$(BIN)/image-service serve --host $(HOST) --port $(PORT)
 
-test: install system-deps
+test: install system-deps $(TB_STAMP)
 	$(BIN)/python -m pytest
 
 bench: install system-deps
 	$(BIN)/python -m bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(TB_VENV) build *.egg-info .pytest_cache

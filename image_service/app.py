@@ -27,8 +27,10 @@ from . import __version__
 from .cache import CacheStatus, ImageCache, build_cache
 from .config import CONFIG_DIR, Settings, TierSettings
 from .enhance import PromptEnhancer, ReferrerTransform
-from .errors import BadRequest, ServiceError
+from .errors import AnalyticsUnavailable, BadRequest, ServiceError
 from .feed import Feed, feed_item
+from .analytics import AnalyticsError, PipeSource, check_params, make_source
+from .analytics import dashboard as analytics_dashboard
 from .generation import Backend, Generator, WorkerRegistry, build_backends
 from .identity import Authenticator, ClientAddress, FileTokenValidator, HttpTokenValidator, Identity, TokenValidator
 from .moderation import ContentPolicy, Moderator, load_moderator
@@ -62,6 +64,7 @@ ENHANCER = web.AppKey("enhancer", PromptEnhancer)
 TRANSFORM = web.AppKey("transform", ReferrerTransform)
 FEED = web.AppKey("feed", Feed)
 SLOTS = web.AppKey("slots", SlotLimiter)
+ANALYTICS = web.AppKey("analytics", PipeSource)
 REQUEST_ID = web.RequestKey("request_id", str)
 PARAMS = web.RequestKey("params", ImageParams)
 
@@ -290,6 +293,30 @@ async def openapi_handler(request: web.Request) -> web.Response:
     return json_response(openapi_document(request.app[SETTINGS]))
 
 
+async def dashboard_handler(request: web.Request) -> web.Response:
+    return web.Response(body=analytics_dashboard.page(), content_type="text/html", headers={"Cache-Control": "no-store"})
+
+
+async def dashboard_data_handler(request: web.Request) -> web.Response:
+    """The dashboard's pipes, from Tinybird or from the local sink (chdb runs in the executor)."""
+    try:
+        params = check_params(request.query)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+    try:
+        body = await analytics_dashboard.data(request.app[ANALYTICS], params)
+    except AnalyticsError as exc:
+        raise AnalyticsUnavailable(str(exc)) from None
+    return json_response(body, headers={"Cache-Control": "no-store"})
+
+
+async def analytics_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The dashboard's pipe source; building it costs nothing (chdb loads on the first local query)."""
+    app[ANALYTICS] = source = make_source(app[SETTINGS], app[EXECUTOR])
+    yield
+    await source.close()
+
+
 async def tracking_ctx(app: web.Application) -> AsyncIterator[None]:
     """Telemetry starts first and stops last, so the final requests' events are shipped or spooled."""
     settings = app[SETTINGS]
@@ -449,6 +476,7 @@ def create_app(
     app.cleanup_ctx.append(pipeline_ctx)
     app.cleanup_ctx.append(access_ctx)
     app.on_shutdown.append(close_feed)
+    app.cleanup_ctx.append(analytics_ctx)
 
     app.router.add_get("/prompt", image_handler)
     app.router.add_get("/prompt/{prompt:.*}", image_handler)
@@ -461,4 +489,6 @@ def create_app(
     app.router.add_get("/register", list_workers_handler)
     app.router.add_get("/feed", feed_handler)
     app.router.add_get("/", page_handler)
+    app.router.add_get("/dashboard", dashboard_handler)
+    app.router.add_get("/dashboard/data", dashboard_data_handler)
     return app

@@ -1,4 +1,5 @@
-"""Command line: `image-service serve --host --port [--config PATH] [--log-format json|console] [--workers N]`.
+"""Command line: `image-service serve --host --port [--config PATH] [--log-format json|console] [--workers N]`,
+`events replay`, `stats`, `alerts check`.
 
 With `--workers N` (N > 1) the command is a supervisor: it starts N worker processes that each
 listen on the same port with SO_REUSEPORT (the kernel spreads connections between them) and each
@@ -23,6 +24,8 @@ from typing import Any
 
 from aiohttp import web
 
+from .analytics.commands import add_commands as add_analytics_commands
+from .analytics.commands import run as run_analytics
 from .config import ConfigError, Settings, load_settings
 
 # Seconds the supervisor allows a stopping worker beyond server.shutdown_timeout before killing it.
@@ -59,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     replay.add_argument("path", type=Path)
     replay.add_argument("--config", type=Path, help="TOML file overriding config/defaults.toml")
+    add_analytics_commands(commands)
     return parser
 
 
@@ -103,7 +107,12 @@ def events_replay(args: argparse.Namespace) -> int:
     return 0 if report.complete else 1
 
 
-COMMANDS = {"serve": serve, "events": events_replay}
+COMMANDS = {
+    "serve": serve,
+    "events": events_replay,
+    "stats": lambda args: run_analytics("stats", args),
+    "alerts": lambda args: run_analytics("alerts", args),
+}
 
 
 def _run_worker(settings: Settings) -> None:

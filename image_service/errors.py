@@ -144,3 +144,10 @@ class SharedGenerationError(GenerationError):
         super().__init__(message, **details)
         self.status = status
         self.code = code
+
+
+class AnalyticsUnavailable(ServiceError):
+    """The analytics pipes could not be run (Tinybird unreachable or refusing, local engine failing)."""
+
+    status = 502
+    code = "analytics_unavailable"

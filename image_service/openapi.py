@@ -80,6 +80,18 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
             "/openapi.json": _json_get("This document", {"type": "object"}),
             "/metrics": {"get": {"summary": "Telemetry counters in Prometheus text format", "responses": {
                 "200": {"description": "OK", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+            "/dashboard": {"get": {"summary": "Analytics dashboard (HTML with inline SVG charts of the Tinybird pipes)",
+                                   "responses": {"200": {"description": "OK", "content": {"text/html": {"schema": {
+                                       "type": "string"}}}}}}},
+            "/dashboard/data": {"get": {
+                "summary": "Every dashboard pipe's answer ({meta, data, rows, statistics} each), from Tinybird or the local sink",
+                "parameters": [{"name": name, "in": "query", "schema": {"type": "string"}} for name in (
+                    "start", "end", "bucket", "service_type", "model", "max_error_rate", "max_p95_ms", "factor",
+                    "min_requests")],
+                "responses": {"200": {"description": "OK", "content": {"application/json": {"schema": {
+                    "type": "object", "properties": {"source": {"type": "string"}, "parameters": {"type": "object"},
+                                                     "pipes": {"type": "object"}}}}}},
+                              "400": _ERROR, "502": _ERROR}}},
             "/register": {
                 **_json_get("Registered GPU workers and their load (operators: `Authorization: Bearer <secret>`)",
                             {"type": "array", "items": {"type": "object"}}),

@@ -1,0 +1,145 @@
+"""`image-service stats` and `image-service alerts check`, on the local sink and against a Tinybird stand-in."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+
+from image_service.analytics.engine import LocalEngine
+from image_service.cli import main
+
+from . import reference
+
+
+@pytest.fixture
+def events(traffic: list[dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.delenv("TINYBIRD_READ_TOKEN", raising=False)
+    path = tmp_path / "events.ndjson"
+    path.write_bytes(b"".join(orjson.dumps(row) + b"\n" for row in traffic + traffic[:10]))
+    return path
+
+
+class PipesAPI:
+    """Tinybird's pipe endpoint contract: GET /v0/pipes/{name}.json, Bearer read token, {meta, data, rows, statistics}.
+
+    Answers come from the same pipes run on chdb, so the remote path prints what Tinybird would."""
+
+    def __init__(self, engine: LocalEngine, token: str = "read-token") -> None:
+        self.engine, self.token = engine, token
+        self.calls: list[tuple[str, dict[str, str]]] = []
+
+    async def handle(self, request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != f"Bearer {self.token}":
+            return web.json_response({"error": "invalid authentication token"}, status=403)
+        name = request.match_info["name"]
+        self.calls.append((name, dict(request.query)))
+        if name not in self.engine.pipes:
+            return web.json_response({"error": f"The pipe '{name}' does not exist"}, status=404)
+        return web.json_response(self.engine.run_pipe(name, dict(request.query)))
+
+
+@pytest.fixture
+async def pipes_api(aiohttp_server: Any, engine: LocalEngine, traffic: list[dict[str, Any]]) -> tuple[PipesAPI, str]:
+    engine.truncate()
+    engine.insert_rows(traffic)
+    api = PipesAPI(engine)
+    app = web.Application()
+    app.router.add_get("/v0/pipes/{name}.json", api.handle)
+    server = await aiohttp_server(app)
+    return api, str(server.make_url("")).rstrip("/")
+
+
+def _cli(*args: str) -> tuple[int, str, str]:
+    done = subprocess.run([sys.executable, "-m", "image_service", *args], capture_output=True, text=True, timeout=60)
+    return done.returncode, done.stdout, done.stderr
+
+
+def test_stats_prints_every_pipe_from_the_local_sink(events: Path, traffic: list[dict[str, Any]]) -> None:
+    code, out, err = _cli("stats", "--events", str(events), "--bucket", "day")
+    assert code == 0, err
+    for pipe in ("request_volume", "error_rates", "cache_hit_rate", "tier_distribution", "content_violations",
+                 "latency_percentiles"):
+        assert f"== {pipe} (local) ==" in out
+    expected = reference.request_volume(traffic, {"bucket": "day"})
+    for (_, service), figures in expected.items():
+        line = next(line for line in out.splitlines() if f" {service} " in f" {line} " and line[:4].isdigit())
+        assert str(figures["requests"]) in line.split()
+
+
+def test_stats_refuses_a_malformed_time(events: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["stats", "--events", str(events), "--start", "yesterday"]) == 2
+    assert "start must be 'YYYY-MM-DD HH:MM:SS'" in capsys.readouterr().err
+
+
+async def test_stats_reads_the_deployed_pipes_with_the_read_token(
+    pipes_api: tuple[PipesAPI, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    api, url = pipes_api
+    monkeypatch.setenv("TINYBIRD_API_URL", url)
+    monkeypatch.setenv("TINYBIRD_READ_TOKEN", "read-token")
+    code = await asyncio.to_thread(main, ["stats", "--pipe", "cache_hit_rate", "--model", "sketch", "--bucket", "day"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert api.calls == [("cache_hit_rate", {"model": "sketch", "bucket": "day"})]
+    assert "== cache_hit_rate (tinybird) ==" in out and "sketch" in out and "procedural" not in out
+
+
+async def test_stats_says_why_tinybird_refused(
+    pipes_api: tuple[PipesAPI, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, url = pipes_api
+    monkeypatch.setenv("TINYBIRD_API_URL", url)
+    monkeypatch.setenv("TINYBIRD_READ_TOKEN", "wrong")
+    assert await asyncio.to_thread(main, ["stats", "--pipe", "request_volume"]) == 2
+    assert "Tinybird answered 403: invalid authentication token" in capsys.readouterr().err
+
+
+async def test_alerts_check_posts_what_fired_to_the_webhook_and_exits_1(
+    events: Path, aiohttp_server: Any, traffic: list[dict[str, Any]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    received: list[dict[str, Any]] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append(await request.json())
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    server = await aiohttp_server(app)
+    args = ["alerts", "check", "--events", str(events), "--min-requests", "1", "--max-error-rate", "0.1",
+            "--webhook", str(server.make_url("/hook"))]
+    assert await asyncio.to_thread(main, args) == 1
+    expected = reference.anomalies(traffic, {"min_requests": "1", "max_error_rate": "0.1"})
+    assert expected, "the traffic has error rates above 10%"
+    (payload,) = received
+    assert payload["fired"] == len(expected) and payload["source"] == "local"
+    assert {(a["t"], a["service_type"], a["model"]) for a in payload["anomalies"]} == set(expected)
+    assert "error_rate_above_threshold" in payload["text"]
+    assert "fired" in capsys.readouterr().out
+
+
+async def test_alerts_check_is_quiet_and_exits_0_below_thresholds(
+    events: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["alerts", "check", "--events", str(events), "--max-error-rate", "1", "--max-p95-ms", "1000000000"]
+    assert await asyncio.to_thread(main, args) == 0
+    assert "no anomalies" in capsys.readouterr().out
+
+
+async def test_alerts_check_fails_when_the_webhook_refuses(events: Path, aiohttp_server: Any) -> None:
+    async def refuse(request: web.Request) -> web.Response:
+        return web.json_response({}, status=500)
+
+    app = web.Application()
+    app.router.add_post("/hook", refuse)
+    server = await aiohttp_server(app)
+    args = ["alerts", "check", "--events", str(events), "--min-requests", "1", "--max-error-rate", "0",
+            "--webhook", str(server.make_url("/hook"))]
+    assert await asyncio.to_thread(main, args) == 2
