@@ -80,6 +80,10 @@ CORS_HEADERS = {
 # its timeout — by this margin for moderation and encoding; a crashed instance's slots free
 # themselves after that long.
 SLOT_TTL_MARGIN = 60.0
+UNMATCHED = "(unmatched)"
+# Routes whose requests are telemetry rows: image requests, and paths that matched nothing (often a
+# malformed image URL). Health checks, metrics scrapes, the dashboard and the feed are logged only.
+TRACKED_ROUTES = frozenset({"/prompt", "/prompt/{prompt}", UNMATCHED})
 # Query parameters never echoed back in an error body.
 SECRET_PARAMS = frozenset({"token", "key", "api_key", "apikey"})
 
@@ -136,11 +140,11 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if tracking is not None:
         TELEMETRY.route_current_context(tracking.forwarder.queue)
     # The route pattern, not the path: a path can carry a private prompt.
-    route = request.match_info.route.resource
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else UNMATCHED
     new_request(
         request_id=request_id, request_start=time.time(), trace_id=trace_id, span_id=span_id,
-        parent_span_id=parent[1] if parent else None, method=request.method,
-        route=route.canonical if route is not None else "(unmatched)",
+        parent_span_id=parent[1] if parent else None, method=request.method, route=route,
     )
     error: str | None = None
     try:
@@ -164,10 +168,11 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
     headers.extend(CORS_HEADERS)
     headers["X-Request-Id"] = request_id
     headers["traceparent"] = f"00-{trace_id}-{span_id}-01"
-    log.info(
-        "request.completed", stage="response", status=response.status, error=error,
-        duration_ms=round((time.perf_counter() - start) * 1000, 3),
-    )
+    duration_ms = round((time.perf_counter() - start) * 1000, 3)
+    if route in TRACKED_ROUTES:
+        log.info("request.completed", stage="response", status=response.status, error=error, duration_ms=duration_ms)
+    else:
+        log.info("request.completed", status=response.status, error=error, duration_ms=duration_ms)
     return response
 
 

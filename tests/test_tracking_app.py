@@ -159,3 +159,16 @@ async def test_requests_never_wait_on_a_hanging_sink(make_client: ClientFactory,
     assert statuses == [200] * 20
     assert api.statuses == [], "the sink call must still be hanging"
     api.released.set()
+
+
+async def test_health_checks_and_metrics_scrapes_are_not_telemetry_rows(
+    make_client: ClientFactory, events_api: tuple[EventsAPI, str]
+) -> None:
+    """Operational routes are logged but never inflate request volume; an unknown path still counts."""
+    api, url = events_api
+    client = await make_client(make_settings(tracking=tracking_to(url)))
+    for path in ("/health", "/metrics", "/models", "/openapi.json"):
+        await client.get(path)
+    missing = await client.get("/no-such-route")
+    await flushed(client)
+    assert {row["id"] for row in api.rows} == {missing.headers["X-Request-Id"]}
