@@ -24,7 +24,7 @@ import structlog
 from aiohttp import web
 
 from . import __version__
-from .cache import CacheStatus, ImageCache, build_cache
+from .cache import ImageCache, build_cache
 from .config import CONFIG_DIR, Settings, TierSettings
 from .enhance import PromptEnhancer, ReferrerTransform
 from .errors import AnalyticsUnavailable, BadRequest, ServiceError
@@ -38,7 +38,7 @@ from .limits import Limiter as SlotLimiter
 from .limits import build_shared_limiter
 from .openapi import openapi_document
 from .params import ImageParams, ParamsParser
-from .pipeline import Pipeline, Prepare
+from .pipeline import GENERATED, Pipeline, Prepare
 from .queues import Clock, Limiter, MemoryLimiter, MonotonicClock, require_tier, slot
 from .tracking import (
     TELEMETRY, Tracking, bind, configure_logging, flush_logs, is_configured, new_request, parse_traceparent, request_ids,
@@ -85,7 +85,7 @@ UNMATCHED = "(unmatched)"
 # malformed image URL). Health checks, metrics scrapes, the dashboard and the feed are logged only.
 TRACKED_ROUTES = frozenset({"/prompt", "/prompt/{prompt}", UNMATCHED})
 # Query parameters never echoed back in an error body.
-SECRET_PARAMS = frozenset({"token", "key", "api_key", "apikey"})
+SECRET_PARAMS = frozenset({"token", "key", "api_key", "apikey", "referrer"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -127,6 +127,15 @@ def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
     return error_response(request, exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
 
 
+def _crash_fields(request: web.Request, exc: Exception) -> dict[str, str]:
+    """What the terminal row says about a crash: for a private request only the exception's type,
+    since its message or traceback could quote the prompt."""
+    params = request.get(PARAMS)
+    if params is not None and params.private:
+        return {"exception": type(exc).__name__}
+    return {"exception": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=20)}
+
+
 @web.middleware
 async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id, trace context, JSON errors, CORS, and the terminal event: one place for every route."""
@@ -147,6 +156,7 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
         parent_span_id=parent[1] if parent else None, method=request.method, route=route,
     )
     error: str | None = None
+    crash: dict[str, str] = {}
     try:
         if request.method == "OPTIONS":
             response: web.StreamResponse = web.Response(status=204)
@@ -162,7 +172,7 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
     except Exception as exc:
         error = "internal_error"
         log.exception("request.crashed")
-        bind(exception=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=20))
+        crash = _crash_fields(request, exc)
         response = error_response(request, 500, "internal_error", "the server failed; the request id identifies it")
     headers = response.headers
     headers.extend(CORS_HEADERS)
@@ -170,7 +180,10 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
     headers["traceparent"] = f"00-{trace_id}-{span_id}-01"
     duration_ms = round((time.perf_counter() - start) * 1000, 3)
     if route in TRACKED_ROUTES:
-        log.info("request.completed", stage="response", status=response.status, error=error, duration_ms=duration_ms)
+        log.info(
+            "request.completed", stage="response", status=response.status, error=error, duration_ms=duration_ms,
+            **crash,
+        )
     else:
         log.info("request.completed", status=response.status, error=error, duration_ms=duration_ms)
     return response
@@ -218,7 +231,7 @@ async def image_handler(request: web.Request) -> web.Response:
     log.info("request.received", stage="request", duration_ms=round((time.perf_counter() - start) * 1000, 3))
     client = request.app[CLIENT_ADDRESS](request)
     outcome = await request.app[PIPELINE].run(params, key, _prepare(request, identity, client), client=client)
-    if outcome.cache_status == CacheStatus.MISS:
+    if outcome.cache_status in GENERATED:
         request.app[FEED].publish(feed_item(params, outcome.image.verdict))
     return web.Response(
         body=outcome.image.body,
@@ -345,8 +358,8 @@ async def feed_handler(request: web.Request) -> web.StreamResponse:
         "Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no",
         "X-Request-Id": request[REQUEST_ID], **CORS_HEADERS,
     })
-    await response.prepare(request)
     try:
+        await response.prepare(request)
         async for chunk in feed.stream(subscription):
             async with asyncio.timeout(settings.write_timeout):
                 await response.write(chunk)

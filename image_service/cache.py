@@ -28,6 +28,7 @@ from aiocache.serializers import BaseSerializer
 from redis.asyncio import Redis
 
 from .config import CacheSettings
+from .errors import ServiceError
 from .redis_state import LockWaitExpired, RedisLink, RedisUnavailable, SharedFlight, connect
 
 log = structlog.get_logger("image_service.cache")
@@ -313,7 +314,13 @@ class ImageCache:
         """
         task = self._inflight.get(key)
         if task is not None:
-            image, _ = await asyncio.shield(task)
+            try:
+                image, _ = await asyncio.shield(task)
+            except ServiceError as exc:
+                if not exc.caller_specific:
+                    raise
+                # The leader was refused for its own reasons (its queue was full): produce for ourselves.
+                return await self.produce_once(key, produce)
             return image, CacheStatus.SHARED_WAIT
         task = asyncio.ensure_future(self._produce(key, produce))
         self._inflight[key] = task

@@ -67,9 +67,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from .app import create_app
-    from .tracking import configure_logging
-
     server: dict[str, Any] = {
         key: value
         for key, value in (("host", args.host), ("port", args.port), ("log_format", args.log_format))
@@ -78,15 +75,7 @@ def serve(args: argparse.Namespace) -> int:
     settings = load_settings(args.config, {"server": server} if server else None)
     if args.workers > 1:
         return _supervise(settings, args.workers)
-    configure_logging(settings.server.log_format, settings.server.log_level, cache_loggers=True)
-    web.run_app(
-        create_app(settings),
-        host=settings.server.host,
-        port=settings.server.port,
-        shutdown_timeout=settings.server.shutdown_timeout,
-        access_log=None,
-        print=lambda message: print(message, file=sys.stderr),
-    )
+    _run_service(settings, reuse_port=False)
     return 0
 
 
@@ -115,8 +104,8 @@ COMMANDS = {
 }
 
 
-def _run_worker(settings: Settings) -> None:
-    """One worker process: the whole service on the shared port."""
+def _run_service(settings: Settings, *, reuse_port: bool) -> None:
+    """The whole service in this process until SIGTERM; a worker shares its port with its siblings."""
     from .app import create_app
     from .tracking import configure_logging
 
@@ -127,9 +116,14 @@ def _run_worker(settings: Settings) -> None:
         port=settings.server.port,
         shutdown_timeout=settings.server.shutdown_timeout,
         access_log=None,
-        reuse_port=True,
-        print=None,
+        reuse_port=reuse_port or None,
+        print=None if reuse_port else lambda message: print(message, file=sys.stderr),
     )
+
+
+def _run_worker(settings: Settings) -> None:
+    """One worker process: the whole service on the shared port."""
+    _run_service(settings, reuse_port=True)
 
 
 def _supervise(settings: Settings, workers: int) -> int:

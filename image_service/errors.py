@@ -31,6 +31,9 @@ from typing import Any
 class ServiceError(Exception):
     status = 500
     code = "internal_error"
+    # True when the error belongs to the caller (its queue, its limits), not to the image: a request
+    # that shared someone else's generation must not receive it.
+    caller_specific = False
 
     def __init__(self, message: str, **details: Any) -> None:
         super().__init__(message)
@@ -88,6 +91,7 @@ class TierRequired(Forbidden):
 class TooManyRequests(ServiceError):
     status = 429
     code = "too_many_requests"
+    caller_specific = True
 
     def __init__(self, message: str, retry_after: float, **details: Any) -> None:
         super().__init__(message, **details)

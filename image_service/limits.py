@@ -101,11 +101,16 @@ class _KeyState:
     min_interval: float = 0.0
 
 
+# The in-memory table is swept of idle keys whenever it reaches this size (or twice its last size).
+MIN_SWEEP_KEYS = 1024
+
+
 class InMemoryLimiter:
     """Limiter state in this process: limits hold per instance."""
 
     def __init__(self) -> None:
         self._keys: dict[str, _KeyState] = {}
+        self._sweep_at = MIN_SWEEP_KEYS
 
     async def acquire(self, key: str, limit: SlotLimit) -> Grant:
         return self.acquire_now(key, limit)
@@ -113,6 +118,8 @@ class InMemoryLimiter:
     def acquire_now(self, key: str, limit: SlotLimit) -> Grant:
         """The synchronous core: nothing can interleave between the check and the take."""
         now = time.time()
+        if len(self._keys) >= self._sweep_at:
+            self._sweep(now)
         state = self._keys.setdefault(key, _KeyState())
         state.slots = {token: expiry for token, expiry in state.slots.items() if expiry > now}
         previous = state.last_start
@@ -126,6 +133,15 @@ class InMemoryLimiter:
         state.last_start = now
         state.min_interval = limit.min_interval
         return Grant(True, token, len(state.slots), previous, 0.0, shared=False)
+
+    def _sweep(self, now: float) -> None:
+        """Drop keys with no live slot whose spacing has passed (a release can come before that)."""
+        self._keys = {
+            key: state for key, state in self._keys.items()
+            if any(expiry > now for expiry in state.slots.values())
+            or (state.last_start is not None and now - state.last_start < state.min_interval)
+        }
+        self._sweep_at = max(MIN_SWEEP_KEYS, 2 * len(self._keys))
 
     def holds(self, key: str, token: str) -> bool:
         state = self._keys.get(key)

@@ -30,6 +30,8 @@ from .params import ImageParams
 from .tracking import bind
 
 log = structlog.get_logger("image_service.pipeline")
+# Statuses under which this request's own production made the image (Redis down is a bypass).
+GENERATED = frozenset({CacheStatus.MISS, CacheStatus.BYPASS})
 
 
 def _ms_since(start: float) -> float:
@@ -79,7 +81,7 @@ class Pipeline:
             return self._enforce(Outcome(cached, CacheStatus.HIT), params, client_id)
         image, status = await self._cache.produce_once(key, lambda: self._prepared(params, key, prompt, prepare))
         # Only the request that caused the generation pays for it; hits and shared waits cost nothing.
-        cost = self._generator.cost_of(params.model) if status is CacheStatus.MISS else 0.0
+        cost = self._generator.cost_of(params.model) if status in GENERATED else 0.0
         self._bind_generation_facts(image, cost)
         bind(cache_status=status.value)
         return self._enforce(Outcome(image, status), params, client_id)
@@ -133,11 +135,9 @@ class Pipeline:
         try:
             generated = await self._generator.generate(params)
         except ServiceError as exc:
-            cause = exc.__cause__
             log.warning(
                 "generation.failed", stage="generation", error=exc.code, reason=exc.message,
-                exception=f"{type(cause).__name__}: {cause}" if cause is not None else exc.message,
-                duration_ms=_ms_since(start),
+                exception=exc.message, duration_ms=_ms_since(start),
             )
             raise
         log.info(

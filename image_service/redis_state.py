@@ -257,7 +257,8 @@ class SharedFlight:
         try:
             return await produce()
         except ServiceError as exc:
-            await self._publish_failure(failed, token, exc)
+            if not exc.caller_specific:
+                await self._publish_failure(failed, token, exc)
             raise
         finally:
             renewer.cancel()

@@ -150,11 +150,11 @@ class TestErrors:
         response = await client.get("/prompt/" + "x" * 11)
         assert response.status == 400 and (await response.json())["error"] == "prompt_too_long"
 
-    async def test_bad_parameter_is_400_and_never_echoes_the_token(self, client) -> None:
-        response = await client.get("/prompt/fox?width=wide&token=sk-very-secret")
+    async def test_bad_parameter_is_400_and_never_echoes_the_token_or_referrer(self, client) -> None:
+        response = await client.get("/prompt/fox?width=wide&token=sk-very-secret&referrer=https://a.test/?k=s3")
         assert response.status == 400
         text = await response.text()
-        assert "width must be an integer" in text and "sk-very-secret" not in text
+        assert "width must be an integer" in text and "sk-very-secret" not in text and "a.test" not in text
 
     async def test_slow_backend_answers_504(self, make_client: ClientFactory, backend: CountingBackend) -> None:
         """A generation past its deadline is a 504 JSON, not a hang."""

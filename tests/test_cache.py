@@ -8,6 +8,7 @@ import random
 import pytest
 
 from image_service.cache import ENTRY_OVERHEAD, BoundedMemoryCache, CachedImage, CacheStatus, ImageCache
+from image_service.errors import TooManyRequests
 
 
 def image(size: int) -> CachedImage:
@@ -98,3 +99,25 @@ class TestProduceOnce:
         release.set()
         value, status = await follower
         assert status is CacheStatus.SHARED_WAIT and value.body == b"x" * 10
+
+
+async def test_a_refusal_that_belongs_to_the_leader_is_not_shared() -> None:
+    """When the caller that started a production is refused for its own reasons (its queue is full),
+    the callers that joined it produce for themselves instead of inheriting its 429."""
+    cache = ImageCache(BoundedMemoryCache(max_bytes=10**6, timeout=0), ttl=0)
+    started = asyncio.Event()
+
+    async def refused() -> CachedImage:
+        started.set()
+        await asyncio.sleep(0.01)
+        raise TooManyRequests("the leader's queue is full", retry_after=1)
+
+    async def produce() -> CachedImage:
+        return image(10)
+
+    leader = asyncio.ensure_future(cache.produce_once("k", refused))
+    await started.wait()
+    follower = await cache.produce_once("k", produce)
+    with pytest.raises(TooManyRequests):
+        await leader
+    assert follower[0].body == b"x" * 10 and follower[1] is CacheStatus.MISS

@@ -136,3 +136,17 @@ async def test_only_the_redis_backend_has_a_shared_store(redis_server: RedisServ
         assert isinstance(build_shared_limiter(CacheSettings(backend="redis"), link), RedisLimiter)
     finally:
         await link.close()
+
+
+async def test_idle_keys_are_swept_even_when_released_inside_their_interval() -> None:
+    """Redis-down fallback: a key released before its spacing passed must not stay forever."""
+    limiter = InMemoryLimiter()
+    limit = SlotLimit(max_active=1, min_interval=0.05, slot_ttl=60)
+    for n in range(1000):
+        grant = limiter.acquire_now(f"client-{n}", limit)
+        assert grant.acquired and grant.token is not None
+        await limiter.release(f"client-{n}", grant.token)
+    await asyncio.sleep(0.06)
+    for n in range(1000, 1100):
+        assert limiter.acquire_now(f"client-{n}", limit).acquired
+    assert len(limiter._keys) <= 100

@@ -172,3 +172,32 @@ async def test_health_checks_and_metrics_scrapes_are_not_telemetry_rows(
     missing = await client.get("/no-such-route")
     await flushed(client)
     assert {row["id"] for row in api.rows} == {missing.headers["X-Request-Id"]}
+
+
+class _Broken:
+    """A backend that returns garbage, so the pipeline crashes after generation."""
+
+    name, provider = "embedded", "test"
+
+    async def generate(self, params: object) -> object:
+        return object()
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_a_crash_is_recorded_on_the_terminal_row_only_and_never_quotes_a_private_request(
+    make_client: ClientFactory, events_api: tuple[EventsAPI, str]
+) -> None:
+    api, url = events_api
+    client = await make_client(make_settings(tracking=tracking_to(url)), backends={"embedded": _Broken()})
+    public = await client.get("/prompt/plain%20fox?width=32&height=32")
+    private = await client.get("/prompt/secret%20fox?width=32&height=32&private=true")
+    await flushed(client)
+    assert public.status == private.status == 500
+    rows = by_request(api.rows)
+    public_rows, private_rows = rows[public.headers["X-Request-Id"]], rows[private.headers["X-Request-Id"]]
+    assert [r["exception"] is not None for r in public_rows] == [False] * (len(public_rows) - 1) + [True]
+    assert public_rows[-1]["traceback"]
+    assert private_rows[-1]["exception"] == "AttributeError" and private_rows[-1]["traceback"] is None
+    assert "secret" not in orjson.dumps(private_rows).decode()

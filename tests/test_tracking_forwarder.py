@@ -236,3 +236,28 @@ async def test_flush_waits_for_events_still_being_serialised(make_forwarder: Mak
         forwarder.queue.put(event(n))
     assert await forwarder.flush(timeout=30)
     assert len(api.rows) == 20_000
+
+
+async def test_flush_reports_failure_when_rows_only_reached_the_spool(
+    make_forwarder: Make, events_api: tuple[EventsAPI, str]
+) -> None:
+    """flush() is True only when the sink has the rows, not when they merely went to disk."""
+    api, _ = events_api
+    api.down = True
+    forwarder = make_forwarder(breaker_failures=1, max_retries=0, max_wait=30)
+    await forwarder.start()
+    for n in range(10):
+        forwarder.queue.put(event(n))
+    assert not await forwarder.flush(timeout=2)
+    assert forwarder.stats.spooled == 10
+    api.down = False
+
+
+async def test_flush_sends_at_once_instead_of_waiting_for_the_batch_age(
+    make_forwarder: Make, events_api: tuple[EventsAPI, str]
+) -> None:
+    api, _ = events_api
+    forwarder = make_forwarder(max_wait=60)
+    await forwarder.start()
+    forwarder.queue.put(event(1))
+    assert await forwarder.flush(timeout=5) and len(api.rows) == 1

@@ -57,6 +57,14 @@ class Worker:
     last_pick: int = 0
 
 
+def _is_http_url(text: str) -> bool:
+    try:
+        parsed = URL(text)
+        return parsed.scheme in ("http", "https") and bool(parsed.host) and parsed.port is not None
+    except ValueError:
+        return False
+
+
 class WorkerRegistry:
     """Known workers, their heartbeat and load; selection never waits on I/O."""
 
@@ -83,8 +91,7 @@ class WorkerRegistry:
         if not isinstance(body, dict):
             raise BadRequest("registration body must be a JSON object {url, type}")
         url, kind, concurrency = body.get("url"), body.get("type"), body.get("concurrency", self._settings.concurrency)
-        if not isinstance(url, str) or len(url) > MAX_URL_LENGTH or URL(url).scheme not in ("http", "https") \
-                or not URL(url).host:
+        if not isinstance(url, str) or len(url) > MAX_URL_LENGTH or not _is_http_url(url):
             raise BadRequest("registration `url` must be an http(s) URL")
         if not isinstance(kind, str) or not 0 < len(kind) <= MAX_TYPE_LENGTH:
             raise BadRequest(f"registration `type` must be a non-empty string of at most {MAX_TYPE_LENGTH} characters")

@@ -152,6 +152,7 @@ class Forwarder:
         self._pending_since = 0.0
         self._busy = False
         self._in_hand = 0
+        self._flushing = False
         self._logged: set[str] = set()
 
     # lifecycle -----------------------------------------------------------------------------
@@ -165,10 +166,14 @@ class Forwarder:
     async def flush(self, timeout: float = 5.0) -> bool:
         """Send everything queued or spooled now; True when it all reached the sink in time."""
         deadline = self._clock() + timeout
+        self._flushing = True
         self._wake.set()
-        while self._holding() and self._clock() < deadline:
-            await asyncio.sleep(0.01)
-        return not self._holding()
+        try:
+            while self._holding() and self._clock() < deadline:
+                await asyncio.sleep(0.01)
+        finally:
+            self._flushing = False
+        return not self._holding() and not self.spool.has_data()
 
     def _holding(self) -> bool:
         """Whether any row still waits for the sink (the spool counts while the sink is taking rows)."""
@@ -183,7 +188,6 @@ class Forwarder:
         self._stopping = True
         self._wake.set()
         if self._guard is not None:
-            self._guard.cancel()
             await asyncio.gather(self._guard, return_exceptions=True)
         if self._task is not None:
             try:
@@ -250,11 +254,16 @@ class Forwarder:
             len(pending) >= settings.batch_rows
             or time.time() - self._pending_since >= settings.max_wait
             or self._stopping
+            or self._flushing
         ):
             self._busy = True
+            # Every row of the batch stays in _inflight until its body is settled, so close() can
+            # spool whatever a cancellation leaves undelivered.
+            self._inflight = self._take_pending(settings.batch_rows)
             try:
-                for body_lines in self._split_by_bytes(self._take_pending(settings.batch_rows)):
+                for body_lines in self._split_by_bytes(self._inflight):
                     await self._deliver(body_lines, from_spool=False)
+                    del self._inflight[: len(body_lines)]
             finally:
                 self._busy = False
             return True
@@ -283,32 +292,26 @@ class Forwarder:
         self._pending.extend(lines)
 
     def _take_pending(self, count: int) -> list[bytes]:
+        """The oldest `count` rows; what remains keeps the older timestamp, so it leaves no later."""
         taken = self._pending[:count]
         del self._pending[:count]
-        if self._pending:
-            self._pending_since = time.time()
         return taken
 
     async def _deliver(self, lines: list[bytes], from_spool: bool) -> None:
-        self._inflight = [] if from_spool else lines
         try:
             outcome = await self._send(lines)
         except _Failed:
-            self._inflight = []
             if not from_spool:
                 await self._spill(lines)
             return
-        self._inflight = []
         if outcome is Outcome.TOO_LARGE:
             half = len(lines) // 2
+            # Each half is delivered from memory and re-spooled if it fails, so the spool segment
+            # can be consumed either way.
+            for part in (lines[:half], lines[half:]):
+                await self._deliver(part, from_spool=False)
             if from_spool:
-                # Deliver the halves from memory; the spool segment is consumed only if both went out.
-                for part in (lines[:half], lines[half:]):
-                    await self._deliver(part, from_spool=False)
                 await self._in_io(self.spool.commit, len(lines))
-            else:
-                for part in (lines[:half], lines[half:]):
-                    await self._deliver(part, from_spool=False)
             return
         if outcome is Outcome.SENT:
             self.stats.sent += len(lines)
@@ -371,10 +374,10 @@ class Forwarder:
 
     async def _guard_queue(self) -> None:
         """While a send is slow or backing off, keep absorbing events; spool what exceeds the high-water mark."""
-        while True:
+        while not self._stopping:
             await asyncio.sleep(GUARD_SECONDS)
             try:
-                if not self._busy:
+                if not self._busy or self._stopping:
                     continue
                 await self._absorb()
                 excess = len(self._pending) - self.settings.batch_rows * HIGH_WATER_BATCHES

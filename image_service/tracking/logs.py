@@ -77,8 +77,8 @@ class BufferedLineLogger:
         self._thread.start()
         atexit.register(self.flush)
 
-    def msg(self, message: bytes) -> None:
-        self._out.write(message + b"\n")
+    def msg(self, message: bytes | str) -> None:
+        self._out.write((message.encode() if isinstance(message, str) else message) + b"\n")
 
     debug = info = warning = warn = error = critical = exception = log = failure = fatal = msg
 
@@ -124,11 +124,10 @@ def configure_logging(log_format: str = "console", level: str = "info", *, cache
     ]
     if log_format == "json":
         chain += [structlog.processors.format_exc_info, structlog.processors.JSONRenderer(serializer=_orjson_dumps)]
-        output = _buffered_logger(sys.stdout.fileno())
-        factory: Any = lambda *args: output  # noqa: E731
     else:
         chain.append(structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty()))
-        factory = structlog.PrintLoggerFactory(sys.stdout)
+    output = _buffered_logger(sys.stdout.fileno())
+    factory: Any = lambda *args: output  # noqa: E731
     structlog.configure(
         processors=chain,
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),

@@ -202,3 +202,15 @@ class TestWorkerBackend:
         await register(client, base_url(await serve(worker)))
         response = await client.get("/prompt/cat?model=flux&width=32&height=32")
         assert response.status == status
+
+
+async def test_a_malformed_worker_url_is_a_400_not_a_crash(
+    make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """yarl refuses some URLs by raising; registration must answer 400 JSON for them."""
+    monkeypatch.setenv("IMAGE_SERVICE_WORKER_SECRET", "s3cret")
+    client = await make_client()
+    for url in ("http://[::1", "http://example.test:99999/", "ftp://example.test/"):
+        response = await client.post("/register", json={"url": url, "type": "flux"},
+                                     headers={"Authorization": "Bearer s3cret"})
+        assert response.status == 400 and (await response.json())["error"] == "bad_request", url
