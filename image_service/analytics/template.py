@@ -11,7 +11,9 @@ renderers, over many parameter sets, and require identical SQL.
 from __future__ import annotations
 
 import ast
+import functools
 import re
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -182,6 +184,18 @@ def is_template(sql: str) -> bool:
     return sql.lstrip().startswith("%")
 
 
+# CPython 3.11's ast.parse is not safe to call from several threads at once ("AST constructor
+# recursion depth mismatch"); pipes render in the CPU pool, so parsing is serialised and cached.
+_PARSE_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=256)
+def _parsed(template: str) -> list[Any]:
+    """The parsed template, shared read-only between renders."""
+    with _PARSE_LOCK:
+        return _parse(template)
+
+
 def strip_marker(sql: str) -> str:
     """The SQL without Tinybird's leading `%` line (the marker is not part of the query)."""
     stripped = sql.lstrip()
@@ -193,5 +207,5 @@ def render(sql: str, params: Mapping[str, Any] | None = None) -> str:
     if not is_template(sql):
         return sql
     out: list[str] = []
-    _emit(_parse(strip_marker(sql)), _Evaluator({k: v for k, v in (params or {}).items() if v is not None}), out)
+    _emit(_parsed(strip_marker(sql)), _Evaluator({k: v for k, v in (params or {}).items() if v is not None}), out)
     return "".join(out)

@@ -68,9 +68,10 @@ def test_stats_prints_every_pipe_from_the_local_sink(events: Path, traffic: list
                  "latency_percentiles"):
         assert f"== {pipe} (local) ==" in out
     expected = reference.request_volume(traffic, {"bucket": "day"})
+    volume = out.split("== request_volume (local) ==", 1)[1].split("\n== ", 1)[0].splitlines()
     for (_, service), figures in expected.items():
-        line = next(line for line in out.splitlines() if f" {service} " in f" {line} " and line[:4].isdigit())
-        assert str(figures["requests"]) in line.split()
+        line = next(line for line in volume if f" {service} " in f" {line} ")
+        assert str(figures["requests"]) in line.split(), out
 
 
 def test_stats_refuses_a_malformed_time(events: Path, capsys: pytest.CaptureFixture[str]) -> None:
