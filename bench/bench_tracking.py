@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from image_service.tracking import Forwarder, ForwarderSettings, Spool, TinybirdSink
+from image_service.config import TrackingSettings
+from image_service.tracking import Forwarder, Spool, TinybirdSink
 from image_service.tracking.context import merge_request_context, new_request
 from image_service.tracking.processor import TELEMETRY, EventQueue
 
@@ -58,7 +59,7 @@ async def forwarder_rate(url: str, rows: int = 201_000) -> tuple[float, int, flo
     """Rows/s through the real forwarder (encoding, gzip, HTTP) into the local Events API in another process."""
     with tempfile.TemporaryDirectory() as tmp:
         forwarder = Forwarder(
-            ForwarderSettings(queue_size=rows, batch_rows=10_000, max_wait=0.2),
+            TrackingSettings(queue_size=rows, batch_rows=10_000, max_wait=0.2),
             TinybirdSink(url, TOKEN, "pollinations_events", 30.0, executor=None),
             Spool(Path(tmp), 10**9),
         )

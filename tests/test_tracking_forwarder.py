@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from image_service.tracking import Forwarder, ForwarderSettings, Spool, TinybirdSink
+from image_service.config import TrackingSettings
+from image_service.tracking import Forwarder, Spool, TinybirdSink
 from image_service.tracking.sinks import FileSink
 
 from .events_api import EventsAPI, Fault
@@ -31,7 +32,7 @@ async def make_forwarder(events_api: tuple[EventsAPI, str], tmp_path: Path) -> A
     made: list[Forwarder] = []
 
     def make(token: str = "test-token", timeout: float = 0.5, spool_dir: Path | None = None, **options: Any) -> Forwarder:
-        settings = ForwarderSettings(**{"max_wait": 0.02, "backoff_base": 0.01, "backoff_cap": 0.05,
+        settings = TrackingSettings(**{"max_wait": 0.02, "backoff_base": 0.01, "backoff_cap": 0.05,
                                         "breaker_cooldown": 0.2, "batch_rows": 100, **options})
         forwarder = Forwarder(
             settings, TinybirdSink(url, token, "pollinations_events", timeout, executor=None),
@@ -217,7 +218,7 @@ async def test_close_with_the_sink_down_spools_the_rest(make_forwarder: Make, ev
 
 
 async def test_file_sink_writes_ndjson_rows(tmp_path: Path) -> None:
-    forwarder = Forwarder(ForwarderSettings(max_wait=0.02), FileSink(tmp_path / "events.ndjson", None),
+    forwarder = Forwarder(TrackingSettings(max_wait=0.02), FileSink(tmp_path / "events.ndjson", None),
                           Spool(tmp_path / "spool", 1_000_000))
     await forwarder.start()
     for n in range(10):

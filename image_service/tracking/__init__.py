@@ -9,7 +9,7 @@
 """
 
 from .context import bind, new_request, parse_traceparent, request_ids
-from .forwarder import Breaker, BreakerState, Forwarder, ForwarderSettings
+from .forwarder import Breaker, BreakerState, Forwarder
 from .logs import configure_logging, flush_logs, is_configured, processors
 from .processor import TELEMETRY, EventQueue, TelemetryProcessor
 from .rows import COLUMNS, TERMINAL_EVENT, TEXT_EVENT, build_row, sanitise
@@ -20,7 +20,7 @@ from .text import record_text_completion
 
 __all__ = [
     "COLUMNS", "TELEMETRY", "TERMINAL_EVENT", "TEXT_EVENT", "Breaker", "BreakerState", "EventQueue", "FileSink",
-    "Forwarder", "ForwarderSettings", "Outcome", "SendResult", "Sink", "Spool", "TelemetryProcessor", "TinybirdSink",
+    "Forwarder", "Outcome", "SendResult", "Sink", "Spool", "TelemetryProcessor", "TinybirdSink",
     "Tracking", "bind", "build_row", "configure_logging", "flush_logs", "is_configured", "make_sink", "new_request",
     "parse_traceparent", "processors", "record_text_completion", "request_ids", "sanitise",
 ]

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import orjson
 import structlog
 
+from ..config import TrackingSettings
 from .processor import TELEMETRY, EventQueue
 from .rows import RowEncoder
 from .sinks import Outcome, Sink
@@ -93,29 +94,6 @@ class ForwarderStats:
     last_success: float | None = None
 
 
-@dataclass(frozen=True)
-class ForwarderSettings:
-    queue_size: int = 100_000
-    batch_rows: int = 5000
-    batch_bytes: int = 8 * 1024 * 1024
-    max_wait: float = 1.0
-    max_retries: int = 6
-    backoff_base: float = 0.5
-    backoff_cap: float = 30.0
-    breaker_failures: int = 3
-    breaker_cooldown: float = 30.0
-    max_requests_per_second: float = 100.0
-    environment: str = "development"
-
-    def __post_init__(self) -> None:
-        if self.batch_rows > self.queue_size:
-            raise ValueError(f"batch_rows ({self.batch_rows}) must not exceed queue_size ({self.queue_size})")
-        if not 0 < self.batch_bytes <= 10 * 1024 * 1024:
-            raise ValueError("batch_bytes must be within Tinybird's 10 MB request limit")
-        if self.max_wait <= 0 or self.max_requests_per_second <= 0:
-            raise ValueError("max_wait and max_requests_per_second must be positive")
-
-
 class _Failed(Exception):
     """A batch could not be delivered now; its rows belong in the spool."""
 
@@ -123,7 +101,7 @@ class _Failed(Exception):
 class Forwarder:
     def __init__(
         self,
-        settings: ForwarderSettings,
+        settings: TrackingSettings,
         sink: Sink,
         spool: Spool,
         *,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..config import TrackingSettings
 from .forwarder import BreakerState, Forwarder
-from .service import forwarder_settings, make_sink
+from .service import make_sink
 from .spool import PREFIX, SUFFIX, Spool
 
 POLL = 0.05
@@ -39,7 +39,7 @@ class ReplayReport:
 
 async def _drain(settings: TrackingSettings, directory: Path) -> ReplayReport:
     spool = Spool(directory, max_bytes=2**62)
-    forwarder = Forwarder(forwarder_settings(settings), make_sink(settings), spool)
+    forwarder = Forwarder(settings, make_sink(settings), spool)
     await forwarder.start()
     try:
         while spool.has_data() and forwarder.breaker.state is BreakerState.CLOSED:

@@ -5,26 +5,10 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry
 
 from ..config import TrackingSettings
-from .forwarder import Forwarder, ForwarderSettings
+from .forwarder import Forwarder
 from .metrics import registry_for
 from .sinks import FileSink, Sink, TinybirdSink
 from .spool import Spool
-
-
-def forwarder_settings(settings: TrackingSettings) -> ForwarderSettings:
-    return ForwarderSettings(
-        queue_size=settings.queue_size,
-        batch_rows=settings.batch_rows,
-        batch_bytes=settings.batch_bytes,
-        max_wait=settings.max_wait,
-        max_retries=settings.max_retries,
-        backoff_base=settings.backoff_base,
-        backoff_cap=settings.backoff_cap,
-        breaker_failures=settings.breaker_failures,
-        breaker_cooldown=settings.breaker_cooldown,
-        max_requests_per_second=settings.max_requests_per_second,
-        environment=settings.environment,
-    )
 
 
 def make_sink(settings: TrackingSettings) -> Sink:
@@ -41,7 +25,7 @@ class Tracking:
     def __init__(self, settings: TrackingSettings, sink: Sink | None = None, spool: Spool | None = None) -> None:
         self.settings = settings
         self.forwarder = Forwarder(
-            forwarder_settings(settings),
+            settings,
             sink or make_sink(settings),
             spool or Spool(settings.spool_dir, settings.spool_max_bytes),
         )
