@@ -79,7 +79,9 @@ class Pipeline:
         if cached is not None:
             self._bind_generation_facts(cached, cost=0.0)
             return self._enforce(Outcome(cached, CacheStatus.HIT), params, client_id)
-        image, status = await self._cache.produce_once(key, lambda: self._prepared(params, key, prompt, prepare))
+        image, status = await self._cache.produce_once(
+            key, lambda: self._prepared(params, key, prompt, prepare, client_id)
+        )
         # Only the request that caused the generation pays for it; hits and shared waits cost nothing.
         cost = self._generator.cost_of(params.model) if status in GENERATED else 0.0
         self._bind_generation_facts(image, cost)
@@ -99,11 +101,15 @@ class Pipeline:
         return cached
 
     async def _prepared(
-        self, params: ImageParams, key: str, prompt: PromptFindings, prepare: Prepare | None
+        self, params: ImageParams, key: str, prompt: PromptFindings, prepare: Prepare | None, client_id: str | None
     ) -> CachedImage:
         if prepare is None:
             return await self._produce(params, key, prompt)
         async with prepare(params) as generation_params:
+            if generation_params.prompt != params.prompt:
+                # An enhanced prompt is checked like the client's own before it is generated.
+                enhanced = self._check_prompt(generation_params, client_id)
+                prompt = PromptFindings(minor=prompt.minor or enhanced.minor, sexual=prompt.sexual or enhanced.sexual)
             return await self._produce(params, key, prompt, generation_params)
 
     async def _produce(

@@ -26,6 +26,7 @@ class ChatServer:
         self.authorization: list[str | None] = []
         self.delay = 0.0
         self.status = 200
+        self.reply: str | None = None
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.json()
@@ -36,8 +37,8 @@ class ChatServer:
         if self.status != 200:
             return web.json_response({"error": {"message": "overloaded"}}, status=self.status)
         user = body["messages"][-1]["content"]
-        return web.json_response({"choices": [{"index": 0, "message": {
-            "role": "assistant", "content": f"  A luminous painting of {user}, golden hour\n"}}]})
+        content = self.reply if self.reply is not None else f"  A luminous painting of {user}, golden hour\n"
+        return web.json_response({"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]})
 
 
 @pytest.fixture
@@ -114,6 +115,19 @@ class TestThroughTheService:
         for _ in range(2):
             assert (await client.get("/prompt/a%20fox?enhance=true&width=32&height=32")).status == 200
         assert backend.prompts == ["A luminous painting of a fox, golden hour"] and len(server.requests) == 1
+
+    async def test_an_enhanced_prompt_is_checked_before_it_is_generated(
+        self, chat: tuple[ChatServer, str], make_client: ClientFactory
+    ) -> None:
+        """A text model that turns a harmless prompt into a sexual one involving a minor is refused (451)
+        before generation, exactly as if the client had sent it."""
+        server, url = chat
+        server.reply = "a nude teenager on a beach"
+        backend = RecordingBackend()
+        client = await make_client(make_settings(enhance={"base_url": url}), backends={"embedded": backend})
+        response = await client.get("/prompt/a%20day%20at%20the%20beach?enhance=true&width=32&height=32")
+        assert response.status == 451 and (await response.json())["error"] == "content_blocked"
+        assert backend.prompts == []
 
     async def test_about_says_whether_enhancement_is_available(
         self, chat: tuple[ChatServer, str], make_client: ClientFactory
