@@ -18,6 +18,7 @@ from image_service.generation.embedded import render
 from image_service.moderation import Classifiers, load_classifiers
 from image_service.params import ImageParams
 from image_service.testing import RedisServer
+from image_service.tracking import flush_logs
 
 from .events_api import EventsAPI
 
@@ -62,11 +63,14 @@ def make_settings(**sections: Any) -> Settings:
 
 
 @pytest.fixture(autouse=True)
-def _work_in_tmp(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Relative paths (var/events.ndjson, var/spool) land in the test's own directory."""
+def _work_in_tmp(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Relative paths (var/events.ndjson, var/spool) land in the test's own directory; the test's log
+    lines are flushed into its own captured output, not after the session's summary."""
     monkeypatch.chdir(tmp_path)
     for name in ("TINYBIRD_API_KEY", "TINYBIRD_API_URL"):
         monkeypatch.delenv(name, raising=False)
+    yield
+    flush_logs()
 
 
 @pytest.fixture
