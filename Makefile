@@ -48,6 +48,7 @@ serve: install
 	$(BIN)/image-service serve --host $(HOST) --port $(PORT)
 
 test: install system-deps $(TB_STAMP)
+	$(BIN)/python -m mypy image_service
 	$(BIN)/python -m pytest
 
 bench: install system-deps

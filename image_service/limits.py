@@ -177,7 +177,9 @@ class RedisLimiter:
 
     async def acquire(self, key: str, limit: SlotLimit) -> Grant:
         token = uuid.uuid4().hex
-        args = [limit.max_active, round(limit.min_interval * 1000), max(1, round(limit.slot_ttl * 1000)), token]
+        args: list[int | str] = [
+            limit.max_active, round(limit.min_interval * 1000), max(1, round(limit.slot_ttl * 1000)), token,
+        ]
         try:
             acquired, active, previous, wait = await self._link.call(
                 lambda: self._acquire(keys=self._keys(key), args=args)

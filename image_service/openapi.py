@@ -25,7 +25,7 @@ def _json_get(summary: str, schema: dict[str, Any]) -> dict[str, Any]:
 
 def openapi_document(settings: Settings) -> dict[str, Any]:
     models = sorted(settings.models)
-    image_get = {
+    image_get: dict[str, Any] = {
         "summary": "Generate (or serve from cache) a JPEG for the prompt",
         "parameters": [
             {"name": "prompt", "in": "path", "required": True, "schema": {

@@ -206,7 +206,7 @@ class SharedFlight:
         """Poll until the holder's result appears (returned), its failure is published (raised), or
         its lock is gone without either (None: the holder died; try to take the lock)."""
         delay = POLL_FIRST
-        holder: bytes | None = None
+        holder: bytes | str | None = None
         while True:
             if time.monotonic() + delay > deadline:
                 raise LockWaitExpired("another instance's generation outlasted lock_wait")
@@ -215,14 +215,14 @@ class SharedFlight:
             found = await lookup()
             if found is not None:
                 return found
-            current: bytes | None = await self._link.call(lambda: self._link.client.get(lock))
+            current: bytes | str | None = await self._link.call(lambda: self._link.client.get(lock))
             if current is not None:
                 holder = current
                 continue
             # The holder stores (or publishes its failure) before it releases: look once more.
             found = await lookup()
             if found is None and holder is not None:
-                await self._raise_published_failure(failed, holder.decode())
+                await self._raise_published_failure(failed, holder.decode() if isinstance(holder, bytes) else holder)
             return found
 
     async def _raise_published_failure(self, failed: str, holder: str) -> None:

@@ -8,7 +8,6 @@ import io
 import orjson
 from PIL import Image
 
-from image_service.errors import GenerationError
 from image_service.imaging import EXIF_IFD, EXIF_MAKE, EXIF_USER_COMMENT, USER_COMMENT_ASCII
 
 from .conftest import ClientFactory, CountingBackend, make_settings

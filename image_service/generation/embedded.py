@@ -28,11 +28,12 @@ def _rng(params: ImageParams) -> random.Random:
 
 def _palette(rng: random.Random, size: int) -> list[tuple[int, int, int]]:
     base_hue = rng.random()
-    colours = []
+    colours: list[tuple[int, int, int]] = []
     for index in range(size):
         hue = (base_hue + index * rng.uniform(0.05, 0.22)) % 1.0
         swatch = Image.new("HSV", (1, 1), (int(hue * 255), rng.randint(90, 230), rng.randint(70, 245)))
-        colours.append(swatch.convert("RGB").getpixel((0, 0)))
+        red, green, blue = swatch.convert("RGB").tobytes()
+        colours.append((red, green, blue))
     return colours
 
 

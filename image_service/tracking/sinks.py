@@ -13,6 +13,7 @@ import asyncio
 import enum
 import gzip
 import os
+from collections.abc import Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,9 +52,9 @@ RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 MISCONFIGURED_STATUSES = frozenset({401, 403, 404})
 
 
-def _retry_after(headers: "aiohttp.typedefs.LooseHeaders | dict[str, str]") -> float | None:
+def _retry_after(headers: Mapping[str, str]) -> float | None:
     for name in ("Retry-After", "X-RateLimit-Reset"):
-        value = headers.get(name)  # type: ignore[union-attr]
+        value = headers.get(name)
         if value is None:
             continue
         try:
