@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import threading
 from collections.abc import Mapping
 from concurrent.futures import Executor
 from pathlib import Path
@@ -73,16 +74,21 @@ class LocalSource:
         self.project = project
         self._executor = executor
         self._engine: Any = None
+        # Pipes run concurrently in a thread pool: one engine, and one load of the file at a time,
+        # or a query can run against a table another thread is still (re)loading.
+        self._lock = threading.Lock()
 
     def run_sync(self, pipe: str, params: Mapping[str, str]) -> dict[str, Any]:
-        if self._engine is None:
-            try:
-                from .engine import LocalEngine
-            except ImportError:
-                raise AnalyticsError("local analytics need chdb: pip install 'image-service[analytics]'") from None
-            self._engine = LocalEngine(self.project)
-        self._engine.load_file(self.events)
-        return dict(self._engine.run_pipe(pipe, params))
+        with self._lock:
+            if self._engine is None:
+                try:
+                    from .engine import LocalEngine
+                except ImportError:
+                    raise AnalyticsError("local analytics need chdb: pip install 'image-service[analytics]'") from None
+                self._engine = LocalEngine(self.project)
+            self._engine.load_file(self.events)
+            engine = self._engine
+        return dict(engine.run_pipe(pipe, params))
 
     async def run(self, pipe: str, params: Mapping[str, str]) -> dict[str, Any]:
         return await asyncio.get_running_loop().run_in_executor(self._executor, self.run_sync, pipe, dict(params))

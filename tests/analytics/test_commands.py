@@ -70,8 +70,8 @@ def test_stats_prints_every_pipe_from_the_local_sink(events: Path, traffic: list
     expected = reference.request_volume(traffic, {"bucket": "day"})
     volume = out.split("== request_volume (local) ==", 1)[1].split("\n== ", 1)[0].splitlines()
     for (_, service), figures in expected.items():
-        line = next(line for line in volume if f" {service} " in f" {line} ")
-        assert str(figures["requests"]) in line.split(), out
+        lines = [line for line in volume if f" {service} " in f" {line} "]
+        assert lines and str(figures["requests"]) in lines[0].split(), (expected, out)
 
 
 def test_stats_refuses_a_malformed_time(events: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -144,3 +144,21 @@ async def test_alerts_check_fails_when_the_webhook_refuses(events: Path, aiohttp
     args = ["alerts", "check", "--events", str(events), "--min-requests", "1", "--max-error-rate", "0",
             "--webhook", str(server.make_url("/hook"))]
     assert await asyncio.to_thread(main, args) == 2
+
+
+async def test_concurrent_pipes_on_a_fresh_local_source_all_see_the_rows(events: Path) -> None:
+    """The first queries of a local source race to build its engine and load the file; every one of
+    them must answer from the loaded table."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from image_service.analytics.source import LocalSource, run_pipes
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for _ in range(3):
+            source = LocalSource(events, executor=pool)
+            try:
+                pipes = ("request_volume", "error_rates", "tier_distribution", "latency_percentiles")
+                answers = await run_pipes(source, pipes, {"bucket": "day"})
+            finally:
+                await source.close()
+            assert [bool(answers[pipe]["data"]) for pipe in pipes] == [True] * len(pipes)
