@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import importlib
-import platform
 import os
+import platform
 import sys
 from pathlib import Path
 

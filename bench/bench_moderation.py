@@ -12,11 +12,10 @@ import asyncio
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from PIL import Image
-
-from concurrent.futures import ThreadPoolExecutor
 
 from image_service.app import GIL_SWITCH_INTERVAL, cpu_executor
 from image_service.config import load_settings

@@ -5,7 +5,9 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from .harness import fetch, free_port, interleaved, server
+from image_service.testing import free_port
+
+from .harness import fetch, interleaved, server
 
 PATH = "/prompt/a%20red%20fox?width=512&height=384&seed=7"
 TARGET = 0.8

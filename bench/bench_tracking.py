@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from image_service.config import TrackingSettings
+from image_service.testing import free_port
 from image_service.tracking import Forwarder, Spool, TinybirdSink
 from image_service.tracking.context import merge_request_context, new_request
 from image_service.tracking.processor import TELEMETRY, EventQueue
 
-from .harness import fetch, free_port, interleaved, server
+from .harness import fetch, interleaved, server
 
 PATH = "/prompt/a%20red%20fox?width=512&height=384&seed=7"
 TOKEN = "bench-token"

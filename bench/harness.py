@@ -18,11 +18,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
 
 @contextlib.contextmanager
 def server(args: list[str], port: int, env: Mapping[str, str] | None = None, cwd: Path | None = None) -> Iterator[str]:

@@ -11,15 +11,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-from image_service.testing import RedisServer
+from image_service.testing import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_until_listening(port: int, process: subprocess.Popen[bytes], deadline: float = 20.0) -> None:

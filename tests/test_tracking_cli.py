@@ -12,8 +12,10 @@ from pathlib import Path
 
 import orjson
 
+from image_service.testing import free_port
+
 from .events_api import EventsAPI
-from .test_cli import free_port, wait_until_listening
+from .test_cli import wait_until_listening
 
 
 def start_server(tmp_path: Path, url: str, **env: str) -> tuple[subprocess.Popen[bytes], int]:
