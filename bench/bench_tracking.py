@@ -113,7 +113,7 @@ def main() -> None:
             stack.append(context)
             fetch(urls[name])
         try:
-            loads = interleaved(urls, rounds=3, seconds=4)
+            loads = interleaved(urls, rounds=5, seconds=3)
         finally:
             for context in reversed(stack):
                 context.__exit__(None, None, None)

@@ -11,6 +11,7 @@ supervisor stop the others and exit 1, so whatever supervises it (systemd, Kuber
 from __future__ import annotations
 
 import argparse
+import gc
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -110,8 +111,10 @@ def _run_service(settings: Settings, *, reuse_port: bool) -> None:
     from .tracking import configure_logging
 
     configure_logging(settings.server.log_format, settings.server.log_level, cache_loggers=True)
+    app = create_app(settings)
+    app.on_startup.append(_freeze_startup_heap)
     web.run_app(
-        create_app(settings),
+        app,
         host=settings.server.host,
         port=settings.server.port,
         shutdown_timeout=settings.server.shutdown_timeout,
@@ -119,6 +122,14 @@ def _run_service(settings: Settings, *, reuse_port: bool) -> None:
         reuse_port=reuse_port or None,
         print=None if reuse_port else lambda message: print(message, file=sys.stderr),
     )
+
+
+async def _freeze_startup_heap(app: web.Application) -> None:
+    """What exists once the service has started (modules, settings, models) lives as long as the
+    process: out of the collector's reach, a full collection walks only what requests created, and
+    stops the event loop for about a millisecond instead of tens."""
+    gc.collect()
+    gc.freeze()
 
 
 def _run_worker(settings: Settings) -> None:

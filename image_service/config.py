@@ -120,6 +120,8 @@ class TrackingSettings(_Section):
     max_requests_per_second: float = Field(100.0, gt=0, le=1000)
     shutdown_timeout: float = Field(10.0, gt=0)
     environment: str = "development"
+    encoder_process: bool = True
+    encoder_process_min_events: int = Field(128, ge=1)
 
     @model_validator(mode="after")
     def _batch_fits_queue(self) -> TrackingSettings:

@@ -25,9 +25,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import orjson
 import structlog
 
 from ..config import TrackingSettings
+from .encoder import EncoderProcess, EncoderUnavailable
 from .processor import TELEMETRY, EventQueue
 from .rows import RowEncoder
 from .sinks import Outcome, Sink
@@ -40,6 +42,10 @@ POLL_SECONDS = 0.05
 GUARD_SECONDS = 0.02
 # Rows encoded between two yields to the event loop: about a third of a millisecond of work.
 SERIALISE_SLICE = 32
+# Raw events serialised for the encoder process between two yields: about 0.2 ms of work.
+DUMP_SLICE = 256
+# Events per round trip to the encoder process: bounded frames keep a backlog moving in steps.
+FRAME_EVENTS = 4096
 # Serialised rows kept in memory while a send is slow, in batches; beyond that they go to the spool.
 HIGH_WATER_BATCHES = 2
 
@@ -89,6 +95,7 @@ class ForwarderStats:
     replayed: int = 0
     quarantined: int = 0
     batches: int = 0
+    encoded_elsewhere: int = 0
     dropped: Counter[str] = field(default_factory=Counter)
     last_success: float | None = None
 
@@ -113,6 +120,7 @@ class Forwarder:
         self.queue = EventQueue(settings.queue_size)
         self.stats = ForwarderStats()
         self._encoder = RowEncoder(settings.environment)
+        self._encoder_process = EncoderProcess(settings.environment) if settings.encoder_process else None
         self.breaker = Breaker(settings.breaker_failures, settings.breaker_cooldown, clock)
         self._clock = clock
         self._rand = rand
@@ -177,6 +185,8 @@ class Forwarder:
         leftover = self._inflight + self._pending + await self._serialise(self.queue.take(len(self.queue)))
         self._inflight, self._pending = [], []
         await self._spill(leftover)
+        if self._encoder_process is not None:
+            await self._encoder_process.close()
         await self._in_io(self.spool.close)
         await self.sink.close()
         self._io.shutdown(wait=True)
@@ -373,6 +383,24 @@ class Forwarder:
     # helpers ---------------------------------------------------------------------------------
 
     async def _serialise(self, events: list[dict[str, Any]]) -> list[bytes]:
+        """Rows of `events`, in order: from the encoder process when the batch is large enough,
+        here for the rest (small batches, and whatever the helper could not take)."""
+        lines: list[bytes] = []
+        done = 0
+        helper = self._encoder_process
+        if helper is not None and len(events) >= self.settings.encoder_process_min_events:
+            while done < len(events) and helper.available:
+                frame_events = events[done:done + FRAME_EVENTS]
+                encoded = await self._serialise_elsewhere(helper, frame_events)
+                if encoded is None:
+                    break
+                lines.extend(encoded)
+                done += len(frame_events)
+        if done < len(events):
+            lines.extend(await self._serialise_here(events[done:] if done else events))
+        return lines
+
+    async def _serialise_here(self, events: list[dict[str, Any]]) -> list[bytes]:
         lines: list[bytes] = []
         encoder = self._encoder
         try:
@@ -388,6 +416,23 @@ class Forwarder:
                     await asyncio.sleep(0)
         finally:
             encoder.reset()
+        return lines
+
+    async def _serialise_elsewhere(self, helper: EncoderProcess, events: list[dict[str, Any]]) -> list[bytes] | None:
+        """Rows built by the encoder process; None when the batch must be encoded here instead."""
+        try:
+            slices = []
+            for start in range(0, len(events), DUMP_SLICE):
+                slices.append(orjson.dumps(events[start:start + DUMP_SLICE], default=str))
+                await asyncio.sleep(0)
+            lines, failed, first_error = await helper.encode(slices)
+        except (EncoderUnavailable, TypeError) as exc:
+            self._log_once(f"encoder:{type(exc).__name__}", "telemetry.encoder_unavailable", error=str(exc) or type(exc).__name__)
+            return None
+        if failed:
+            self.stats.dropped["unserialisable"] += failed
+            self._log_once(f"serialise:{first_error}", "telemetry.unserialisable", error=first_error)
+        self.stats.encoded_elsewhere += len(lines)
         return lines
 
     def _split_by_bytes(self, lines: list[bytes]) -> list[list[bytes]]:

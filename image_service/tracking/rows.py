@@ -295,29 +295,33 @@ class RowEncoder:
     The processor attaches the request's live context to an image event (`_ctx`) instead of copying
     it. By the time a batch is encoded the request has usually finished, so all its rows carry the
     request's final facts (user, tier, model, prompt...); each row's event columns come from the
-    event itself, falling back to the context (for `cache_status`, `backend` and the like).
+    event itself, falling back to the context (for `cache_status`, `backend` and the like). Within a
+    batch every event of a request sees the same context (the live dict, or equal copies of it when
+    the batch was shipped to the encoder process), so the request id is the cache key.
     """
 
     def __init__(self, environment: str) -> None:
         self._environment = environment
-        self._requests: dict[int, tuple[dict[str, Any], bytes, str]] = {}
+        self._requests: dict[str, tuple[bytes, str]] = {}
 
     def encode(self, event: dict[str, Any]) -> bytes:
         context = event.get("_ctx")
         if context is None:
             return orjson.dumps(build_row(event, self._environment), option=orjson.OPT_APPEND_NEWLINE)
-        known = self._requests.get(id(context))
-        if known is None or known[0] is not context:
+        key = context.get("request_id")
+        known = self._requests.get(key) if key else None
+        if known is None:
             request_json = orjson.dumps(_request_columns(context.get, False))
-            metadata = _metadata(context.get, self._environment, "image")
-            known = self._requests[id(context)] = (context, request_json[1:-1], metadata)
+            known = (request_json[1:-1], _metadata(context.get, self._environment, "image"))
+            if key:
+                self._requests[key] = known
         merged = context.copy()
         merged.update(event)
         event_json = orjson.dumps(
-            _event_columns(merged.get, self._environment, None if "labels" in event else known[2])
+            _event_columns(merged.get, self._environment, None if "labels" in event else known[1])
         )
-        return b"".join((event_json[:-1], b",", known[1], b"}\n"))
+        return b"".join((event_json[:-1], b",", known[0], b"}\n"))
 
     def reset(self) -> None:
-        """Forget the encoded requests (after a batch), releasing their contexts."""
+        """Forget the encoded requests (after a batch)."""
         self._requests.clear()
