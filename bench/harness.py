@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -64,7 +66,7 @@ def _ms(text: str) -> float:
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
 
 
-def wrk(url: str, seconds: float = 5, connections: int = 16) -> Load:
+def wrk(url: str, seconds: int = 5, connections: int = 16) -> Load:
     """Drive `url` with wrk (one thread: the other core is the server's) and parse its report."""
     if shutil.which("wrk") is None:
         raise RuntimeError("wrk is not installed: run `make bench` (it installs it) or apt-get install wrk")
@@ -80,10 +82,49 @@ def wrk(url: str, seconds: float = 5, connections: int = 16) -> Load:
     return Load(rps, p50, p99)
 
 
-def interleaved(urls: Mapping[str, str], rounds: int = 3, seconds: float = 4) -> dict[str, Load]:
+def interleaved(urls: Mapping[str, str], rounds: int = 3, seconds: int = 4) -> dict[str, Load]:
     """Alternate the targets round by round and keep each one's median run, so drift hits all alike."""
     runs: dict[str, list[Load]] = {name: [] for name in urls}
     for _ in range(rounds):
         for name, url in urls.items():
             runs[name].append(wrk(url, seconds))
     return {name: sorted(loads, key=lambda load: load.requests_per_s)[len(loads) // 2] for name, loads in runs.items()}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """How a target fared against the baseline over paired rounds (medians of per-round figures)."""
+
+    requests_per_s: float
+    ratio: float
+    ratio_low: float
+    ratio_high: float
+    p99_ms: float
+    added_p99_ms: float
+
+
+def paired(urls: Mapping[str, str], baseline: str, rounds: int, seconds: int, connections: int = 16) -> dict[str, Comparison]:
+    """Every target once per round, in a fresh random order; each round's figures are taken against
+    the baseline's in the same round, so the machine's drift between rounds cancels out. The
+    quartiles of the per-round ratios show how far one round can be trusted."""
+    runs: dict[str, list[Load]] = {name: [] for name in urls}
+    order = list(urls)
+    shuffle = random.Random(0).shuffle
+    for _ in range(rounds):
+        shuffle(order)
+        for name in order:
+            runs[name].append(wrk(urls[name], seconds, connections))
+    base = runs[baseline]
+    result = {}
+    for name, loads in runs.items():
+        ratios = [load.requests_per_s / b.requests_per_s for load, b in zip(loads, base)]
+        low, _, high = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+        result[name] = Comparison(
+            requests_per_s=statistics.median(load.requests_per_s for load in loads),
+            ratio=statistics.median(ratios),
+            ratio_low=low,
+            ratio_high=high,
+            p99_ms=statistics.median(load.p99_ms for load in loads),
+            added_p99_ms=statistics.median(load.p99_ms - b.p99_ms for load, b in zip(loads, base)),
+        )
+    return result

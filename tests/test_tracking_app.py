@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 import structlog
 
 from image_service.app import TRACKING
@@ -30,11 +31,17 @@ def by_request(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     return grouped
 
 
+# Rows are built in-process for small batches and by the encoder process for large ones: a
+# threshold of one event sends every batch to the helper, so both paths face the same assertions.
+ENCODING_PATHS = pytest.mark.parametrize("min_events", [128, 1], ids=["in-process", "encoder-process"])
+
+
+@ENCODING_PATHS
 async def test_every_stage_of_every_request_arrives_as_a_row(
-    make_client: ClientFactory, events_api: tuple[EventsAPI, str]
+    make_client: ClientFactory, events_api: tuple[EventsAPI, str], min_events: int
 ) -> None:
     api, url = events_api
-    client = await make_client(make_settings(tracking=tracking_to(url)))
+    client = await make_client(make_settings(tracking=tracking_to(url, encoder_process_min_events=min_events)))
     miss = await client.get(FOX)
     hit = await client.get(FOX)
     bad = await client.get("/prompt/x?model=nope")
@@ -58,6 +65,7 @@ async def test_every_stage_of_every_request_arrives_as_a_row(
     assert (rejected["http_status"], rejected["status"], rejected["error"]) == (400, "rejected", "unknown_model")
     assert all(sorted(row) == sorted(COLUMNS) for row in api.rows)
     assert len({row["event_id"] for row in api.rows}) == len(api.rows)
+    assert (client.app[TRACKING].forwarder.stats.encoded_elsewhere > 0) is (min_events == 1)
 
 
 async def test_rows_of_one_request_share_its_id_and_times(make_client: ClientFactory, events_api: tuple[EventsAPI, str]) -> None:
@@ -84,14 +92,15 @@ async def test_incoming_traceparent_is_recorded_and_continued(make_client: Clien
     assert orjson.loads(rows[-1]["proxy_metadata"])["parent_span_id"] == "00f067aa0ba902b7"
 
 
+@ENCODING_PATHS
 async def test_private_prompts_tokens_and_ips_appear_in_no_row_and_no_log(
-    make_client: ClientFactory, events_api: tuple[EventsAPI, str], capfd: Any
+    make_client: ClientFactory, events_api: tuple[EventsAPI, str], capfd: Any, min_events: int
 ) -> None:
-    """Whatever the client sends, its secrets stay in the process."""
+    """Whatever the client sends, its secrets stay in the service."""
     api, url = events_api
     configure_logging("json", "debug")
     try:
-        client = await make_client(make_settings(tracking=tracking_to(url)))
+        client = await make_client(make_settings(tracking=tracking_to(url, encoder_process_min_events=min_events)))
         headers = {"Authorization": "Bearer sk-authheader-123456789", "X-Forwarded-For": "198.51.100.77",
                    "Referer": "https://site.example/page?token=sk-referer-123456789"}
         await client.get("/prompt/my%20diary%20entry?private=true&token=sk-query-123456789&width=32&height=32",
@@ -107,6 +116,7 @@ async def test_private_prompts_tokens_and_ips_appear_in_no_row_and_no_log(
     for secret in ("diary", "sk-authheader", "sk-query", "sk-referer", "198.51.100.77", "127.0.0.1"):
         assert secret not in everything, secret
     assert {row["prompt"] for row in api.rows if row["prompt"]} == {"[PRIVATE]"}
+    assert (client.app[TRACKING].forwarder.stats.encoded_elsewhere > 0) is (min_events == 1)
 
 
 async def test_text_completions_share_the_processor_and_forwarder(

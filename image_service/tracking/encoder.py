@@ -44,8 +44,9 @@ _END = _LENGTH.pack(0)
 # After a failure the helper is not started again for this long: rows are encoded in-process meanwhile.
 RETRY_SECONDS = 30.0
 HELPER_COMMAND = "from image_service.tracking.encoder import main; main()"
-# A first reply includes the helper's start (about 0.3 s).
-REPLY_TIMEOUT = 10.0
+# Seconds for one round trip (a full frame takes about 0.1 s), plus the helper's start on the first.
+REPLY_TIMEOUT = 2.0
+START_TIMEOUT = 10.0
 PIPE_BYTES = 1 << 20
 
 
@@ -85,6 +86,24 @@ class EncoderProcess:
         self._lock = asyncio.Lock()
         self._closed = False
         self._retry_at = float("-inf")
+        self._since = 0.0
+
+    @property
+    def busy(self) -> bool:
+        """Whether a round trip is under way (a caller that cannot wait encodes in-process)."""
+        return self._lock.locked()
+
+    def busy_for(self) -> float:
+        """Seconds the current round trip has taken so far; 0 when idle."""
+        return self._clock() - self._since if self._lock.locked() else 0.0
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
 
     @property
     def available(self) -> bool:
@@ -98,17 +117,24 @@ class EncoderProcess:
             raise EncoderUnavailable("closed")
         loop = asyncio.get_running_loop()
         async with self._lock:
+            self._since = self._clock()
+            timeout = REPLY_TIMEOUT if self.running else REPLY_TIMEOUT + START_TIMEOUT
             try:
-                return await asyncio.wait_for(loop.run_in_executor(self._thread, self._round_trip, slices), REPLY_TIMEOUT)
+                return await asyncio.wait_for(loop.run_in_executor(self._thread, self._round_trip, slices), timeout)
             except (OSError, ValueError, TimeoutError, EncoderUnavailable) as exc:
                 self._retry_at = self._clock() + RETRY_SECONDS
                 # Killing the helper also ends a round trip still blocked in the thread.
                 self._kill()
                 raise EncoderUnavailable(str(exc) or type(exc).__name__) from exc
+            except asyncio.CancelledError:
+                self._kill()
+                raise
 
     def _round_trip(self, slices: list[bytes]) -> tuple[list[bytes], int, str]:
         process = self._process
         if process is None or process.poll() is not None:
+            if process is not None:
+                _close_pipes(process)
             process = self._process = self._spawn()
         assert process.stdin is not None and process.stdout is not None
         for part in slices:
@@ -152,6 +178,8 @@ class EncoderProcess:
         if self._closed:
             return
         self._closed = True
+        if self.busy:
+            self._kill()
         async with self._lock:
             await asyncio.get_running_loop().run_in_executor(self._thread, self._stop)
         self._thread.shutdown(wait=True)
@@ -168,8 +196,14 @@ class EncoderProcess:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-        if process.stdout is not None:
-            process.stdout.close()
+        _close_pipes(process)
+
+
+def _close_pipes(process: subprocess.Popen[bytes]) -> None:
+    for stream in (process.stdin, process.stdout):
+        if stream is not None:
+            with contextlib.suppress(OSError):
+                stream.close()
 
 
 def _read_exactly(stream: IO[bytes], size: int) -> bytes:
@@ -201,7 +235,16 @@ def serve(environment: str, requests: IO[bytes], replies: IO[bytes]) -> None:
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    with contextlib.suppress(OSError, AttributeError):
-        # Only on an otherwise idle core: rows may wait, requests may not.
+    # Only on an otherwise idle core: rows may wait, requests may not. If the cores stay busy, the
+    # forwarder notices the slow answers and encodes in-process meanwhile.
+    try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    serve(sys.argv[1] if len(sys.argv) > 1 else "development", sys.stdin.buffer, sys.stdout.buffer)
+    except (AttributeError, OSError):
+        with contextlib.suppress(OSError):
+            os.nice(19)
+    try:
+        serve(sys.argv[1] if len(sys.argv) > 1 else "development", sys.stdin.buffer, sys.stdout.buffer)
+    except Exception as exc:
+        # A traceback could quote an event; the parent logs the failure and encodes in-process.
+        sys.stderr.write(f"image_service encoder process: {type(exc).__name__}\n")
+        raise SystemExit(1) from None

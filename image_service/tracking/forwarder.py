@@ -46,6 +46,8 @@ SERIALISE_SLICE = 32
 DUMP_SLICE = 256
 # Events per round trip to the encoder process: bounded frames keep a backlog moving in steps.
 FRAME_EVENTS = 4096
+# Seconds the encoder process may take on one round trip before new events are encoded in-process.
+HELPER_PATIENCE = 0.5
 # Serialised rows kept in memory while a send is slow, in batches; beyond that they go to the spool.
 HIGH_WATER_BATCHES = 2
 
@@ -120,7 +122,7 @@ class Forwarder:
         self.queue = EventQueue(settings.queue_size)
         self.stats = ForwarderStats()
         self._encoder = RowEncoder(settings.environment)
-        self._encoder_process = EncoderProcess(settings.environment) if settings.encoder_process else None
+        self.encoder_process = EncoderProcess(settings.environment) if settings.encoder_process else None
         self.breaker = Breaker(settings.breaker_failures, settings.breaker_cooldown, clock)
         self._clock = clock
         self._rand = rand
@@ -185,8 +187,8 @@ class Forwarder:
         leftover = self._inflight + self._pending + await self._serialise(self.queue.take(len(self.queue)))
         self._inflight, self._pending = [], []
         await self._spill(leftover)
-        if self._encoder_process is not None:
-            await self._encoder_process.close()
+        if self.encoder_process is not None:
+            await self.encoder_process.close()
         await self._in_io(self.spool.close)
         await self.sink.close()
         self._io.shutdown(wait=True)
@@ -264,17 +266,22 @@ class Forwarder:
         return True
 
     async def _absorb(self) -> None:
-        """Turn queued events into serialised rows: bytes are compact and invisible to the GC,
-        so a backlog never turns into long garbage-collection pauses on the event loop."""
+        """Turn up to a batch of queued events into serialised rows: bytes are compact and invisible
+        to the GC, so a backlog never turns into long garbage-collection pauses on the event loop.
+        A batch at a time lets the next one be encoded while the previous one is being sent."""
         queue = self.queue
         if not queue:
             return
         if not self._pending:
             self._pending_since = queue.oldest_ts() or time.time()
-        events = queue.take(len(queue))
+        events = queue.take(self.settings.batch_rows)
         self._in_hand += len(events)
         try:
             lines = await self._serialise(events)
+        except asyncio.CancelledError:
+            # Shutdown gave up waiting: the events go back to the front of the queue, for close() to spool.
+            queue.items.extendleft(reversed(events))
+            raise
         finally:
             self._in_hand -= len(events)
         self._pending.extend(lines)
@@ -361,11 +368,14 @@ class Forwarder:
             await asyncio.sleep(min(0.1, max(0.0, end - self._clock())))
 
     async def _guard_queue(self) -> None:
-        """While a send is slow or backing off, keep absorbing events; spool what exceeds the high-water mark."""
+        """While a send is slow or backing off, or the encoder process is slow to answer, keep
+        absorbing events (in-process while the helper is busy); spool what exceeds the high-water mark."""
+        helper = self.encoder_process
         while not self._stopping:
             await asyncio.sleep(GUARD_SECONDS)
             try:
-                if not self._busy or self._stopping:
+                helper_lagging = helper is not None and helper.busy_for() >= HELPER_PATIENCE
+                if not (self._busy or helper_lagging) or self._stopping:
                     continue
                 await self._absorb()
                 excess = len(self._pending) - self.settings.batch_rows * HIGH_WATER_BATCHES
@@ -387,8 +397,8 @@ class Forwarder:
         here for the rest (small batches, and whatever the helper could not take)."""
         lines: list[bytes] = []
         done = 0
-        helper = self._encoder_process
-        if helper is not None and len(events) >= self.settings.encoder_process_min_events:
+        helper = self.encoder_process
+        if helper is not None and not helper.busy and len(events) >= self.settings.encoder_process_min_events:
             while done < len(events) and helper.available:
                 frame_events = events[done:done + FRAME_EVENTS]
                 encoded = await self._serialise_elsewhere(helper, frame_events)

@@ -1,0 +1,134 @@
+"""The encoder process: rows built there equal rows built in-process, and no failure of it loses a row."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+import orjson
+import pytest
+
+from image_service.tracking import Forwarder
+from image_service.tracking.encoder import EncoderProcess
+from image_service.tracking.rows import RowEncoder
+
+from .events_api import EventsAPI
+from .test_tracking_forwarder import Make, event, make_forwarder, received, until
+
+__all__ = ["make_forwarder"]
+
+
+def request_events(n: int, **context: Any) -> list[dict[str, Any]]:
+    """The events of one request, each holding the request's context, as the processor queues them."""
+    now = time.time()
+    ctx = {"request_id": f"req-{n:04d}", "request_start": now - 0.01, "model": "procedural", "prompt": f"fox {n}",
+           "width": 64, "height": 64, "seed": n, "user": "u1", "tier": "seed", "route": "/prompt/{prompt}", **context}
+    return [
+        {"event": "request.received", "stage": "request", "duration_ms": 0.02, "_ts": now, "_ctx": ctx},
+        {"event": "cache.lookup", "stage": "cache", "cache_status": "hit", "_ts": now, "_ctx": ctx},
+        {"event": "request.completed", "stage": "response", "status": 200, "duration_ms": 4.5, "_ts": now,
+         "_ctx": ctx, "exception": "GET https://user:hunter2@origin.example/x failed token=sk-abcdef1234567890"},
+    ]
+
+
+def without_event_id(line: bytes) -> dict[str, Any]:
+    row: dict[str, Any] = orjson.loads(line)
+    row.pop("event_id")
+    return row
+
+
+async def test_rows_built_by_the_encoder_process_equal_rows_built_in_process() -> None:
+    """Privacy rules, context columns and metadata come out the same on either path."""
+    events = [e for n in range(60) for e in request_events(n, private=n % 2 == 0, referrer="https://a.example/?token=x")]
+    helper = EncoderProcess("test")
+    try:
+        lines, failed, _ = await helper.encode([orjson.dumps(events[:50]), orjson.dumps(events[50:])])
+    finally:
+        await helper.close()
+    encoder = RowEncoder("test")
+    expected = [without_event_id(encoder.encode(e)) for e in events]
+    assert failed == 0 and [without_event_id(line) for line in lines] == expected
+    prompts = {row["prompt"] for row in expected}
+    assert "[PRIVATE]" in prompts and "fox 0" not in prompts and "fox 1" in prompts
+    assert not any("hunter2" in line.decode() or "sk-abcdef" in line.decode() for line in lines)
+
+
+async def test_an_event_the_helper_cannot_encode_is_counted_and_the_rest_arrive() -> None:
+    helper = EncoderProcess("test")
+    try:
+        lines, failed, error = await helper.encode(
+            [orjson.dumps(request_events(1) + [{"event": "x", "stage": "x", "_ts": "not a time"}] + request_events(2))]
+        )
+    finally:
+        await helper.close()
+    assert (len(lines), failed, error) == (6, 1, "ValueError")
+
+
+async def test_large_batches_go_to_the_encoder_process(make_forwarder: Make, events_api: tuple[EventsAPI, str]) -> None:
+    api, _ = events_api
+    forwarder = make_forwarder(encoder_process_min_events=10)
+    await forwarder.start()
+    for n in range(300):
+        forwarder.queue.put(event(n))
+    await until(lambda: len(api.rows) == 300)
+    assert received(api) == {f"ev-{n:06d}" for n in range(300)}
+    assert forwarder.stats.encoded_elsewhere == 300
+
+
+async def helper_at_work(make_forwarder: Make, api: EventsAPI) -> tuple[Forwarder, EncoderProcess, int]:
+    """A started forwarder whose encoder process has delivered one row: (forwarder, helper, its pid)."""
+    forwarder = make_forwarder(encoder_process_min_events=1)
+    helper = forwarder.encoder_process
+    assert helper is not None
+    await forwarder.start()
+    forwarder.queue.put(event(0))
+    await until(lambda: len(api.rows) == 1)
+    assert helper.pid is not None and helper.running
+    return forwarder, helper, helper.pid
+
+
+async def test_a_killed_encoder_process_loses_no_row(make_forwarder: Make, events_api: tuple[EventsAPI, str]) -> None:
+    """Rows it was given are encoded in-process instead; a later batch starts a fresh helper."""
+    api, _ = events_api
+    forwarder, _, pid = await helper_at_work(make_forwarder, api)
+    os.kill(pid, signal.SIGKILL)
+    for n in range(1, 200):
+        forwarder.queue.put(event(n))
+    await until(lambda: received(api) == {f"ev-{n:06d}" for n in range(200)})
+    assert sum(forwarder.stats.dropped.values()) == 0
+
+
+async def test_a_stalled_encoder_process_does_not_hold_rows_back(make_forwarder: Make, events_api: tuple[EventsAPI, str]) -> None:
+    """While the helper does not answer, new events are encoded in-process; nothing waits for it."""
+    api, _ = events_api
+    forwarder, helper, pid = await helper_at_work(make_forwarder, api)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        for n in range(1, 100):
+            forwarder.queue.put(event(n))
+        await until(lambda: received(api) == {f"ev-{n:06d}" for n in range(100)}, seconds=8)
+    finally:
+        if helper.running:
+            os.kill(pid, signal.SIGCONT)
+
+
+async def test_a_batch_orjson_cannot_serialise_is_encoded_in_process(
+    make_forwarder: Make, events_api: tuple[EventsAPI, str]
+) -> None:
+    api, _ = events_api
+    forwarder = make_forwarder(encoder_process_min_events=1)
+    await forwarder.start()
+    forwarder.queue.put({**event(1), "width": 2**70})
+    await until(lambda: len(api.rows) == 1)
+    assert api.rows[0]["width"] is None and forwarder.stats.encoded_elsewhere == 0
+
+
+async def test_the_encoder_process_ends_with_the_forwarder(make_forwarder: Make, events_api: tuple[EventsAPI, str]) -> None:
+    api, _ = events_api
+    forwarder, helper, pid = await helper_at_work(make_forwarder, api)
+    await forwarder.close(timeout=2)
+    assert not helper.running
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
