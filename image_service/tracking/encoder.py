@@ -48,6 +48,7 @@ HELPER_COMMAND = "from image_service.tracking.encoder import main; main()"
 REPLY_TIMEOUT = 2.0
 START_TIMEOUT = 10.0
 PIPE_BYTES = 1 << 20
+IOV_MAX = 1024
 
 
 class EncoderUnavailable(Exception):
@@ -120,7 +121,7 @@ class EncoderProcess:
             self._since = self._clock()
             timeout = REPLY_TIMEOUT if self.running else REPLY_TIMEOUT + START_TIMEOUT
             try:
-                return await asyncio.wait_for(loop.run_in_executor(self._thread, self._round_trip, slices), timeout)
+                reply = await asyncio.wait_for(loop.run_in_executor(self._thread, self._round_trip, slices), timeout)
             except (OSError, ValueError, TimeoutError, EncoderUnavailable) as exc:
                 self._retry_at = self._clock() + RETRY_SECONDS
                 # Killing the helper also ends a round trip still blocked in the thread.
@@ -129,38 +130,29 @@ class EncoderProcess:
             except asyncio.CancelledError:
                 self._kill()
                 raise
+        return _parse_reply(reply)
 
-    def _round_trip(self, slices: list[bytes]) -> tuple[list[bytes], int, str]:
+    def _round_trip(self, slices: list[bytes]) -> bytearray:
+        """Send one request and read its reply, in system calls that release the GIL: this thread
+        never competes with the event loop for it (the loop slices the rows out afterwards)."""
         process = self._process
         if process is None or process.poll() is not None:
             if process is not None:
                 _close_pipes(process)
             process = self._process = self._spawn()
         assert process.stdin is not None and process.stdout is not None
+        parts: list[bytes] = []
         for part in slices:
-            process.stdin.write(_LENGTH.pack(len(part)))
-            process.stdin.write(part)
-        process.stdin.write(_END)
-        process.stdin.flush()
-        replies = process.stdout
-        size = _LENGTH.unpack(_read_exactly(replies, _LENGTH.size))[0]
-        failed, name_length, count = _REPLY.unpack(_read_exactly(replies, _REPLY.size))
-        name = _read_exactly(replies, name_length).decode()
-        lengths = array("I")
-        lengths.frombytes(_read_exactly(replies, count * lengths.itemsize))
-        rows = _read_exactly(replies, size - _REPLY.size - name_length - count * lengths.itemsize)
-        lines = []
-        start = 0
-        for length in lengths:
-            end = start + length
-            lines.append(rows[start:end])
-            start = end
-        return lines, failed, name
+            parts += (_LENGTH.pack(len(part)), part)
+        parts.append(_END)
+        _write_all(process.stdin.fileno(), parts)
+        replies = process.stdout.fileno()
+        return _read_all(replies, _LENGTH.unpack(_read_all(replies, _LENGTH.size))[0])
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         process = subprocess.Popen(
             [sys.executable, "-c", HELPER_COMMAND, self._environment],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True, bufsize=0,
         )
         for stream in (process.stdin, process.stdout):
             with contextlib.suppress(OSError, AttributeError):
@@ -204,6 +196,46 @@ def _close_pipes(process: subprocess.Popen[bytes]) -> None:
         if stream is not None:
             with contextlib.suppress(OSError):
                 stream.close()
+
+
+def _parse_reply(reply: bytearray) -> tuple[list[bytes], int, str]:
+    failed, name_length, count = _REPLY.unpack_from(reply)
+    offset = _REPLY.size + name_length
+    view = memoryview(reply)
+    lengths = array("I")
+    lengths.frombytes(view[offset:offset + count * lengths.itemsize])
+    start = offset + count * lengths.itemsize
+    lines = []
+    for length in lengths:
+        end = start + length
+        lines.append(bytes(view[start:end]))
+        start = end
+    return lines, failed, bytes(view[_REPLY.size:_REPLY.size + name_length]).decode()
+
+
+def _write_all(fd: int, parts: list[bytes]) -> None:
+    """All of `parts`, in as few system calls as the pipe allows."""
+    views = [memoryview(part) for part in parts if part]
+    while views:
+        written = os.writev(fd, views[:IOV_MAX])
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if written:
+            views[0] = views[0][written:]
+
+
+def _read_all(fd: int, size: int) -> bytearray:
+    """Exactly `size` bytes from `fd`; EncoderUnavailable when the other side has gone."""
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    got = 0
+    while got < size:
+        count = os.readv(fd, [view[got:]])
+        if count == 0:
+            raise EncoderUnavailable("the encoder process exited")
+        got += count
+    return buffer
 
 
 def _read_exactly(stream: IO[bytes], size: int) -> bytes:

@@ -44,6 +44,8 @@ GUARD_SECONDS = 0.02
 SERIALISE_SLICE = 32
 # Raw events serialised for the encoder process between two yields: about 0.2 ms of work.
 DUMP_SLICE = 256
+# Rows copied into one part of a request body between two yields: about 0.1 ms of copying.
+JOIN_SLICE = 256
 # Events per round trip to the encoder process: bounded frames keep a backlog moving in steps.
 FRAME_EVENTS = 4096
 # Seconds the encoder process may take on one round trip before new events are encoded in-process.
@@ -318,11 +320,14 @@ class Forwarder:
 
     async def _send(self, lines: list[bytes]) -> Outcome:
         """One batch through the sink with retries; raises _Failed when it must be spooled."""
-        body = b"".join(lines)
+        parts = []
+        for start in range(0, len(lines), JOIN_SLICE):
+            parts.append(b"".join(lines[start:start + JOIN_SLICE]))
+            await asyncio.sleep(0)
         attempt = 0
         while True:
             await self._respect_rate_limit()
-            result = await self.sink.send(body, len(lines))
+            result = await self.sink.send(parts, len(lines))
             if result.outcome is Outcome.SENT:
                 self.breaker.success()
                 self.stats.last_success = self._clock()
@@ -447,6 +452,8 @@ class Forwarder:
 
     def _split_by_bytes(self, lines: list[bytes]) -> list[list[bytes]]:
         limit = self.settings.batch_bytes
+        if sum(map(len, lines)) <= limit:
+            return [lines] if lines else []
         bodies: list[list[bytes]] = [[]]
         size = 0
         for line in lines:
