@@ -68,7 +68,7 @@ async def test_an_event_the_helper_cannot_encode_is_counted_and_the_rest_arrive(
 
 async def test_large_batches_go_to_the_encoder_process(make_forwarder: Make, events_api: tuple[EventsAPI, str]) -> None:
     api, _ = events_api
-    forwarder = make_forwarder(encoder_process_min_events=10)
+    forwarder = make_forwarder(encoder_process_min_events=10, batch_rows=300)
     await forwarder.start()
     for n in range(300):
         forwarder.queue.put(event(n))

@@ -26,12 +26,10 @@ import fcntl
 import os
 import signal
 import struct
-import subprocess
 import sys
 import time
 from array import array
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Any
 
 import orjson
@@ -48,7 +46,10 @@ HELPER_COMMAND = "from image_service.tracking.encoder import main; main()"
 REPLY_TIMEOUT = 2.0
 START_TIMEOUT = 10.0
 PIPE_BYTES = 1 << 20
-IOV_MAX = 1024
+# Rows sliced out of a reply between two yields to the event loop.
+ROWS_PER_SLICE = 256
+# The reply stream's buffer: a whole frame's reply (~1.2 KB a row) without pausing the pipe.
+READ_LIMIT = 8 << 20
 
 
 class EncoderUnavailable(Exception):
@@ -74,16 +75,15 @@ def encode_batch(encoder: RowEncoder, events: list[dict[str, Any]]) -> tuple[lis
 class EncoderProcess:
     """The parent's handle on the helper: started on first use, restarted RETRY_SECONDS after a failure.
 
-    Pipe I/O runs in a thread of its own, in blocking calls that release the GIL: written from the
-    event loop, a large frame would move one pipe buffer per loop iteration, and a busy loop turns
-    that into a backlog.
+    Pipe I/O runs on the event loop, through 1 MiB pipes, so a frame moves in a few loop iterations
+    and no thread competes with the loop for the GIL (with the I/O in a thread, every hand-over of
+    the GIL cost the loop a context switch).
     """
 
     def __init__(self, environment: str, clock: Callable[[], float] = time.monotonic) -> None:
         self._environment = environment
         self._clock = clock
-        self._process: subprocess.Popen[bytes] | None = None
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="telemetry-encoder")
+        self._process: asyncio.subprocess.Process | None = None
         self._lock = asyncio.Lock()
         self._closed = False
         self._retry_at = float("-inf")
@@ -100,7 +100,7 @@ class EncoderProcess:
 
     @property
     def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
+        return self._process is not None and self._process.returncode is None
 
     @property
     def pid(self) -> int | None:
@@ -116,54 +116,51 @@ class EncoderProcess:
         stopped and EncoderUnavailable raised."""
         if self._closed:
             raise EncoderUnavailable("closed")
-        loop = asyncio.get_running_loop()
         async with self._lock:
             self._since = self._clock()
-            timeout = REPLY_TIMEOUT if self.running else REPLY_TIMEOUT + START_TIMEOUT
             try:
-                reply = await asyncio.wait_for(loop.run_in_executor(self._thread, self._round_trip, slices), timeout)
-            except (OSError, ValueError, TimeoutError, EncoderUnavailable) as exc:
+                timeout = REPLY_TIMEOUT
+                if not self.running:
+                    await self._start()
+                    timeout += START_TIMEOUT
+                reply = await asyncio.wait_for(self._round_trip(slices), timeout)
+            except (OSError, ValueError, TimeoutError, asyncio.IncompleteReadError) as exc:
                 self._retry_at = self._clock() + RETRY_SECONDS
-                # Killing the helper also ends a round trip still blocked in the thread.
                 self._kill()
                 raise EncoderUnavailable(str(exc) or type(exc).__name__) from exc
             except asyncio.CancelledError:
                 self._kill()
                 raise
-        return _parse_reply(reply)
+        return await _rows_of(reply)
 
-    def _round_trip(self, slices: list[bytes]) -> bytearray:
-        """Send one request and read its reply, in system calls that release the GIL: this thread
-        never competes with the event loop for it (the loop slices the rows out afterwards)."""
-        process = self._process
-        if process is None or process.poll() is not None:
-            if process is not None:
-                _close_pipes(process)
-            process = self._process = self._spawn()
-        assert process.stdin is not None and process.stdout is not None
-        parts: list[bytes] = []
-        for part in slices:
-            parts += (_LENGTH.pack(len(part)), part)
-        parts.append(_END)
-        _write_all(process.stdin.fileno(), parts)
-        replies = process.stdout.fileno()
-        return _read_all(replies, _LENGTH.unpack(_read_all(replies, _LENGTH.size))[0])
-
-    def _spawn(self) -> subprocess.Popen[bytes]:
-        process = subprocess.Popen(
-            [sys.executable, "-c", HELPER_COMMAND, self._environment],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True, bufsize=0,
+    async def _start(self) -> None:
+        await self._stop()
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", HELPER_COMMAND, self._environment,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=READ_LIMIT,
         )
+        self._process = process
         for stream in (process.stdin, process.stdout):
             with contextlib.suppress(OSError, AttributeError):
-                # Fewer, larger pipe transfers (Linux; the default is 64 KiB).
-                fcntl.fcntl(stream.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)  # type: ignore[union-attr]
-        return process
+                # Fewer, larger transfers (Linux; the default is 64 KiB).
+                pipe = stream.transport.get_extra_info("pipe")  # type: ignore[union-attr]
+                fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+
+    async def _round_trip(self, slices: list[bytes]) -> bytes:
+        process = self._process
+        assert process is not None and process.stdin is not None and process.stdout is not None
+        for part in slices:
+            process.stdin.write(_LENGTH.pack(len(part)))
+            process.stdin.write(part)
+        process.stdin.write(_END)
+        await process.stdin.drain()
+        size = _LENGTH.unpack(await process.stdout.readexactly(_LENGTH.size))[0]
+        return await process.stdout.readexactly(size)
 
     def _kill(self) -> None:
-        process = self._process
-        if process is not None and process.poll() is None:
-            process.kill()
+        if self._process is not None and self._process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._process.kill()
 
     async def close(self) -> None:
         """Stop the helper (idempotent); rows it was encoding were still held by the caller."""
@@ -173,69 +170,38 @@ class EncoderProcess:
         if self.busy:
             self._kill()
         async with self._lock:
-            await asyncio.get_running_loop().run_in_executor(self._thread, self._stop)
-        self._thread.shutdown(wait=True)
+            await self._stop()
 
-    def _stop(self) -> None:
+    async def _stop(self) -> None:
+        """End the current helper, if any: closing its input lets it finish; a stuck one is killed."""
         process, self._process = self._process, None
         if process is None:
             return
         if process.stdin is not None:
-            with contextlib.suppress(OSError):
-                process.stdin.close()
+            process.stdin.close()
         try:
-            process.wait(timeout=2.0)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        _close_pipes(process)
+            await asyncio.wait_for(process.wait(), 2.0)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
 
 
-def _close_pipes(process: subprocess.Popen[bytes]) -> None:
-    for stream in (process.stdin, process.stdout):
-        if stream is not None:
-            with contextlib.suppress(OSError):
-                stream.close()
-
-
-def _parse_reply(reply: bytearray) -> tuple[list[bytes], int, str]:
+async def _rows_of(reply: bytes) -> tuple[list[bytes], int, str]:
+    """The reply's rows, failure count and first failure, sliced out a few hundred rows at a time."""
     failed, name_length, count = _REPLY.unpack_from(reply)
     offset = _REPLY.size + name_length
-    view = memoryview(reply)
     lengths = array("I")
-    lengths.frombytes(view[offset:offset + count * lengths.itemsize])
+    lengths.frombytes(reply[offset:offset + count * lengths.itemsize])
     start = offset + count * lengths.itemsize
     lines = []
-    for length in lengths:
+    for index, length in enumerate(lengths, 1):
         end = start + length
-        lines.append(bytes(view[start:end]))
+        lines.append(reply[start:end])
         start = end
-    return lines, failed, bytes(view[_REPLY.size:_REPLY.size + name_length]).decode()
-
-
-def _write_all(fd: int, parts: list[bytes]) -> None:
-    """All of `parts`, in as few system calls as the pipe allows."""
-    views = [memoryview(part) for part in parts if part]
-    while views:
-        written = os.writev(fd, views[:IOV_MAX])
-        while views and written >= len(views[0]):
-            written -= len(views[0])
-            views.pop(0)
-        if written:
-            views[0] = views[0][written:]
-
-
-def _read_all(fd: int, size: int) -> bytearray:
-    """Exactly `size` bytes from `fd`; EncoderUnavailable when the other side has gone."""
-    buffer = bytearray(size)
-    view = memoryview(buffer)
-    got = 0
-    while got < size:
-        count = os.readv(fd, [view[got:]])
-        if count == 0:
-            raise EncoderUnavailable("the encoder process exited")
-        got += count
-    return buffer
+        if index % ROWS_PER_SLICE == 0:
+            await asyncio.sleep(0)
+    return lines, failed, reply[_REPLY.size:offset].decode()
 
 
 def _read_exactly(stream: IO[bytes], size: int) -> bytes:
