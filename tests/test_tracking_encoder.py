@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -132,3 +133,22 @@ async def test_the_encoder_process_ends_with_the_forwarder(make_forwarder: Make,
     assert not helper.running
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+async def test_shutdown_while_the_encoder_process_stalls_keeps_every_row(
+    make_forwarder: Make, events_api: tuple[EventsAPI, str]
+) -> None:
+    """Events the worker was waiting on the helper for go back to the queue, and close() spools them."""
+    api, _ = events_api
+    forwarder, helper, pid = await helper_at_work(make_forwarder, api)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        for n in range(1, 100):
+            forwarder.queue.put(event(n))
+        await until(lambda: helper.busy)
+        await forwarder.close(timeout=0.2)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    assert len(api.rows) + forwarder.stats.spooled == 100
+    assert forwarder.spool.stats.rows_written == forwarder.stats.spooled > 0
