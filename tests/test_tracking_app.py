@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,9 @@ async def test_every_stage_of_every_request_arrives_as_a_row(
     assert (rejected["http_status"], rejected["status"], rejected["error"]) == (400, "rejected", "unknown_model")
     assert all(sorted(row) == sorted(COLUMNS) for row in api.rows)
     assert len({row["event_id"] for row in api.rows}) == len(api.rows)
-    assert (client.app[TRACKING].forwarder.stats.encoded_elsewhere > 0) is (min_events == 1)
+    metrics = await (await client.get("/metrics")).text()
+    elsewhere = re.search(r"^image_service_telemetry_rows_encoded_elsewhere_total (\S+)$", metrics, re.M)
+    assert elsewhere is not None and (float(elsewhere.group(1)) > 0) is (min_events == 1)
 
 
 async def test_rows_of_one_request_share_its_id_and_times(make_client: ClientFactory, events_api: tuple[EventsAPI, str]) -> None:

@@ -32,6 +32,7 @@ class TelemetryCollector(Collector):
             ("spooled", "Rows written to the disk spool", stats.spooled),
             ("replayed", "Rows delivered from the disk spool", stats.replayed),
             ("quarantined", "Rows the sink accepted into quarantine", stats.quarantined),
+            ("encoded_elsewhere", "Rows built by the encoder process rather than the event loop", stats.encoded_elsewhere),
         ):
             yield CounterMetricFamily(f"image_service_telemetry_rows_{name}", help_text, value=value)
         dropped = CounterMetricFamily(
