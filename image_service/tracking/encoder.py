@@ -75,9 +75,9 @@ def encode_batch(encoder: RowEncoder, events: list[dict[str, Any]]) -> tuple[lis
 class EncoderProcess:
     """The parent's handle on the helper: started on first use, restarted RETRY_SECONDS after a failure.
 
-    Pipe I/O runs on the event loop, through 1 MiB pipes, so a frame moves in a few loop iterations
-    and no thread competes with the loop for the GIL (with the I/O in a thread, every hand-over of
-    the GIL cost the loop a context switch).
+    Pipe I/O runs on the event loop, through 1 MiB pipes (the helper enlarges both), so a frame
+    moves in a few loop iterations and no thread competes with the loop for the GIL (with the I/O
+    in a thread, every hand-over of the GIL cost the loop a context switch).
     """
 
     def __init__(self, environment: str, clock: Callable[[], float] = time.monotonic) -> None:
@@ -140,11 +140,6 @@ class EncoderProcess:
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=READ_LIMIT,
         )
         self._process = process
-        for stream in (process.stdin, process.stdout):
-            with contextlib.suppress(OSError, AttributeError):
-                # Fewer, larger transfers (Linux; the default is 64 KiB).
-                pipe = stream.transport.get_extra_info("pipe")  # type: ignore[union-attr]
-                fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
 
     async def _round_trip(self, slices: list[bytes]) -> bytes:
         process = self._process
@@ -233,6 +228,11 @@ def serve(environment: str, requests: IO[bytes], replies: IO[bytes]) -> None:
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for fd in (0, 1):
+        with contextlib.suppress(OSError, AttributeError):
+            # Both pipes to the parent: fewer, larger transfers, so a frame crosses in a few of the
+            # parent's loop iterations (Linux; the default is 64 KiB).
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
     # Only on an otherwise idle core: rows may wait, requests may not. If the cores stay busy, the
     # forwarder notices the slow answers and encodes in-process meanwhile.
     try:
