@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from image_service.tracking import Forwarder
-from image_service.tracking.encoder import EncoderProcess
+from image_service.tracking.encoder import EncoderProcess, EncoderUnavailable
 from image_service.tracking.rows import RowEncoder
 
 from .events_api import EventsAPI
@@ -45,7 +45,7 @@ async def test_rows_built_by_the_encoder_process_equal_rows_built_in_process() -
     events = [e for n in range(60) for e in request_events(n, private=n % 2 == 0, referrer="https://a.example/?token=x")]
     helper = EncoderProcess("test")
     try:
-        lines, failed, _ = await helper.encode([orjson.dumps(events[:50]), orjson.dumps(events[50:])])
+        lines, failed, _ = await helper.encode([orjson.dumps(events[:50]), orjson.dumps(events[50:])], len(events))
     finally:
         await helper.close()
     encoder = RowEncoder("test")
@@ -60,11 +60,23 @@ async def test_an_event_the_helper_cannot_encode_is_counted_and_the_rest_arrive(
     helper = EncoderProcess("test")
     try:
         lines, failed, error = await helper.encode(
-            [orjson.dumps(request_events(1) + [{"event": "x", "stage": "x", "_ts": "not a time"}] + request_events(2))]
+            [orjson.dumps(request_events(1) + [{"event": "x", "stage": "x", "_ts": "not a time"}] + request_events(2))], 7
         )
     finally:
         await helper.close()
     assert (len(lines), failed, error) == (6, 1, "ValueError")
+
+
+async def test_a_reply_out_of_step_with_the_request_stops_the_helper() -> None:
+    """Rows are never matched to the wrong events: a reply that does not account for exactly the
+    events sent is refused, and that helper is not talked to again."""
+    helper = EncoderProcess("test")
+    try:
+        with pytest.raises(EncoderUnavailable, match="out of step"):
+            await helper.encode([orjson.dumps(request_events(1))], 4)
+        assert not helper.running and not helper.available
+    finally:
+        await helper.close()
 
 
 async def test_large_batches_go_to_the_encoder_process(make_forwarder: Make, events_api: tuple[EventsAPI, str]) -> None:

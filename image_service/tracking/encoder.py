@@ -43,8 +43,8 @@ _END = _LENGTH.pack(0)
 RETRY_SECONDS = 30.0
 HELPER_COMMAND = "from image_service.tracking.encoder import main; main()"
 # Seconds for one round trip (a full frame takes about 0.1 s), plus the helper's start on the first.
-REPLY_TIMEOUT = 2.0
-START_TIMEOUT = 10.0
+REPLY_TIMEOUT = 1.0
+START_TIMEOUT = 5.0
 PIPE_BYTES = 1 << 20
 # Rows sliced out of a reply between two yields to the event loop.
 ROWS_PER_SLICE = 256
@@ -88,6 +88,8 @@ class EncoderProcess:
         self._closed = False
         self._retry_at = float("-inf")
         self._since = 0.0
+        # False once the helper has been killed, before its exit is noticed: never talk to it again.
+        self._healthy = False
 
     @property
     def busy(self) -> bool:
@@ -100,7 +102,7 @@ class EncoderProcess:
 
     @property
     def running(self) -> bool:
-        return self._process is not None and self._process.returncode is None
+        return self._healthy and self._process is not None and self._process.returncode is None
 
     @property
     def pid(self) -> int | None:
@@ -111,9 +113,10 @@ class EncoderProcess:
         """Whether a batch should be offered now (not closed, not resting after a failure)."""
         return not self._closed and self._clock() >= self._retry_at
 
-    async def encode(self, slices: list[bytes]) -> tuple[list[bytes], int, str]:
-        """Rows of the events in `slices` (JSON arrays), in order; on any failure the helper is
-        stopped and EncoderUnavailable raised."""
+    async def encode(self, slices: list[bytes], events: int) -> tuple[list[bytes], int, str]:
+        """Rows of the `events` events in `slices` (JSON arrays), in order, with the number that
+        failed and the first failure's type; on any failure the helper is stopped and
+        EncoderUnavailable raised."""
         if self._closed:
             raise EncoderUnavailable("closed")
         async with self._lock:
@@ -124,14 +127,15 @@ class EncoderProcess:
                     await self._start()
                     timeout += START_TIMEOUT
                 reply = await asyncio.wait_for(self._round_trip(slices), timeout)
-            except (OSError, ValueError, TimeoutError, asyncio.IncompleteReadError) as exc:
+                return await _rows_of(reply, events)
+            except (OSError, ValueError, TimeoutError, asyncio.IncompleteReadError, struct.error) as exc:
                 self._retry_at = self._clock() + RETRY_SECONDS
                 self._kill()
                 raise EncoderUnavailable(str(exc) or type(exc).__name__) from exc
-            except asyncio.CancelledError:
+            except BaseException:
+                # Cancelled (or worse) half-way: the pipes may be out of step, so this helper is done.
                 self._kill()
                 raise
-        return await _rows_of(reply)
 
     async def _start(self) -> None:
         await self._stop()
@@ -140,6 +144,7 @@ class EncoderProcess:
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=READ_LIMIT,
         )
         self._process = process
+        self._healthy = True
 
     async def _round_trip(self, slices: list[bytes]) -> bytes:
         process = self._process
@@ -153,6 +158,7 @@ class EncoderProcess:
         return await process.stdout.readexactly(size)
 
     def _kill(self) -> None:
+        self._healthy = False
         if self._process is not None and self._process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self._process.kill()
@@ -182,13 +188,16 @@ class EncoderProcess:
             await process.wait()
 
 
-async def _rows_of(reply: bytes) -> tuple[list[bytes], int, str]:
-    """The reply's rows, failure count and first failure, sliced out a few hundred rows at a time."""
+async def _rows_of(reply: bytes, events: int) -> tuple[list[bytes], int, str]:
+    """The reply's rows, failure count and first failure, sliced out a few hundred rows at a time;
+    ValueError when the reply does not account for exactly the events sent."""
     failed, name_length, count = _REPLY.unpack_from(reply)
     offset = _REPLY.size + name_length
     lengths = array("I")
     lengths.frombytes(reply[offset:offset + count * lengths.itemsize])
     start = offset + count * lengths.itemsize
+    if failed + count != events or start + sum(lengths) != len(reply):
+        raise ValueError("the encoder process's reply is out of step")
     lines = []
     for index, length in enumerate(lengths, 1):
         end = start + length

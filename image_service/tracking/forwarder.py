@@ -177,25 +177,26 @@ class Forwarder:
         self._closed = True
         self._stopping = True
         self._wake.set()
-        if self._guard is not None:
-            await asyncio.gather(self._guard, return_exceptions=True)
-        if self._task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._task), timeout)
-            except TimeoutError:
-                self._task.cancel()
-                await asyncio.gather(self._task, return_exceptions=True)
-        self.queue.closed = True
-        leftover = self._inflight + self._pending + await self._serialise(self.queue.take(len(self.queue)))
-        self._inflight, self._pending = [], []
-        await self._spill(leftover)
-        if self.encoder_process is not None:
-            await self.encoder_process.close()
-        await self._in_io(self.spool.close)
-        await self.sink.close()
-        self._io.shutdown(wait=True)
-        if TELEMETRY.default is self.queue:
-            TELEMETRY.default = None
+        workers = [task for task in (self._guard, self._task) if task is not None]
+        if workers:
+            _, late = await asyncio.wait(workers, timeout=timeout)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+        try:
+            # What is left is encoded here: shutdown must not wait on a helper that may be stuck.
+            if self.encoder_process is not None:
+                await self.encoder_process.close()
+            self.queue.closed = True
+            leftover = self._inflight + self._pending + await self._serialise(self.queue.take(len(self.queue)))
+            self._inflight, self._pending = [], []
+            await self._spill(leftover)
+        finally:
+            await self._in_io(self.spool.close)
+            await self.sink.close()
+            self._io.shutdown(wait=True)
+            if TELEMETRY.default is self.queue:
+                TELEMETRY.default = None
 
     # state for /health and /metrics ---------------------------------------------------------
 
@@ -274,14 +275,16 @@ class Forwarder:
         queue = self.queue
         if not queue:
             return
-        if not self._pending:
-            self._pending_since = queue.oldest_ts() or time.time()
+        oldest = queue.oldest_ts() or time.time()
+        # Another absorb may be encoding older events right now: the batch's age is the oldest's.
+        self._pending_since = min(self._pending_since, oldest) if self._pending or self._in_hand else oldest
         events = queue.take(self.settings.batch_rows)
         self._in_hand += len(events)
         try:
             lines = await self._serialise(events)
-        except asyncio.CancelledError:
-            # Shutdown gave up waiting: the events go back to the front of the queue, for close() to spool.
+        except BaseException:
+            # Shutdown gave up waiting, or encoding failed: the events go back to the front of the
+            # queue, for the next round or for close() to spool.
             queue.items.extendleft(reversed(events))
             raise
         finally:
@@ -401,7 +404,8 @@ class Forwarder:
         """Rows of `events`, in order: from the encoder process when the batch is large enough,
         here for the rest (small batches, and whatever the helper could not take)."""
         lines: list[bytes] = []
-        done = 0
+        failures: Counter[str] = Counter()
+        elsewhere = done = 0
         helper = self.encoder_process
         if helper is not None and not helper.busy and len(events) >= self.settings.encoder_process_min_events:
             while done < len(events) and helper.available:
@@ -409,13 +413,22 @@ class Forwarder:
                 encoded = await self._serialise_elsewhere(helper, frame_events)
                 if encoded is None:
                     break
-                lines.extend(encoded)
+                frame_lines, failed, first_error = encoded
+                lines.extend(frame_lines)
+                elsewhere += len(frame_lines)
+                if failed:
+                    failures[first_error] += failed
                 done += len(frame_events)
         if done < len(events):
-            lines.extend(await self._serialise_here(events[done:] if done else events))
+            lines.extend(await self._serialise_here(events[done:] if done else events, failures))
+        # Counted once the whole batch is encoded: a cancelled batch returns to the queue uncounted.
+        self.stats.encoded_elsewhere += elsewhere
+        for name, count in failures.items():
+            self.stats.dropped["unserialisable"] += count
+            self._log_once(f"serialise:{name}", "telemetry.unserialisable", error=name)
         return lines
 
-    async def _serialise_here(self, events: list[dict[str, Any]]) -> list[bytes]:
+    async def _serialise_here(self, events: list[dict[str, Any]], failures: Counter[str]) -> list[bytes]:
         lines: list[bytes] = []
         encoder = self._encoder
         try:
@@ -423,32 +436,27 @@ class Forwarder:
                 try:
                     lines.append(encoder.encode(event))
                 except Exception as exc:
-                    self.stats.dropped["unserialisable"] += 1
-                    self._log_once(
-                        f"serialise:{type(exc).__name__}", "telemetry.unserialisable", error=type(exc).__name__
-                    )
+                    failures[type(exc).__name__] += 1
                 if index % SERIALISE_SLICE == 0:
                     await asyncio.sleep(0)
         finally:
             encoder.reset()
         return lines
 
-    async def _serialise_elsewhere(self, helper: EncoderProcess, events: list[dict[str, Any]]) -> list[bytes] | None:
-        """Rows built by the encoder process; None when the batch must be encoded here instead."""
+    async def _serialise_elsewhere(
+        self, helper: EncoderProcess, events: list[dict[str, Any]]
+    ) -> tuple[list[bytes], int, str] | None:
+        """Rows built by the encoder process, with its failure count and first failure; None when
+        the batch must be encoded here instead."""
         try:
             slices = []
             for start in range(0, len(events), DUMP_SLICE):
                 slices.append(orjson.dumps(events[start:start + DUMP_SLICE], default=str))
                 await asyncio.sleep(0)
-            lines, failed, first_error = await helper.encode(slices)
-        except (EncoderUnavailable, TypeError) as exc:
+            return await helper.encode(slices, len(events))
+        except Exception as exc:
             self._log_once(f"encoder:{type(exc).__name__}", "telemetry.encoder_unavailable", error=str(exc) or type(exc).__name__)
             return None
-        if failed:
-            self.stats.dropped["unserialisable"] += failed
-            self._log_once(f"serialise:{first_error}", "telemetry.unserialisable", error=first_error)
-        self.stats.encoded_elsewhere += len(lines)
-        return lines
 
     def _split_by_bytes(self, lines: list[bytes]) -> list[list[bytes]]:
         limit = self.settings.batch_bytes

@@ -3,7 +3,7 @@
 Every row has every column (null where it does not apply), so Tinybird never quarantines a row for
 a missing field. Builders run in the forwarder, off the request path. Privacy is enforced here a
 second time, whatever the event carried: private prompts, credentials, client addresses and
-absolute paths never leave the process.
+absolute paths never leave the service.
 """
 
 from __future__ import annotations
@@ -297,30 +297,31 @@ class RowEncoder:
     request's final facts (user, tier, model, prompt...); each row's event columns come from the
     event itself, falling back to the context (for `cache_status`, `backend` and the like). Within a
     batch every event of a request sees the same context (the live dict, or equal copies of it when
-    the batch was shipped to the encoder process), so the request id is the cache key.
+    the batch was shipped to the encoder process), so the request id is the cache key (the
+    context's identity for a context without one).
     """
 
     def __init__(self, environment: str) -> None:
         self._environment = environment
-        self._requests: dict[str, tuple[bytes, str]] = {}
+        self._requests: dict[str | int, tuple[dict[str, Any], bytes, str]] = {}
 
     def encode(self, event: dict[str, Any]) -> bytes:
         context = event.get("_ctx")
         if context is None:
             return orjson.dumps(build_row(event, self._environment), option=orjson.OPT_APPEND_NEWLINE)
-        key = context.get("request_id")
-        known = self._requests.get(key) if key else None
-        if known is None:
+        # A context without a request id is known by identity, and kept alive while cached so
+        # that its id cannot be reused by another.
+        key = context.get("request_id") or id(context)
+        known = self._requests.get(key)
+        if known is None or (type(key) is int and known[0] is not context):
             request_json = orjson.dumps(_request_columns(context.get, False))
-            known = (request_json[1:-1], _metadata(context.get, self._environment, "image"))
-            if key:
-                self._requests[key] = known
+            known = self._requests[key] = (context, request_json[1:-1], _metadata(context.get, self._environment, "image"))
         merged = context.copy()
         merged.update(event)
         event_json = orjson.dumps(
-            _event_columns(merged.get, self._environment, None if "labels" in event else known[1])
+            _event_columns(merged.get, self._environment, None if "labels" in event else known[2])
         )
-        return b"".join((event_json[:-1], b",", known[0], b"}\n"))
+        return b"".join((event_json[:-1], b",", known[1], b"}\n"))
 
     def reset(self) -> None:
         """Forget the encoded requests (after a batch)."""
