@@ -82,15 +82,6 @@ def wrk(url: str, seconds: int = 5, connections: int = 16) -> Load:
     return Load(rps, p50, p99)
 
 
-def interleaved(urls: Mapping[str, str], rounds: int = 3, seconds: int = 4) -> dict[str, Load]:
-    """Alternate the targets round by round and keep each one's median run, so drift hits all alike."""
-    runs: dict[str, list[Load]] = {name: [] for name in urls}
-    for _ in range(rounds):
-        for name, url in urls.items():
-            runs[name].append(wrk(url, seconds))
-    return {name: sorted(loads, key=lambda load: load.requests_per_s)[len(loads) // 2] for name, loads in runs.items()}
-
-
 @dataclass(frozen=True)
 class Comparison:
     """How a target fared against the baseline over paired rounds (medians of per-round figures)."""
