@@ -29,6 +29,7 @@ import struct
 import sys
 import time
 from array import array
+from collections import Counter
 from collections.abc import Callable
 from typing import IO, Any
 
@@ -54,22 +55,6 @@ READ_LIMIT = 8 << 20
 
 class EncoderUnavailable(Exception):
     """The helper could not encode this batch; the caller encodes it in-process."""
-
-
-def encode_batch(encoder: RowEncoder, events: list[dict[str, Any]]) -> tuple[list[bytes], int, str]:
-    """NDJSON rows of `events`, how many could not be encoded, and the first failure's type name."""
-    lines: list[bytes] = []
-    failed, first_error = 0, ""
-    try:
-        for event in events:
-            try:
-                lines.append(encoder.encode(event))
-            except Exception as exc:
-                failed += 1
-                first_error = first_error or type(exc).__name__
-    finally:
-        encoder.reset()
-    return lines, failed, first_error
 
 
 class EncoderProcess:
@@ -225,8 +210,13 @@ def serve(environment: str, requests: IO[bytes], replies: IO[bytes]) -> None:
                 events.extend(orjson.loads(_read_exactly(requests, size)))
         except EncoderUnavailable:
             return
-        lines, failed, first_error = encode_batch(encoder, events)
-        name = first_error.encode()
+        failures: Counter[str] = Counter()
+        try:
+            lines = encoder.encode_all(events, failures)
+        finally:
+            encoder.reset()
+        failed = sum(failures.values())
+        name = next(iter(failures), "").encode()
         lengths = array("I", map(len, lines))
         size = _REPLY.size + len(name) + len(lengths) * lengths.itemsize + sum(lengths)
         replies.write(_LENGTH.pack(size) + _REPLY.pack(failed, len(name), len(lines)) + name + lengths.tobytes())

@@ -8,6 +8,8 @@ Shaped like OpenTelemetry's batch worker, with a spool where it would drop:
   honouring `Retry-After`; 413 splits the batch; 400/422 are dropped, counted and logged once;
 - consecutive failures open a circuit breaker: rows go straight to the disk spool, a half-open probe
   closes it again, and the spool drains in order once the sink is healthy (and on the next start);
+- rows of large batches are built by an encoder process (`encoder.py`), off the event loop; small
+  batches, and whatever the helper cannot take, are built here;
 - `close()` flushes within a deadline and spools whatever is left.
 
 The worker never dies: an unexpected error is logged (once per kind) and the loop goes on.
@@ -430,17 +432,12 @@ class Forwarder:
 
     async def _serialise_here(self, events: list[dict[str, Any]], failures: Counter[str]) -> list[bytes]:
         lines: list[bytes] = []
-        encoder = self._encoder
         try:
-            for index, event in enumerate(events, 1):
-                try:
-                    lines.append(encoder.encode(event))
-                except Exception as exc:
-                    failures[type(exc).__name__] += 1
-                if index % SERIALISE_SLICE == 0:
-                    await asyncio.sleep(0)
+            for start in range(0, len(events), SERIALISE_SLICE):
+                lines += self._encoder.encode_all(events[start:start + SERIALISE_SLICE], failures)
+                await asyncio.sleep(0)
         finally:
-            encoder.reset()
+            self._encoder.reset()
         return lines
 
     async def _serialise_elsewhere(
@@ -455,7 +452,9 @@ class Forwarder:
                 await asyncio.sleep(0)
             return await helper.encode(slices, len(events))
         except Exception as exc:
-            self._log_once(f"encoder:{type(exc).__name__}", "telemetry.encoder_unavailable", error=str(exc) or type(exc).__name__)
+            # Only the helper's own failures are described: another error's text could quote an event.
+            detail = str(exc) if isinstance(exc, EncoderUnavailable) else ""
+            self._log_once(f"encoder:{type(exc).__name__}", "telemetry.encoder_unavailable", error=type(exc).__name__, detail=detail)
             return None
 
     def _split_by_bytes(self, lines: list[bytes]) -> list[list[bytes]]:

@@ -9,6 +9,7 @@ absolute paths never leave the service.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -322,6 +323,16 @@ class RowEncoder:
             _event_columns(merged.get, self._environment, None if "labels" in event else known[2])
         )
         return b"".join((event_json[:-1], b",", known[1], b"}\n"))
+
+    def encode_all(self, events: list[dict[str, Any]], failures: Counter[str]) -> list[bytes]:
+        """Rows of `events`; an event that cannot be encoded is counted in `failures` by error type."""
+        lines = []
+        for event in events:
+            try:
+                lines.append(self.encode(event))
+            except Exception as exc:
+                failures[type(exc).__name__] += 1
+        return lines
 
     def reset(self) -> None:
         """Forget the encoded requests (after a batch)."""
