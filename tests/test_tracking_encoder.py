@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -102,6 +103,17 @@ async def helper_at_work(make_forwarder: Make, api: EventsAPI) -> tuple[Forwarde
     return forwarder, helper, helper.pid
 
 
+@contextlib.contextmanager
+def stopped(pid: int) -> Iterator[None]:
+    """The process is stopped (SIGSTOP) inside the block, and continued afterwards if it still exists."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+
+
 async def test_a_killed_encoder_process_loses_no_row(make_forwarder: Make, events_api: tuple[EventsAPI, str]) -> None:
     """Rows it was given are encoded in-process instead; a later batch starts a fresh helper."""
     api, _ = events_api
@@ -116,15 +128,11 @@ async def test_a_killed_encoder_process_loses_no_row(make_forwarder: Make, event
 async def test_a_stalled_encoder_process_does_not_hold_rows_back(make_forwarder: Make, events_api: tuple[EventsAPI, str]) -> None:
     """While the helper does not answer, new events are encoded in-process; nothing waits for it."""
     api, _ = events_api
-    forwarder, helper, pid = await helper_at_work(make_forwarder, api)
-    os.kill(pid, signal.SIGSTOP)
-    try:
+    forwarder, _, pid = await helper_at_work(make_forwarder, api)
+    with stopped(pid):
         for n in range(1, 100):
             forwarder.queue.put(event(n))
         await until(lambda: received(api) == {f"ev-{n:06d}" for n in range(100)}, seconds=8)
-    finally:
-        if helper.running:
-            os.kill(pid, signal.SIGCONT)
 
 
 async def test_a_batch_orjson_cannot_serialise_is_encoded_in_process(
@@ -153,14 +161,10 @@ async def test_shutdown_while_the_encoder_process_stalls_keeps_every_row(
     """Events the worker was waiting on the helper for go back to the queue, and close() spools them."""
     api, _ = events_api
     forwarder, helper, pid = await helper_at_work(make_forwarder, api)
-    os.kill(pid, signal.SIGSTOP)
-    try:
+    with stopped(pid):
         for n in range(1, 100):
             forwarder.queue.put(event(n))
         await until(lambda: helper.busy)
         await forwarder.close(timeout=0.2)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGCONT)
     assert len(api.rows) + forwarder.stats.spooled == 100
     assert forwarder.spool.stats.rows_written == forwarder.stats.spooled > 0

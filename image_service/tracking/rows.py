@@ -335,5 +335,5 @@ class RowEncoder:
         return lines
 
     def reset(self) -> None:
-        """Forget the encoded requests (after a batch)."""
+        """Forget the encoded requests (after a batch), releasing their contexts."""
         self._requests.clear()
