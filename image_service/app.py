@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-import threading
 import time
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -39,6 +38,7 @@ from .limits import build_shared_limiter
 from .openapi import openapi_document
 from .params import ImageParams, ParamsParser
 from .pipeline import GENERATED, Pipeline, Prepare
+from .priority import background_executor
 from .queues import Clock, Limiter, MemoryLimiter, MonotonicClock, require_tier, slot
 from .tracking import (
     TELEMETRY, Tracking, bind, configure_logging, flush_logs, is_configured, new_request, parse_traceparent, request_ids,
@@ -388,20 +388,14 @@ async def page_handler(request: web.Request) -> web.Response:
 
 
 # With every core busy in the pool, the event loop must still get a core and the GIL within a
-# millisecond or two: workers run at a lower OS priority, and the GIL is handed over every 1 ms
-# instead of CPython's 5 ms (measured in BENCHMARKS.md, "Moderation").
-WORKER_NICE = 10
+# millisecond or two: workers run at a lower OS priority (priority.py), and the GIL is handed over
+# every 1 ms instead of CPython's 5 ms (measured in BENCHMARKS.md, "Moderation").
 GIL_SWITCH_INTERVAL = 0.001
 
 
-def _lower_thread_priority() -> None:
-    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICE)
-
-
 def cpu_executor(workers: int) -> ThreadPoolExecutor:
-    """The CPU pool; on Linux, where nice values are per thread, its threads yield to the event loop."""
-    initializer = _lower_thread_priority if sys.platform == "linux" else None
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="image-cpu", initializer=initializer)
+    """The CPU pool (render, encode, moderate), below the event loop."""
+    return background_executor(workers, "image-cpu")
 
 
 async def executor_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -17,7 +17,7 @@ from image_service.tracking.encoder import EncoderProcess, EncoderUnavailable
 from image_service.tracking.rows import RowEncoder
 
 from .events_api import EventsAPI
-from .test_tracking_forwarder import Make, event, make_forwarder, received, until
+from .test_tracking_forwarder import Make, event, make_forwarder, received, stream, until
 
 __all__ = ["make_forwarder"]
 
@@ -89,6 +89,20 @@ async def test_large_batches_go_to_the_encoder_process(make_forwarder: Make, eve
     await until(lambda: len(api.rows) == 300)
     assert received(api) == {f"ev-{n:06d}" for n in range(300)}
     assert forwarder.stats.encoded_elsewhere == 300
+
+
+async def test_a_steady_stream_is_encoded_by_the_helper_not_the_event_loop(
+    make_forwarder: Make, events_api: tuple[EventsAPI, str]
+) -> None:
+    """Events arriving between sends wait for a batch the helper takes, instead of being encoded on
+    the event loop a few at a time; only a last, small remainder may be encoded in-process."""
+    api, _ = events_api
+    forwarder = make_forwarder(encoder_process_min_events=64, batch_rows=200, max_wait=1.0)
+    await forwarder.start()
+    await stream(forwarder, 2000, burst=20, pause=0.002)
+    await until(lambda: len(api.rows) == 2000)
+    assert received(api) == {f"ev-{n:06d}" for n in range(2000)}
+    assert forwarder.stats.encoded_elsewhere >= 2000 - 63
 
 
 async def helper_at_work(make_forwarder: Make, api: EventsAPI) -> tuple[Forwarder, EncoderProcess, int]:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -12,6 +15,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from image_service.config import TrackingSettings
+from image_service.priority import WORKER_NICE
 from image_service.tracking import Forwarder, Spool, TinybirdSink
 from image_service.tracking.sinks import FileSink
 
@@ -55,6 +59,14 @@ async def until(condition: Callable[[], bool], seconds: float = 10.0) -> None:
 
 def received(api: EventsAPI) -> set[str]:
     return {row["event_id"] for row in api.rows}
+
+
+async def stream(forwarder: Forwarder, count: int, burst: int, pause: float) -> None:
+    """Queue events 0..count-1 in bursts with pauses between them, as a busy server would."""
+    for n in range(count):
+        forwarder.queue.put(event(n))
+        if n % burst == burst - 1:
+            await asyncio.sleep(pause)
 
 
 async def test_rows_arrive_in_batches_with_bearer_token_and_gzip(make_forwarder: Make, events_api: tuple[EventsAPI, str]) -> None:
@@ -185,10 +197,7 @@ async def test_queue_overflow_goes_to_the_spool_not_lost(make_forwarder: Make, e
     api.script.extend([Fault(delay=0.8)] * 2)
     forwarder = make_forwarder(queue_size=200, batch_rows=50, timeout=2.0)
     await forwarder.start()
-    for n in range(1000):
-        forwarder.queue.put(event(n))
-        if n % 40 == 0:
-            await asyncio.sleep(0.025)
+    await stream(forwarder, 1000, burst=40, pause=0.025)
     await until(lambda: received(api) == {f"ev-{n:06d}" for n in range(1000)}, seconds=30)
     assert forwarder.stats.spooled > 0 and forwarder.queue.dropped_full == 0
 
@@ -262,3 +271,18 @@ async def test_flush_sends_at_once_instead_of_waiting_for_the_batch_age(
     await forwarder.start()
     forwarder.queue.put(event(1))
     assert await forwarder.flush(timeout=5) and len(api.rows) == 1
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice values are a Linux feature")
+async def test_telemetry_threads_run_below_the_event_loop(make_forwarder: Make, events_api: tuple[EventsAPI, str]) -> None:
+    """gzip and spool I/O yield the core to request handling when both want it."""
+    api, _ = events_api
+    forwarder = make_forwarder()
+    await forwarder.start()
+    await stream(forwarder, 300, burst=100, pause=0.01)
+    await until(lambda: len(api.rows) == 300)
+    threads = {thread.name.rsplit("_", 1)[0]: thread.native_id for thread in threading.enumerate()}
+    assert {"telemetry-gzip", "telemetry-io"} <= threads.keys()
+    loop_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    for name in ("telemetry-gzip", "telemetry-io"):
+        assert os.getpriority(os.PRIO_PROCESS, threads[name]) == max(loop_nice, WORKER_NICE), name

@@ -8,8 +8,9 @@ Shaped like OpenTelemetry's batch worker, with a spool where it would drop:
   honouring `Retry-After`; 413 splits the batch; 400/422 are dropped, counted and logged once;
 - consecutive failures open a circuit breaker: rows go straight to the disk spool, a half-open probe
   closes it again, and the spool drains in order once the sink is healthy (and on the next start);
-- rows of large batches are built by an encoder process (`encoder.py`), off the event loop; small
-  batches, and whatever the helper cannot take, are built here;
+- rows of large batches are built by an encoder process (`encoder.py`), off the event loop; a few
+  fresh events wait for more, and small batches that have waited long enough, and whatever the
+  helper cannot take, are built here;
 - `close()` flushes within a deadline and spools whatever is left.
 
 The worker never dies: an unexpected error is logged (once per kind) and the loop goes on.
@@ -23,7 +24,6 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -31,6 +31,7 @@ import orjson
 import structlog
 
 from ..config import TrackingSettings
+from ..priority import background_executor
 from .encoder import EncoderProcess, EncoderUnavailable
 from .processor import TELEMETRY, EventQueue
 from .rows import RowEncoder
@@ -52,6 +53,8 @@ JOIN_SLICE = 256
 FRAME_EVENTS = 4096
 # Seconds the encoder process may take on one round trip before new events are encoded in-process.
 HELPER_PATIENCE = 0.5
+# Fewer events than a helper frame wait in the queue until they are this fraction of max_wait old.
+FRESH_FRACTION = 0.5
 # Serialised rows kept in memory while a send is slow, in batches; beyond that they go to the spool.
 HIGH_WATER_BATCHES = 2
 
@@ -130,7 +133,7 @@ class Forwarder:
         self.breaker = Breaker(settings.breaker_failures, settings.breaker_cooldown, clock)
         self._clock = clock
         self._rand = rand
-        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="telemetry-io")
+        self._io = background_executor(1, "telemetry-io")
         self._task: asyncio.Task[None] | None = None
         self._guard: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -270,12 +273,26 @@ class Forwarder:
         await self._deliver(lines, from_spool=True)
         return True
 
-    async def _absorb(self) -> None:
+    def _worth_absorbing(self, lagging: bool) -> bool:
+        """Whether to encode queued events now. With a helper, a few fresh events wait for more:
+        they would be encoded on the event loop, and one encoding at a time keeps the helper's
+        work from spilling onto the loop; a lagging helper, shutdown and flush take them all."""
+        queue = self.queue
+        if not queue:
+            return False
+        if self.encoder_process is None or self._stopping or self._flushing or lagging:
+            return True
+        if self._in_hand:
+            return False
+        age = time.time() - (queue.oldest_ts() or 0.0)
+        return len(queue) >= self.settings.encoder_process_min_events or age >= self.settings.max_wait * FRESH_FRACTION
+
+    async def _absorb(self, lagging: bool = False) -> None:
         """Turn up to a batch of queued events into serialised rows: bytes are compact and invisible
         to the GC, so a backlog never turns into long garbage-collection pauses on the event loop.
         A batch at a time lets the next one be encoded while the previous one is being sent."""
         queue = self.queue
-        if not queue:
+        if not self._worth_absorbing(lagging):
             return
         oldest = queue.oldest_ts() or time.time()
         # Another absorb may be encoding older events right now: the batch's age is the oldest's.
@@ -387,7 +404,7 @@ class Forwarder:
                 helper_lagging = helper is not None and helper.busy_for() >= HELPER_PATIENCE
                 if not (self._busy or helper_lagging) or self._stopping:
                     continue
-                await self._absorb()
+                await self._absorb(helper_lagging)
                 excess = len(self._pending) - self.settings.batch_rows * HIGH_WATER_BATCHES
                 if excess > 0:
                     await self._spill(self._take_pending(excess))

@@ -6,6 +6,9 @@ belong to the forwarder. Tinybird's contract (reference/tinybird.md): 200 with
 `{successful_rows, quarantined_rows}` under `wait=true`; 429 retry after `Retry-After` (else
 `X-RateLimit-Reset`); 5xx and transport errors retry; 413 split; 400/422 never retry (422 means
 partially written: a retry would duplicate); 403/404 are configuration errors.
+
+Compression and file writes run in a thread below the event loop (priority.py): on a busy machine
+they wait for an idle core rather than take the loop's.
 """
 
 from __future__ import annotations
@@ -15,13 +18,15 @@ import enum
 import os
 import zlib
 from collections.abc import Mapping
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import aiohttp
 import orjson
+
+from ..priority import background_executor
 
 
 class Outcome(enum.Enum):
@@ -67,6 +72,21 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
     return None
 
 
+class _Worker:
+    """A sink's thread: the caller's executor, or one of its own, ended with the sink."""
+
+    def __init__(self, executor: Executor | None, name: str) -> None:
+        self._own: ThreadPoolExecutor | None = None
+        if executor is None:
+            executor = self._own = background_executor(1, name)
+        self.executor = executor
+
+    def close(self) -> None:
+        """Nothing is submitted after the last send has returned, so nothing is left to wait for."""
+        if self._own is not None:
+            self._own.shutdown(wait=False)
+
+
 def _gzip(parts: list[bytes]) -> bytes:
     """One gzip member of all parts; zlib releases the GIL while it compresses each one."""
     compressor = zlib.compressobj(1, zlib.DEFLATED, 31)
@@ -91,13 +111,13 @@ class TinybirdSink:
             "Content-Encoding": "gzip",
         }
         self._timeout = aiohttp.ClientTimeout(total=timeout)
-        self._executor = executor
+        self._worker = _Worker(executor, "telemetry-gzip")
         self._session: aiohttp.ClientSession | None = None
 
     async def send(self, parts: list[bytes], rows: int) -> SendResult:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
-        compressed = await asyncio.get_running_loop().run_in_executor(self._executor, _gzip, parts)
+        compressed = await asyncio.get_running_loop().run_in_executor(self._worker.executor, _gzip, parts)
         try:
             async with self._session.post(self._url, params=self._params, data=compressed, headers=self._headers) as reply:
                 text = await reply.read()
@@ -125,6 +145,7 @@ class TinybirdSink:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        self._worker.close()
 
 
 class FileSink:
@@ -134,7 +155,7 @@ class FileSink:
 
     def __init__(self, path: Path, executor: Executor | None) -> None:
         self.path = path
-        self._executor = executor
+        self._worker = _Worker(executor, "telemetry-file")
 
     def _append(self, parts: list[bytes]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -145,10 +166,10 @@ class FileSink:
 
     async def send(self, parts: list[bytes], rows: int) -> SendResult:
         try:
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._append, parts)
+            await asyncio.get_running_loop().run_in_executor(self._worker.executor, self._append, parts)
         except OSError as exc:
             return SendResult(Outcome.RETRY, detail=f"{type(exc).__name__}: {exc.strerror}")
         return SendResult(Outcome.SENT)
 
     async def close(self) -> None:
-        return None
+        self._worker.close()
