@@ -46,12 +46,13 @@ async def test_rows_built_by_the_encoder_process_equal_rows_built_in_process() -
     events = [e for n in range(60) for e in request_events(n, private=n % 2 == 0, referrer="https://a.example/?token=x")]
     helper = EncoderProcess("test")
     try:
-        lines, failed, _ = await helper.encode([orjson.dumps(events[:50]), orjson.dumps(events[50:])], len(events))
+        rows, count, failed, _ = await helper.encode([orjson.dumps(events[:50]), orjson.dumps(events[50:])], len(events))
     finally:
         await helper.close()
+    lines = rows.splitlines(keepends=True)
     encoder = RowEncoder("test")
     expected = [without_event_id(encoder.encode(e)) for e in events]
-    assert failed == 0 and [without_event_id(line) for line in lines] == expected
+    assert failed == 0 and count == len(lines) and [without_event_id(line) for line in lines] == expected
     prompts = {row["prompt"] for row in expected}
     assert "[PRIVATE]" in prompts and "fox 0" not in prompts and "fox 1" in prompts
     assert not any("hunter2" in line.decode() or "sk-abcdef" in line.decode() for line in lines)
@@ -60,12 +61,12 @@ async def test_rows_built_by_the_encoder_process_equal_rows_built_in_process() -
 async def test_an_event_the_helper_cannot_encode_is_counted_and_the_rest_arrive() -> None:
     helper = EncoderProcess("test")
     try:
-        lines, failed, error = await helper.encode(
+        rows, count, failed, error = await helper.encode(
             [orjson.dumps(request_events(1) + [{"event": "x", "stage": "x", "_ts": "not a time"}] + request_events(2))], 7
         )
     finally:
         await helper.close()
-    assert (len(lines), failed, error) == (6, 1, "ValueError")
+    assert (len(rows.splitlines()), count, failed, error) == (6, 6, 1, "ValueError")
 
 
 async def test_a_reply_out_of_step_with_the_request_stops_the_helper() -> None:

@@ -11,6 +11,7 @@ import orjson
 import pytest
 
 from image_service.tracking import COLUMNS, TELEMETRY, Breaker, BreakerState, EventQueue, Spool, build_row, sanitise
+from image_service.tracking.batch import Rows
 from image_service.tracking.context import new_request, parse_traceparent, request_ids
 from image_service.tracking.processor import TelemetryProcessor
 from image_service.tracking.rows import RowEncoder
@@ -230,13 +231,13 @@ class TestSpool:
     def test_drains_in_the_order_written(self, tmp_path: Path) -> None:
         spool = self.make(tmp_path, segment_bytes=100)
         for start in range(0, 50, 10):
-            spool.append(self.lines(start, 10))
+            spool.append(Rows.of_lines(self.lines(start, 10)))
         assert self.drain(spool) == list(range(50)) and not spool.has_data()
 
     def test_survives_a_restart(self, tmp_path: Path) -> None:
         """Rows spooled by one process are drained by the next."""
         first = self.make(tmp_path)
-        first.append(self.lines(0, 20))
+        first.append(Rows.of_lines(self.lines(0, 20)))
         first.close()
         second = self.make(tmp_path)
         assert self.drain(second) == list(range(20))
@@ -244,7 +245,7 @@ class TestSpool:
 
     def test_bound_evicts_oldest_and_counts_the_rows(self, tmp_path: Path) -> None:
         spool = self.make(tmp_path, max_bytes=400, segment_bytes=100)
-        evicted = sum(spool.append(self.lines(n, 1)) for n in range(100))
+        evicted = sum(spool.append(Rows.of_lines(self.lines(n, 1))) for n in range(100))
         assert spool.total_bytes <= 400
         remaining = self.drain(spool)
         assert evicted + len(remaining) == 100 and evicted == spool.stats.rows_evicted > 0
@@ -252,12 +253,12 @@ class TestSpool:
 
     def test_uncommitted_batch_is_read_again(self, tmp_path: Path) -> None:
         spool = self.make(tmp_path)
-        spool.append(self.lines(0, 3))
+        spool.append(Rows.of_lines(self.lines(0, 3)))
         assert spool.read_batch(10, 10_000) == spool.read_batch(10, 10_000)
 
     def test_sync_makes_rows_durable_on_disk(self, tmp_path: Path) -> None:
         spool = self.make(tmp_path)
-        spool.append(self.lines(0, 5))
+        spool.append(Rows.of_lines(self.lines(0, 5)))
         spool.sync()
         (segment,) = tmp_path.iterdir()
         assert segment.read_bytes().count(b"\n") == 5

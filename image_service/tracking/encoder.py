@@ -10,9 +10,10 @@ leaves the machine, exactly as in the in-process path.
 Protocol, one reply per request:
 - request: JSON arrays of events, each after its 4-byte big-endian length, then a zero length
   (the forwarder serialises events in slices, and the event loop gets a turn between them);
-- reply: a 4-byte big-endian length; `>III` (rows that failed, length of the first failure's type
-  name, rows encoded); that name; each row's length (native uint32); the rows. The lengths spare
-  the parent a scan for newlines, which costs more than slicing the rows out.
+- reply: two messages, each after its 4-byte big-endian length: `>III` (rows that failed, length
+  of the first failure's type name, rows encoded), that name and each row's length (native
+  uint32); then the rows, joined. The parent keeps the rows as one chunk (`batch.Rows`) and checks
+  them against the lengths without scanning them.
 
 The helper ignores SIGINT and SIGTERM (the parent decides when telemetry stops) and exits when its
 stdin closes, so it never outlives the server.
@@ -29,6 +30,7 @@ import struct
 import sys
 import time
 from array import array
+from pathlib import Path
 from collections import Counter
 from collections.abc import Callable
 from typing import IO, Any
@@ -42,13 +44,14 @@ _REPLY = struct.Struct(">III")
 _END = _LENGTH.pack(0)
 # After a failure the helper is not started again for this long: rows are encoded in-process meanwhile.
 RETRY_SECONDS = 30.0
-HELPER_COMMAND = "from image_service.tracking.encoder import main; main()"
+# The helper imports this very copy of the package (its directory first on sys.path), whatever its
+# working directory and PYTHONPATH say: parent and helper must speak the same protocol.
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+HELPER_COMMAND = "import sys; sys.path.insert(0, sys.argv.pop(1)); from image_service.tracking.encoder import main; main()"
 # Seconds for one round trip (a full frame takes about 0.1 s), plus the helper's start on the first.
 REPLY_TIMEOUT = 1.0
 START_TIMEOUT = 5.0
 PIPE_BYTES = 1 << 20
-# Rows sliced out of a reply between two yields to the event loop.
-ROWS_PER_SLICE = 256
 # The reply stream's buffer: a whole frame's reply (~1.2 KB a row) without pausing the pipe.
 READ_LIMIT = 8 << 20
 
@@ -98,10 +101,10 @@ class EncoderProcess:
         """Whether a batch should be offered now (not closed, not resting after a failure)."""
         return not self._closed and self._clock() >= self._retry_at
 
-    async def encode(self, slices: list[bytes], events: int) -> tuple[list[bytes], int, str]:
-        """Rows of the `events` events in `slices` (JSON arrays), in order, with the number that
-        failed and the first failure's type; on any failure the helper is stopped and
-        EncoderUnavailable raised."""
+    async def encode(self, slices: list[bytes], events: int) -> tuple[bytes, int, int, str]:
+        """Rows of the `events` events in `slices` (JSON arrays), in order and joined, with their
+        count, the number that failed and the first failure's type; on any failure the helper is
+        stopped and EncoderUnavailable raised."""
         if self._closed:
             raise EncoderUnavailable("closed")
         async with self._lock:
@@ -111,8 +114,8 @@ class EncoderProcess:
                 if not self.running:
                     await self._start()
                     timeout += START_TIMEOUT
-                reply = await asyncio.wait_for(self._round_trip(slices), timeout)
-                return await _rows_of(reply, events)
+                header, rows = await asyncio.wait_for(self._round_trip(slices), timeout)
+                return _checked(header, rows, events)
             except (OSError, ValueError, TimeoutError, asyncio.IncompleteReadError, struct.error) as exc:
                 self._retry_at = self._clock() + RETRY_SECONDS
                 self._kill()
@@ -125,13 +128,13 @@ class EncoderProcess:
     async def _start(self) -> None:
         await self._stop()
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", HELPER_COMMAND, self._environment,
+            sys.executable, "-c", HELPER_COMMAND, PACKAGE_ROOT, self._environment,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=READ_LIMIT,
         )
         self._process = process
         self._healthy = True
 
-    async def _round_trip(self, slices: list[bytes]) -> bytes:
+    async def _round_trip(self, slices: list[bytes]) -> tuple[bytes, bytes]:
         process = self._process
         assert process is not None and process.stdin is not None and process.stdout is not None
         for part in slices:
@@ -139,8 +142,11 @@ class EncoderProcess:
             process.stdin.write(part)
         process.stdin.write(_END)
         await process.stdin.drain()
-        size = _LENGTH.unpack(await process.stdout.readexactly(_LENGTH.size))[0]
-        return await process.stdout.readexactly(size)
+        messages = []
+        for _ in range(2):
+            size = _LENGTH.unpack(await process.stdout.readexactly(_LENGTH.size))[0]
+            messages.append(await process.stdout.readexactly(size))
+        return messages[0], messages[1]
 
     def _kill(self) -> None:
         self._healthy = False
@@ -173,24 +179,16 @@ class EncoderProcess:
             await process.wait()
 
 
-async def _rows_of(reply: bytes, events: int) -> tuple[list[bytes], int, str]:
-    """The reply's rows, failure count and first failure, sliced out a few hundred rows at a time;
-    ValueError when the reply does not account for exactly the events sent."""
-    failed, name_length, count = _REPLY.unpack_from(reply)
+def _checked(header: bytes, rows: bytes, events: int) -> tuple[bytes, int, int, str]:
+    """The reply's rows, their count, failure count and first failure; ValueError when the reply
+    does not account for exactly the events sent."""
+    failed, name_length, count = _REPLY.unpack_from(header)
     offset = _REPLY.size + name_length
     lengths = array("I")
-    lengths.frombytes(reply[offset:offset + count * lengths.itemsize])
-    start = offset + count * lengths.itemsize
-    if failed + count != events or start + sum(lengths) != len(reply):
+    lengths.frombytes(header[offset:])
+    if failed + count != events or len(lengths) != count or sum(lengths) != len(rows):
         raise ValueError("the encoder process's reply is out of step")
-    lines = []
-    for index, length in enumerate(lengths, 1):
-        end = start + length
-        lines.append(reply[start:end])
-        start = end
-        if index % ROWS_PER_SLICE == 0:
-            await asyncio.sleep(0)
-    return lines, failed, reply[_REPLY.size:offset].decode()
+    return rows, count, failed, header[_REPLY.size:offset].decode()
 
 
 def _read_exactly(stream: IO[bytes], size: int) -> bytes:
@@ -218,8 +216,9 @@ def serve(environment: str, requests: IO[bytes], replies: IO[bytes]) -> None:
         failed = sum(failures.values())
         name = next(iter(failures), "").encode()
         lengths = array("I", map(len, lines))
-        size = _REPLY.size + len(name) + len(lengths) * lengths.itemsize + sum(lengths)
-        replies.write(_LENGTH.pack(size) + _REPLY.pack(failed, len(name), len(lines)) + name + lengths.tobytes())
+        header = _REPLY.pack(failed, len(name), len(lines)) + name + lengths.tobytes()
+        replies.write(_LENGTH.pack(len(header)) + header)
+        replies.write(_LENGTH.pack(sum(lengths)))
         replies.write(b"".join(lines))
         replies.flush()
 

@@ -32,6 +32,7 @@ import structlog
 
 from ..config import TrackingSettings
 from ..priority import background_executor
+from .batch import Rows, concat
 from .encoder import EncoderProcess, EncoderUnavailable
 from .processor import TELEMETRY, EventQueue
 from .rows import RowEncoder
@@ -47,10 +48,12 @@ GUARD_SECONDS = 0.02
 SERIALISE_SLICE = 32
 # Raw events serialised for the encoder process between two yields: about 0.1 ms of work.
 DUMP_SLICE = 128
-# Rows copied into one part of a request body between two yields: about 0.1 ms of copying.
+# Single rows copied into one part of a request body between two yields: about 0.1 ms of copying
+# (a frame from the encoder process is a part as it is).
 JOIN_SLICE = 256
-# Events per round trip to the encoder process: bounded frames keep a backlog moving in steps.
-FRAME_EVENTS = 4096
+# Events per round trip to the encoder process: bounded frames keep a backlog moving in steps, and
+# copying one frame's reply (~1.2 KB a row) out of the pipe's buffer stays near 0.1 ms.
+FRAME_EVENTS = 1024
 # Seconds the encoder process may take on one round trip before new events are encoded in-process.
 HELPER_PATIENCE = 0.5
 # Fewer events than a helper frame wait in the queue until they are this fraction of max_wait old.
@@ -142,8 +145,8 @@ class Forwarder:
         self._started_at = clock()
         self._last_send = float("-inf")
         self._last_sync = clock()
-        self._inflight: list[bytes] = []
-        self._pending: list[bytes] = []
+        self._inflight = Rows()
+        self._pending = Rows()
         self._pending_since = 0.0
         self._busy = False
         self._in_hand = 0
@@ -193,8 +196,8 @@ class Forwarder:
             if self.encoder_process is not None:
                 await self.encoder_process.close()
             self.queue.closed = True
-            leftover = self._inflight + self._pending + await self._serialise(self.queue.take(len(self.queue)))
-            self._inflight, self._pending = [], []
+            leftover = concat([self._inflight, self._pending, await self._serialise(self.queue.take(len(self.queue)))])
+            self._inflight, self._pending = Rows(), Rows()
             await self._spill(leftover)
         finally:
             await self._in_io(self.spool.close)
@@ -257,11 +260,12 @@ class Forwarder:
             self._busy = True
             # Every row of the batch stays in _inflight until its body is settled, so close() can
             # spool whatever a cancellation leaves undelivered.
-            self._inflight = self._take_pending(settings.batch_rows)
+            bodies = self._take_pending(settings.batch_rows).split_bytes(settings.batch_bytes)
+            self._inflight = concat(bodies)
             try:
-                for body_lines in self._split_by_bytes(self._inflight):
-                    await self._deliver(body_lines, from_spool=False)
-                    del self._inflight[: len(body_lines)]
+                for index, body in enumerate(bodies):
+                    await self._deliver(body, from_spool=False)
+                    self._inflight = concat(bodies[index + 1:])
             finally:
                 self._busy = False
             return True
@@ -270,7 +274,7 @@ class Forwarder:
         lines = await self._in_io(self.spool.read_batch, settings.batch_rows, settings.batch_bytes)
         if not lines:
             return False
-        await self._deliver(lines, from_spool=True)
+        await self._deliver(Rows.of_lines(lines), from_spool=True)
         return True
 
     def _worth_absorbing(self, lagging: bool) -> bool:
@@ -300,7 +304,7 @@ class Forwarder:
         events = queue.take(self.settings.batch_rows)
         self._in_hand += len(events)
         try:
-            lines = await self._serialise(events)
+            rows = await self._serialise(events)
         except BaseException:
             # Shutdown gave up waiting, or encoding failed: the events go back to the front of the
             # queue, for the next round or for close() to spool.
@@ -308,48 +312,45 @@ class Forwarder:
             raise
         finally:
             self._in_hand -= len(events)
-        self._pending.extend(lines)
+        self._pending.extend(rows)
 
-    def _take_pending(self, count: int) -> list[bytes]:
+    def _take_pending(self, count: int) -> Rows:
         """The oldest `count` rows; what remains keeps the older timestamp, so it leaves no later."""
-        taken = self._pending[:count]
-        del self._pending[:count]
-        return taken
+        return self._pending.take(count)
 
-    async def _deliver(self, lines: list[bytes], from_spool: bool) -> None:
+    async def _deliver(self, rows: Rows, from_spool: bool) -> None:
         try:
-            outcome = await self._send(lines)
+            outcome = await self._send(rows)
         except _Failed:
             if not from_spool:
-                await self._spill(lines)
+                await self._spill(rows)
             return
         if outcome is Outcome.TOO_LARGE:
-            half = len(lines) // 2
             # Each half is delivered from memory and re-spooled if it fails, so the spool segment
             # can be consumed either way.
-            for part in (lines[:half], lines[half:]):
+            for part in rows.halves():
                 await self._deliver(part, from_spool=False)
             if from_spool:
-                await self._in_io(self.spool.commit, len(lines))
+                await self._in_io(self.spool.commit, len(rows))
             return
         if outcome is Outcome.SENT:
-            self.stats.sent += len(lines)
+            self.stats.sent += len(rows)
             self.stats.batches += 1
             if from_spool:
-                self.stats.replayed += len(lines)
+                self.stats.replayed += len(rows)
         if from_spool:
-            await self._in_io(self.spool.commit, len(lines))
+            await self._in_io(self.spool.commit, len(rows))
 
-    async def _send(self, lines: list[bytes]) -> Outcome:
+    async def _send(self, rows: Rows) -> Outcome:
         """One batch through the sink with retries; raises _Failed when it must be spooled."""
         parts = []
-        for start in range(0, len(lines), JOIN_SLICE):
-            parts.append(b"".join(lines[start:start + JOIN_SLICE]))
+        for group in rows.parts(JOIN_SLICE):
+            parts.append(b"".join(group))
             await asyncio.sleep(0)
         attempt = 0
         while True:
             await self._respect_rate_limit()
-            result = await self.sink.send(parts, len(lines))
+            result = await self.sink.send(parts, len(rows))
             if result.outcome is Outcome.SENT:
                 self.breaker.success()
                 self.stats.last_success = self._clock()
@@ -358,16 +359,16 @@ class Forwarder:
                     log.warning("telemetry.quarantined", rows=result.quarantined)
                 return Outcome.SENT
             if result.outcome is Outcome.TOO_LARGE:
-                if len(lines) > 1:
+                if len(rows) > 1:
                     return Outcome.TOO_LARGE
                 self.stats.dropped["too_large"] += 1
                 self._log_once("too_large", "telemetry.row_too_large", status=result.status)
                 return Outcome.REJECTED
             if result.outcome is Outcome.REJECTED:
-                self.stats.dropped[f"http_{result.status}"] += len(lines)
+                self.stats.dropped[f"http_{result.status}"] += len(rows)
                 self._log_once(
                     f"rejected:{result.status}", "telemetry.batch_rejected", status=result.status,
-                    detail=result.detail, rows=len(lines),
+                    detail=result.detail, rows=len(rows),
                 )
                 return Outcome.REJECTED
             if result.outcome is Outcome.MISCONFIGURED:
@@ -382,7 +383,7 @@ class Forwarder:
             if self.breaker.state is not BreakerState.CLOSED or attempt > self.settings.max_retries or self._stopping:
                 self._log_once(f"failing:{result.status}", "telemetry.sink_failing", status=result.status, detail=result.detail)
                 raise _Failed
-            self.stats.retried += len(lines)
+            self.stats.retried += len(rows)
             delay = result.retry_after
             if delay is None:
                 delay = self._rand() * min(self.settings.backoff_cap, self.settings.backoff_base * 2**attempt)
@@ -419,10 +420,10 @@ class Forwarder:
 
     # helpers ---------------------------------------------------------------------------------
 
-    async def _serialise(self, events: list[dict[str, Any]]) -> list[bytes]:
+    async def _serialise(self, events: list[dict[str, Any]]) -> Rows:
         """Rows of `events`, in order: from the encoder process when the batch is large enough,
         here for the rest (small batches, and whatever the helper could not take)."""
-        lines: list[bytes] = []
+        rows = Rows()
         failures: Counter[str] = Counter()
         elsewhere = done = 0
         helper = self.encoder_process
@@ -432,20 +433,20 @@ class Forwarder:
                 encoded = await self._serialise_elsewhere(helper, frame_events)
                 if encoded is None:
                     break
-                frame_lines, failed, first_error = encoded
-                lines.extend(frame_lines)
-                elsewhere += len(frame_lines)
+                chunk, count, failed, first_error = encoded
+                rows.add(chunk, count)
+                elsewhere += count
                 if failed:
                     failures[first_error] += failed
                 done += len(frame_events)
         if done < len(events):
-            lines.extend(await self._serialise_here(events[done:] if done else events, failures))
+            rows.extend(Rows.of_lines(await self._serialise_here(events[done:] if done else events, failures)))
         # Counted once the whole batch is encoded: a cancelled batch returns to the queue uncounted.
         self.stats.encoded_elsewhere += elsewhere
         for name, count in failures.items():
             self.stats.dropped["unserialisable"] += count
             self._log_once(f"serialise:{name}", "telemetry.unserialisable", error=name)
-        return lines
+        return rows
 
     async def _serialise_here(self, events: list[dict[str, Any]], failures: Counter[str]) -> list[bytes]:
         lines: list[bytes] = []
@@ -459,9 +460,9 @@ class Forwarder:
 
     async def _serialise_elsewhere(
         self, helper: EncoderProcess, events: list[dict[str, Any]]
-    ) -> tuple[list[bytes], int, str] | None:
-        """Rows built by the encoder process, with its failure count and first failure; None when
-        the batch must be encoded here instead."""
+    ) -> tuple[bytes, int, int, str] | None:
+        """Rows built by the encoder process (joined), their count, its failure count and first
+        failure; None when the batch must be encoded here instead."""
         try:
             slices = []
             for start in range(0, len(events), DUMP_SLICE):
@@ -474,25 +475,11 @@ class Forwarder:
             self._log_once(f"encoder:{type(exc).__name__}", "telemetry.encoder_unavailable", error=type(exc).__name__, detail=detail)
             return None
 
-    def _split_by_bytes(self, lines: list[bytes]) -> list[list[bytes]]:
-        limit = self.settings.batch_bytes
-        if sum(map(len, lines)) <= limit:
-            return [lines] if lines else []
-        bodies: list[list[bytes]] = [[]]
-        size = 0
-        for line in lines:
-            if bodies[-1] and size + len(line) > limit:
-                bodies.append([])
-                size = 0
-            bodies[-1].append(line)
-            size += len(line)
-        return [body for body in bodies if body]
-
-    async def _spill(self, lines: list[bytes]) -> None:
-        if not lines:
+    async def _spill(self, rows: Rows) -> None:
+        if not rows:
             return
-        evicted = await self._in_io(self.spool.append, lines)
-        self.stats.spooled += len(lines)
+        evicted = await self._in_io(self.spool.append, rows)
+        self.stats.spooled += len(rows)
         if evicted:
             self.stats.dropped["spool_full"] += evicted
             log.warning("telemetry.spool_evicted", rows=evicted, max_bytes=self.spool.max_bytes)

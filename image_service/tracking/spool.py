@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from .batch import Rows
+
 PREFIX = "segment-"
 SUFFIX = ".ndjson"
 DEFAULT_SEGMENT_BYTES = 8 * 1024 * 1024
@@ -75,17 +77,18 @@ class Spool:
         self._next = 1 + max((int(path.stem.removeprefix(PREFIX)) for path in found), default=0)
         self._opened = True
 
-    def append(self, lines: list[bytes]) -> int:
-        """Write NDJSON lines; returns how many older rows were evicted to stay within the bound."""
-        for line in lines:
+    def append(self, rows: Rows) -> int:
+        """Write NDJSON rows (a chunk of rows stays in one segment); returns how many older rows
+        were evicted to stay within the bound."""
+        for chunk in rows.chunks:
             if self._writer is None or self._writer_size >= self.segment_bytes:
                 self._rotate()
             assert self._writer is not None
-            self._writer.write(line)
-            self._writer_size += len(line)
-        self._dirty = bool(lines)
-        self.stats.rows_written += len(lines)
-        return self._enforce_bound() if lines else 0
+            self._writer.write(chunk)
+            self._writer_size += len(chunk)
+        self._dirty = bool(rows)
+        self.stats.rows_written += len(rows)
+        return self._enforce_bound() if rows else 0
 
     def sync(self) -> None:
         """Flush and fsync the open segment (the forwarder calls this at least once a second)."""
