@@ -112,6 +112,11 @@ class ForwarderStats:
     last_success: float | None = None
 
 
+def _settle(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 class _Failed(Exception):
     """A batch could not be delivered now; its rows belong in the spool."""
 
@@ -139,7 +144,9 @@ class Forwarder:
         self._io = background_executor(1, "telemetry-io")
         self._task: asyncio.Task[None] | None = None
         self._guard: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()
+        self._waiter: asyncio.Future[None] | None = None
+        # Set while a batch is being sent or encoded: the only times the guard has work.
+        self._working = asyncio.Event()
         self._stopping = False
         self._closed = False
         self._started_at = clock()
@@ -165,7 +172,7 @@ class Forwarder:
         """Send everything queued or spooled now; True when it all reached the sink in time."""
         deadline = self._clock() + timeout
         self._flushing = True
-        self._wake.set()
+        self._wake_up()
         try:
             while self._holding() and self._clock() < deadline:
                 await asyncio.sleep(0.01)
@@ -184,7 +191,8 @@ class Forwarder:
             return
         self._closed = True
         self._stopping = True
-        self._wake.set()
+        self._wake_up()
+        self._working.set()
         workers = [task for task in (self._guard, self._task) if task is not None]
         if workers:
             _, late = await asyncio.wait(workers, timeout=timeout)
@@ -237,11 +245,23 @@ class Forwarder:
             if self._stopping and not self.queue and not self._pending:
                 return
             if not progressed:
-                self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), POLL_SECONDS)
-                except TimeoutError:
-                    pass
+                await self._nap(POLL_SECONDS)
+
+    async def _nap(self, seconds: float) -> None:
+        """Sleep up to `seconds`, cut short by flush() and close(): as cheap as asyncio.sleep, where
+        wait_for on an Event would start a task on every idle round."""
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = loop.call_later(seconds, _settle, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+    def _wake_up(self) -> None:
+        if self._waiter is not None:
+            _settle(self._waiter)
 
     async def _round(self) -> bool:
         settings = self.settings
@@ -258,6 +278,7 @@ class Forwarder:
             or self._flushing
         ):
             self._busy = True
+            self._working.set()
             # Every row of the batch stays in _inflight until its body is settled, so close() can
             # spool whatever a cancellation leaves undelivered.
             bodies = self._take_pending(settings.batch_rows).split_bytes(settings.batch_bytes)
@@ -303,6 +324,7 @@ class Forwarder:
         self._pending_since = min(self._pending_since, oldest) if self._pending or self._in_hand else oldest
         events = queue.take(self.settings.batch_rows)
         self._in_hand += len(events)
+        self._working.set()
         try:
             rows = await self._serialise(events)
         except BaseException:
@@ -400,6 +422,10 @@ class Forwarder:
         absorbing events (in-process while the helper is busy); spool what exceeds the high-water mark."""
         helper = self.encoder_process
         while not self._stopping:
+            if not (self._busy or self._in_hand):
+                self._working.clear()
+                await self._working.wait()
+                continue
             await asyncio.sleep(GUARD_SECONDS)
             try:
                 helper_lagging = helper is not None and helper.busy_for() >= HELPER_PATIENCE
