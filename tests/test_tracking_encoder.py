@@ -106,6 +106,19 @@ async def test_a_steady_stream_is_encoded_by_the_helper_not_the_event_loop(
     assert forwarder.stats.encoded_elsewhere >= 2000 - 63
 
 
+async def test_a_queue_smaller_than_a_helper_frame_never_waits_for_one(
+    make_forwarder: Make, events_api: tuple[EventsAPI, str]
+) -> None:
+    """Events wait for a helper-sized batch only while the queue can hold one: otherwise the
+    processor would drop what the full queue cannot take."""
+    api, _ = events_api
+    forwarder = make_forwarder(queue_size=50, batch_rows=50, encoder_process_min_events=128, max_wait=5.0)
+    await forwarder.start()
+    await stream(forwarder, 400, burst=50, pause=0.3)
+    await until(lambda: len(api.rows) == 400)
+    assert forwarder.queue.dropped_full == 0
+
+
 async def helper_at_work(make_forwarder: Make, api: EventsAPI) -> tuple[Forwarder, EncoderProcess, int]:
     """A started forwarder whose encoder process has delivered one row: (forwarder, helper, its pid)."""
     forwarder = make_forwarder(encoder_process_min_events=1)

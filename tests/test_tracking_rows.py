@@ -251,6 +251,18 @@ class TestSpool:
         assert evicted + len(remaining) == 100 and evicted == spool.stats.rows_evicted > 0
         assert remaining == sorted(remaining) and remaining[-1] == 99
 
+    def test_a_frame_of_rows_is_cut_to_keep_segments_and_the_bound(self, tmp_path: Path) -> None:
+        """A frame from the encoder process larger than a segment is spread over segments row by
+        row, so eviction still keeps the spool within its bound."""
+        spool = self.make(tmp_path, max_bytes=400, segment_bytes=100)
+        frame = Rows()
+        frame.add(b"".join(self.lines(0, 60)), 60)
+        evicted = spool.append(frame)
+        assert spool.total_bytes <= 400
+        assert all(path.stat().st_size <= 100 + 9 for path in tmp_path.iterdir())
+        remaining = self.drain(spool)
+        assert evicted + len(remaining) == 60 and remaining == list(range(60 - len(remaining), 60))
+
     def test_uncommitted_batch_is_read_again(self, tmp_path: Path) -> None:
         spool = self.make(tmp_path)
         spool.append(Rows.of_lines(self.lines(0, 3)))

@@ -12,8 +12,8 @@ Protocol, one reply per request:
   (the forwarder serialises events in slices, and the event loop gets a turn between them);
 - reply: two messages, each after its 4-byte big-endian length: `>III` (rows that failed, length
   of the first failure's type name, rows encoded), that name and each row's length (native
-  uint32); then the rows, joined. The parent keeps the rows as one chunk (`batch.Rows`) and checks
-  them against the lengths without scanning them.
+  uint32); then the rows, joined. The parent keeps the rows as one chunk (`batch.Rows`) after
+  checking the count, the lengths' total and the newlines against the events it sent.
 
 The helper ignores SIGINT and SIGTERM (the parent decides when telemetry stops) and exits when its
 stdin closes, so it never outlives the server.
@@ -44,10 +44,14 @@ _REPLY = struct.Struct(">III")
 _END = _LENGTH.pack(0)
 # After a failure the helper is not started again for this long: rows are encoded in-process meanwhile.
 RETRY_SECONDS = 30.0
-# The helper imports this very copy of the package (its directory first on sys.path), whatever its
-# working directory and PYTHONPATH say: parent and helper must speak the same protocol.
+# The helper imports this very copy of the package, whatever its working directory says: parent
+# and helper must speak the same protocol. The directory takes the place of the working directory
+# on sys.path, unless it is on sys.path already (an installed package).
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
-HELPER_COMMAND = "import sys; sys.path.insert(0, sys.argv.pop(1)); from image_service.tracking.encoder import main; main()"
+HELPER_COMMAND = (
+    "import sys; root = sys.argv.pop(1); sys.path[0:1] = [] if root in sys.path else [root]; "
+    "from image_service.tracking.encoder import main; main()"
+)
 # Seconds for one round trip (a full frame takes about 0.1 s), plus the helper's start on the first.
 REPLY_TIMEOUT = 1.0
 START_TIMEOUT = 5.0
@@ -186,7 +190,7 @@ def _checked(header: bytes, rows: bytes, events: int) -> tuple[bytes, int, int, 
     offset = _REPLY.size + name_length
     lengths = array("I")
     lengths.frombytes(header[offset:])
-    if failed + count != events or len(lengths) != count or sum(lengths) != len(rows):
+    if failed + count != events or len(lengths) != count or sum(lengths) != len(rows) or rows.count(b"\n") != count:
         raise ValueError("the encoder process's reply is out of step")
     return rows, count, failed, header[_REPLY.size:offset].decode()
 

@@ -145,7 +145,7 @@ class Forwarder:
         self._task: asyncio.Task[None] | None = None
         self._guard: asyncio.Task[None] | None = None
         self._waiter: asyncio.Future[None] | None = None
-        # Set while a batch is being sent or encoded: the only times the guard has work.
+        # Set while a batch from memory is being sent or encoded: the only times the guard has work.
         self._working = asyncio.Event()
         self._stopping = False
         self._closed = False
@@ -208,9 +208,13 @@ class Forwarder:
             self._inflight, self._pending = Rows(), Rows()
             await self._spill(leftover)
         finally:
-            await self._in_io(self.spool.close)
-            await self.sink.close()
-            self._io.shutdown(wait=True)
+            try:
+                await self._in_io(self.spool.close)
+            finally:
+                try:
+                    await self.sink.close()
+                finally:
+                    self._io.shutdown(wait=True)
             if TELEMETRY.default is self.queue:
                 TELEMETRY.default = None
 
@@ -298,26 +302,31 @@ class Forwarder:
         await self._deliver(Rows.of_lines(lines), from_spool=True)
         return True
 
-    def _worth_absorbing(self, lagging: bool) -> bool:
+    def _worth_absorbing(self) -> bool:
         """Whether to encode queued events now. With a helper, a few fresh events wait for more:
         they would be encoded on the event loop, and one encoding at a time keeps the helper's
-        work from spilling onto the loop; a lagging helper, shutdown and flush take them all."""
+        work from spilling onto the loop. A helper that lags or rests, shutdown and flush take
+        them all (in-process while the helper is busy)."""
         queue = self.queue
         if not queue:
             return False
-        if self.encoder_process is None or self._stopping or self._flushing or lagging:
+        helper = self.encoder_process
+        if helper is None or not helper.available or self._stopping or self._flushing:
+            return True
+        if helper.busy_for() >= HELPER_PATIENCE:
             return True
         if self._in_hand:
             return False
-        age = time.time() - (queue.oldest_ts() or 0.0)
-        return len(queue) >= self.settings.encoder_process_min_events or age >= self.settings.max_wait * FRESH_FRACTION
+        settings = self.settings
+        enough = min(settings.encoder_process_min_events, settings.batch_rows, queue.capacity)
+        return len(queue) >= enough or time.time() - (queue.oldest_ts() or 0.0) >= settings.max_wait * FRESH_FRACTION
 
-    async def _absorb(self, lagging: bool = False) -> None:
+    async def _absorb(self) -> None:
         """Turn up to a batch of queued events into serialised rows: bytes are compact and invisible
         to the GC, so a backlog never turns into long garbage-collection pauses on the event loop.
         A batch at a time lets the next one be encoded while the previous one is being sent."""
         queue = self.queue
-        if not self._worth_absorbing(lagging):
+        if not self._worth_absorbing():
             return
         oldest = queue.oldest_ts() or time.time()
         # Another absorb may be encoding older events right now: the batch's age is the oldest's.
@@ -431,7 +440,7 @@ class Forwarder:
                 helper_lagging = helper is not None and helper.busy_for() >= HELPER_PATIENCE
                 if not (self._busy or helper_lagging) or self._stopping:
                     continue
-                await self._absorb(helper_lagging)
+                await self._absorb()
                 excess = len(self._pending) - self.settings.batch_rows * HIGH_WATER_BATCHES
                 if excess > 0:
                     await self._spill(self._take_pending(excess))

@@ -142,10 +142,12 @@ class TinybirdSink:
         return SendResult(Outcome.REJECTED, status, detail=detail)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-        self._worker.close()
+        try:
+            if self._session is not None:
+                await self._session.close()
+                self._session = None
+        finally:
+            self._worker.close()
 
 
 class FileSink:

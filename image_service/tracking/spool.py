@@ -78,14 +78,18 @@ class Spool:
         self._opened = True
 
     def append(self, rows: Rows) -> int:
-        """Write NDJSON rows (a chunk of rows stays in one segment); returns how many older rows
-        were evicted to stay within the bound."""
-        for chunk in rows.chunks:
-            if self._writer is None or self._writer_size >= self.segment_bytes:
-                self._rotate()
-            assert self._writer is not None
-            self._writer.write(chunk)
-            self._writer_size += len(chunk)
+        """Write NDJSON rows; returns how many older rows were evicted to stay within the bound.
+        A chunk of rows that would overfill the open segment is written a row at a time, so no
+        segment outgrows its size by more than a row."""
+        for chunk, count in zip(rows.chunks, rows.counts):
+            used = self._writer_size if self._writer is not None and self._writer_size < self.segment_bytes else 0
+            fits = used + len(chunk) <= self.segment_bytes
+            for piece in (chunk,) if count == 1 or fits else chunk.splitlines(keepends=True):
+                if self._writer is None or self._writer_size >= self.segment_bytes:
+                    self._rotate()
+                assert self._writer is not None
+                self._writer.write(piece)
+                self._writer_size += len(piece)
         self._dirty = bool(rows)
         self.stats.rows_written += len(rows)
         return self._enforce_bound() if rows else 0
