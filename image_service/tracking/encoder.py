@@ -13,7 +13,7 @@ Protocol, one reply per request:
 - reply: two messages, each after its 4-byte big-endian length: `>III` (rows that failed, length
   of the first failure's type name, rows encoded), that name and each row's length (native
   uint32); then the rows, joined. The parent keeps the rows as one chunk (`batch.Rows`) after
-  checking the count, the lengths' total and the newlines against the events it sent.
+  checking the count and the lengths' total against the events it sent.
 
 The helper ignores SIGINT and SIGTERM (the parent decides when telemetry stops) and exits when its
 stdin closes, so it never outlives the server.
@@ -190,7 +190,9 @@ def _checked(header: bytes, rows: bytes, events: int) -> tuple[bytes, int, int, 
     offset = _REPLY.size + name_length
     lengths = array("I")
     lengths.frombytes(header[offset:])
-    if failed + count != events or len(lengths) != count or sum(lengths) != len(rows) or rows.count(b"\n") != count:
+    # Rows end in their only newline by construction (orjson escapes newlines in strings); counting
+    # them here would cost the event loop ~0.6 µs a row.
+    if failed + count != events or len(lengths) != count or sum(lengths) != len(rows) or rows[-1:] not in (b"", b"\n"):
         raise ValueError("the encoder process's reply is out of step")
     return rows, count, failed, header[_REPLY.size:offset].decode()
 
