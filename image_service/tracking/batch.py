@@ -3,8 +3,8 @@
 A frame of rows from the encoder process arrives as one bytes object and stays one chunk until a
 batch boundary, a byte limit, a 413 split or the spool needs it cut: slicing thousands of rows out
 of it and joining them again into a request body cost the event loop more than building the body
-from whole frames. Rows never contain a raw newline (JSON escapes it), so a chunk is cut at row
-boundaries with `splitlines`, which only happens on those rarer paths.
+from whole frames. Rows never contain a raw newline (JSON escapes it), so a chunk is cut at its
+newlines, which only happens on those rarer paths.
 """
 
 from __future__ import annotations

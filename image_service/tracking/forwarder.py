@@ -311,9 +311,7 @@ class Forwarder:
         if not queue:
             return False
         helper = self.encoder_process
-        if helper is None or not helper.available or self._stopping or self._flushing:
-            return True
-        if helper.busy_for() >= HELPER_PATIENCE:
+        if helper is None or not helper.available or self._stopping or self._flushing or self._helper_lagging():
             return True
         if self._in_hand:
             return False
@@ -429,7 +427,6 @@ class Forwarder:
     async def _guard_queue(self) -> None:
         """While a send is slow or backing off, or the encoder process is slow to answer, keep
         absorbing events (in-process while the helper is busy); spool what exceeds the high-water mark."""
-        helper = self.encoder_process
         while not self._stopping:
             if not (self._busy or self._in_hand):
                 self._working.clear()
@@ -437,8 +434,7 @@ class Forwarder:
                 continue
             await asyncio.sleep(GUARD_SECONDS)
             try:
-                helper_lagging = helper is not None and helper.busy_for() >= HELPER_PATIENCE
-                if not (self._busy or helper_lagging) or self._stopping:
+                if not (self._busy or self._helper_lagging()) or self._stopping:
                     continue
                 await self._absorb()
                 excess = len(self._pending) - self.settings.batch_rows * HIGH_WATER_BATCHES
@@ -446,6 +442,11 @@ class Forwarder:
                     await self._spill(self._take_pending(excess))
             except Exception as exc:
                 self._log_once(f"guard:{type(exc).__name__}", "telemetry.guard_error", error=type(exc).__name__)
+
+    def _helper_lagging(self) -> bool:
+        """Whether the encoder process has taken HELPER_PATIENCE on its current round trip."""
+        helper = self.encoder_process
+        return helper is not None and helper.busy_for() >= HELPER_PATIENCE
 
     async def _respect_rate_limit(self) -> None:
         wait = self._last_send + 1.0 / self.settings.max_requests_per_second - self._clock()
