@@ -12,8 +12,9 @@ import pytest
 
 from image_service.tracking import COLUMNS, TELEMETRY, Breaker, BreakerState, EventQueue, Spool, build_row, sanitise
 from image_service.tracking.batch import Rows
-from image_service.tracking.context import new_request, parse_traceparent, request_ids
-from image_service.tracking.processor import TelemetryProcessor
+from image_service.tracking.context import bind, new_request, parse_traceparent, request_ids
+from image_service.tracking.context import clear as clear_request
+from image_service.tracking.processor import TelemetryProcessor, frame, unpack
 from image_service.tracking.rows import RowEncoder
 
 
@@ -110,13 +111,63 @@ def test_sanitise_keeps_ordinary_messages_readable() -> None:
     assert sanitise("the embedded backend failed (RuntimeError)") == "the embedded backend failed (RuntimeError)"
 
 
+def queued(queue: EventQueue) -> list[dict[str, object]]:
+    """The events waiting in `queue`, as the forwarder will read them."""
+    return unpack(frame(list(queue.items)))
+
+
 class TestProcessor:
     def test_copies_stage_events_onto_the_queue_and_returns_them_unchanged(self) -> None:
         processor, queue = TelemetryProcessor(), EventQueue(10)
         processor.default = queue
         event = {"event": "cache.lookup", "stage": "cache"}
         assert processor(None, "info", event) is event
-        assert queue.items[0]["event"] == "cache.lookup" and "_ts" in queue.items[0] and "_ts" not in event
+        [copy] = queued(queue)
+        assert copy["event"] == "cache.lookup" and "_ts" in copy and "_ts" not in event
+
+    def test_a_requests_events_wait_for_its_terminal_event_then_share_one_context(self) -> None:
+        """The context is serialised once per request, with the facts bound after the first event."""
+        processor, queue = TelemetryProcessor(), EventQueue(10)
+        processor.route_current_context(queue)
+        try:
+            new_request(request_id="a" * 32)
+            processor(None, "info", {"event": "request.received", "stage": "request"})
+            processor(None, "info", {"event": "cache.lookup", "stage": "cache"})
+            assert len(queue) == 0 and len(queue.open) == 1
+            bind(tier="seed")
+            processor(None, "info", {"event": "request.completed", "stage": "response", "status": 200})
+        finally:
+            processor.route_current_context(None)
+            clear_request()
+        assert (len(queue.items), len(queue), queue.open) == (1, 3, set())
+        events = queued(queue)
+        assert [event["event"] for event in events] == ["request.received", "cache.lookup", "request.completed"]
+        assert all(event["_ctx"] == {"request_id": "a" * 32, "tier": "seed"} for event in events)
+        assert queue.items[0].data.count(b"a" * 32) == 1
+
+    def test_waiting_events_of_a_slow_request_can_be_released_early(self) -> None:
+        processor, queue = TelemetryProcessor(), EventQueue(10)
+        processor.route_current_context(queue)
+        try:
+            new_request(request_id="b" * 32)
+            processor(None, "info", {"event": "request.received", "stage": "request"})
+        finally:
+            processor.route_current_context(None)
+            clear_request()
+        queue.release_older_than(time.time() - 60)
+        assert len(queue) == 0
+        queue.release_older_than(time.time() + 1)
+        assert [event["event"] for event in queued(queue)] == ["request.received"] and not queue.open
+
+    def test_a_value_orjson_refuses_travels_as_text_and_loses_no_event(self) -> None:
+        queue = EventQueue(10)
+        queue.put_group({"request_id": "c" * 32, 3: "three"}, [
+            {"event": "request.received", "_ts": 1.0},
+            {"event": "cache.lookup", "width": 2**70, "_ts": 2.0},
+        ])
+        assert (len(queue), queue.unserialisable) == (2, 0)
+        received, lookup = queued(queue)
+        assert lookup["width"] == str(2**70) and received["_ctx"] == {"request_id": "c" * 32, "3": "three"}
 
     def test_ignores_ordinary_log_lines(self) -> None:
         processor, queue = TelemetryProcessor(), EventQueue(10)
@@ -151,7 +202,7 @@ class TestProcessor:
         TELEMETRY.default = other
         try:
             TELEMETRY.route_current_context(mine)
-            TELEMETRY(None, "info", {"event": "cache.lookup", "stage": "cache"})
+            TELEMETRY(None, "info", {"event": "request.completed", "stage": "response"})
         finally:
             TELEMETRY.route_current_context(None)
             TELEMETRY.default = None

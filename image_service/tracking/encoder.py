@@ -1,15 +1,15 @@
 """Row encoding in a helper process, so a busy server spends a second core on rows, not its event loop.
 
-Building a row costs ~9 µs of Python per event (40 columns, privacy rules, metadata); serialising the
-raw event with orjson costs ~0.7 µs. Under load the forwarder therefore ships batches of raw events,
-with their request contexts, over a pipe to a helper Python process (`main()` below) and gets NDJSON
-rows back. The helper runs the same `RowEncoder` as the in-process path, so rows are identical
+Building a row costs ~9 µs of Python per event (40 columns, privacy rules, metadata); the processor
+has already serialised each request's events with its context (`processor.Group`). Under load the
+forwarder therefore ships batches of those groups over a pipe to a helper Python process (`main()`
+below) and gets NDJSON rows back. The helper runs the same `RowEncoder` as the in-process path, so rows are identical
 either way. It is one of the service's own processes: privacy is applied there, before any row
 leaves the machine, exactly as in the in-process path.
 
 Protocol, one reply per request:
-- request: JSON arrays of events, each after its 4-byte big-endian length, then a zero length
-  (the forwarder serialises events in slices, and the event loop gets a turn between them);
+- request: JSON arrays of groups (`processor.frame`), each after its 4-byte big-endian length,
+  then a zero length;
 - reply: two messages, each after its 4-byte big-endian length: `>III` (rows that failed, length
   of the first failure's type name, rows encoded), that name and each row's length (native
   uint32); then the rows, joined. The parent keeps the rows as one chunk (`batch.Rows`) after
@@ -35,8 +35,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import IO, Any
 
-import orjson
-
+from .processor import unpack
 from .rows import RowEncoder
 
 _LENGTH = struct.Struct(">I")
@@ -106,7 +105,7 @@ class EncoderProcess:
         return not self._closed and self._clock() >= self._retry_at
 
     async def encode(self, slices: list[bytes], events: int) -> tuple[bytes, int, int, str]:
-        """Rows of the `events` events in `slices` (JSON arrays), in order and joined, with their
+        """Rows of the `events` events in `slices` (JSON arrays of groups), in order and joined, with their
         count, the number that failed and the first failure's type; on any failure the helper is
         stopped and EncoderUnavailable raised."""
         if self._closed:
@@ -211,7 +210,7 @@ def serve(environment: str, requests: IO[bytes], replies: IO[bytes]) -> None:
         events: list[dict[str, Any]] = []
         try:
             while size := _LENGTH.unpack(_read_exactly(requests, _LENGTH.size))[0]:
-                events.extend(orjson.loads(_read_exactly(requests, size)))
+                events.extend(unpack(_read_exactly(requests, size)))
         except EncoderUnavailable:
             return
         failures: Counter[str] = Counter()

@@ -23,18 +23,17 @@ import enum
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import orjson
 import structlog
 
 from ..config import TrackingSettings
 from ..priority import background_executor
 from .batch import Rows, concat
 from .encoder import EncoderProcess, EncoderUnavailable
-from .processor import TELEMETRY, EventQueue
+from .processor import TELEMETRY, EventQueue, Group, frame, unpack
 from .rows import RowEncoder
 from .sinks import Outcome, Sink
 from .spool import Spool
@@ -46,8 +45,6 @@ POLL_SECONDS = 0.05
 GUARD_SECONDS = 0.02
 # Rows encoded between two yields to the event loop: about a third of a millisecond of work.
 SERIALISE_SLICE = 32
-# Raw events serialised for the encoder process between two yields: about 0.1 ms of work.
-DUMP_SLICE = 128
 # Single rows copied into one part of a request body between two yields: about 0.1 ms of copying
 # (a frame from the encoder process is a part as it is).
 JOIN_SLICE = 256
@@ -182,7 +179,7 @@ class Forwarder:
 
     def _holding(self) -> bool:
         """Whether any row still waits for the sink (the spool counts while the sink is taking rows)."""
-        waiting = self.queue or self._pending or self._busy or self._in_hand
+        waiting = self.queue or self.queue.open or self._pending or self._busy or self._in_hand
         return bool(waiting) or (self.spool.has_data() and self.breaker.state is BreakerState.CLOSED)
 
     async def close(self, timeout: float = 10.0) -> None:
@@ -203,6 +200,7 @@ class Forwarder:
             # What is left is encoded here: shutdown must not wait on a helper that may be stuck.
             if self.encoder_process is not None:
                 await self.encoder_process.close()
+            self.queue.release_all()
             self.queue.closed = True
             leftover = concat([self._inflight, self._pending, await self._serialise(self.queue.take(len(self.queue)))])
             self._inflight, self._pending = Rows(), Rows()
@@ -231,7 +229,8 @@ class Forwarder:
             "spoolBytes": self.spool.total_bytes,
             "secondsSinceLastSuccess": round(self.seconds_since_success(), 3),
             "rowsSent": self.stats.sent,
-            "rowsDropped": sum(self.stats.dropped.values()) + self.queue.dropped_full + self.queue.dropped_closed,
+            "rowsDropped": sum(self.stats.dropped.values()) + self.queue.dropped_full + self.queue.dropped_closed
+            + self.queue.unserialisable,
         }
 
     # the worker -----------------------------------------------------------------------------
@@ -320,27 +319,33 @@ class Forwarder:
         return len(queue) >= enough or time.time() - (queue.oldest_ts() or 0.0) >= settings.max_wait * FRESH_FRACTION
 
     async def _absorb(self) -> None:
-        """Turn up to a batch of queued events into serialised rows: bytes are compact and invisible
-        to the GC, so a backlog never turns into long garbage-collection pauses on the event loop.
-        A batch at a time lets the next one be encoded while the previous one is being sent."""
+        """Turn up to a batch of queued events into rows, after releasing the events of requests
+        that have run for half of `max_wait`. A batch at a time lets the next one be encoded while
+        the previous one is being sent."""
         queue = self.queue
+        if queue.open:
+            if self._stopping or self._flushing:
+                queue.release_all()
+            else:
+                queue.release_older_than(time.time() - self.settings.max_wait * FRESH_FRACTION)
         if not self._worth_absorbing():
             return
-        oldest = queue.oldest_ts() or time.time()
+        groups = queue.take(self.settings.batch_rows)
+        oldest = min(group.since for group in groups)
         # Another absorb may be encoding older events right now: the batch's age is the oldest's.
         self._pending_since = min(self._pending_since, oldest) if self._pending or self._in_hand else oldest
-        events = queue.take(self.settings.batch_rows)
-        self._in_hand += len(events)
+        count = sum(group.events for group in groups)
+        self._in_hand += count
         self._working.set()
         try:
-            rows = await self._serialise(events)
+            rows = await self._serialise(groups)
         except BaseException:
             # Shutdown gave up waiting, or encoding failed: the events go back to the front of the
             # queue, for the next round or for close() to spool.
-            queue.items.extendleft(reversed(events))
+            queue.give_back(groups)
             raise
         finally:
-            self._in_hand -= len(events)
+            self._in_hand -= count
         self._pending.extend(rows)
 
     def _take_pending(self, count: int) -> Rows:
@@ -456,17 +461,21 @@ class Forwarder:
 
     # helpers ---------------------------------------------------------------------------------
 
-    async def _serialise(self, events: list[dict[str, Any]]) -> Rows:
-        """Rows of `events`, in order: from the encoder process when the batch is large enough,
-        here for the rest (small batches, and whatever the helper could not take)."""
+    async def _serialise(self, groups: list[Group]) -> Rows:
+        """Rows of the groups' events, in order: from the encoder process when the batch is large
+        enough, here for the rest (small batches, and whatever the helper could not take)."""
         rows = Rows()
         failures: Counter[str] = Counter()
         elsewhere = done = 0
         helper = self.encoder_process
-        if helper is not None and not helper.busy and len(events) >= self.settings.encoder_process_min_events:
-            while done < len(events) and helper.available:
-                frame_events = events[done:done + FRAME_EVENTS]
-                encoded = await self._serialise_elsewhere(helper, frame_events)
+        if (
+            helper is not None and not helper.busy
+            and sum(group.events for group in groups) >= self.settings.encoder_process_min_events
+        ):
+            for frame_groups in _slices(groups, FRAME_EVENTS):
+                if not helper.available:
+                    break
+                encoded = await self._serialise_elsewhere(helper, frame_groups)
                 if encoded is None:
                     break
                 chunk, count, failed, first_error = encoded
@@ -474,9 +483,9 @@ class Forwarder:
                 elsewhere += count
                 if failed:
                     failures[first_error] += failed
-                done += len(frame_events)
-        if done < len(events):
-            rows.extend(Rows.of_lines(await self._serialise_here(events[done:] if done else events, failures)))
+                done += len(frame_groups)
+        if done < len(groups):
+            rows.extend(Rows.of_lines(await self._serialise_here(groups[done:], failures)))
         # Counted once the whole batch is encoded: a cancelled batch returns to the queue uncounted.
         self.stats.encoded_elsewhere += elsewhere
         for name, count in failures.items():
@@ -484,27 +493,21 @@ class Forwarder:
             self._log_once(f"serialise:{name}", "telemetry.unserialisable", error=name)
         return rows
 
-    async def _serialise_here(self, events: list[dict[str, Any]], failures: Counter[str]) -> list[bytes]:
+    async def _serialise_here(self, groups: list[Group], failures: Counter[str]) -> list[bytes]:
         lines: list[bytes] = []
         try:
-            for start in range(0, len(events), SERIALISE_SLICE):
-                lines += self._encoder.encode_all(events[start:start + SERIALISE_SLICE], failures)
+            for part in _slices(groups, SERIALISE_SLICE):
+                lines += self._encoder.encode_all(unpack(frame(part)), failures)
                 await asyncio.sleep(0)
         finally:
             self._encoder.reset()
         return lines
 
-    async def _serialise_elsewhere(
-        self, helper: EncoderProcess, events: list[dict[str, Any]]
-    ) -> tuple[bytes, int, int, str] | None:
+    async def _serialise_elsewhere(self, helper: EncoderProcess, groups: list[Group]) -> tuple[bytes, int, int, str] | None:
         """Rows built by the encoder process (joined), their count, its failure count and first
         failure; None when the batch must be encoded here instead."""
         try:
-            slices = []
-            for start in range(0, len(events), DUMP_SLICE):
-                slices.append(orjson.dumps(events[start:start + DUMP_SLICE], default=str))
-                await asyncio.sleep(0)
-            return await helper.encode(slices, len(events))
+            return await helper.encode([frame(groups)], sum(group.events for group in groups))
         except Exception as exc:
             # Only the helper's own failures are described: another error's text could quote an event.
             detail = str(exc) if isinstance(exc, EncoderUnavailable) else ""
@@ -532,3 +535,17 @@ class Forwarder:
         if key not in self._logged:
             self._logged.add(key)
             log.error(event, **fields)
+
+
+def _slices(groups: list[Group], events: int) -> Iterator[list[Group]]:
+    """Consecutive runs of groups of up to `events` events each (a larger group on its own)."""
+    run: list[Group] = []
+    count = 0
+    for group in groups:
+        if run and count + group.events > events:
+            yield run
+            run, count = [], 0
+        run.append(group)
+        count += group.events
+    if run:
+        yield run

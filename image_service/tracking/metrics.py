@@ -39,6 +39,7 @@ class TelemetryCollector(Collector):
             "image_service_telemetry_rows_dropped", "Rows lost, by reason", labels=["reason"]
         )
         reasons = dict(stats.dropped)
+        reasons["unserialisable"] = reasons.get("unserialisable", 0) + queue.unserialisable
         reasons["queue_full"] = queue.dropped_full
         reasons["after_shutdown"] = queue.dropped_closed
         reasons["processor_error"] = TELEMETRY.errors

@@ -1,10 +1,15 @@
 """The structlog processor that hands telemetry events to a forwarder without blocking.
 
-It runs first in the chain, before the request context is merged in: it copies the event's own
-fields, adds a reference to the request's context, and puts both onto the bounded queue of the forwarder serving the current request (or the
-process default, for text events and work outside requests) and returns the event unchanged. It
-never raises, never awaits and does no I/O: row building, serialisation and sending happen later,
-in the forwarder.
+It runs first in the chain, before the request context is merged in. It copies the event's own
+fields and returns the event unchanged; it never raises, never awaits and does no I/O.
+
+A request's events wait in the request (`RequestEvents`) until its terminal event, then its context
+and its events are serialised together, once, onto the bounded queue of the forwarder serving it:
+the context is written once per request instead of once per event, and while the request's objects
+are still in the CPU's cache. The forwarder moves those bytes along without touching them again.
+Events of a request that runs long go sooner: the forwarder releases events that have waited
+`max_wait / 2` (their rows then carry the context as it was at that moment). Text events, and
+events outside any request, are serialised as they come.
 """
 
 from __future__ import annotations
@@ -12,48 +17,154 @@ from __future__ import annotations
 import time
 from collections import deque
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, NamedTuple
 
+import orjson
 from structlog.typing import EventDict, WrappedLogger
 
 from .context import current as current_context
-from .rows import TEXT_EVENT
+from .rows import TERMINAL_EVENT, TEXT_EVENT
+
+
+class Group(NamedTuple):
+    """Serialised `[context, [event, ...]]`, how many events it holds, and when the first was emitted."""
+
+    data: bytes
+    events: int
+    since: float
+
+
+def _dumps(context: dict[str, Any] | None, events: list[dict[str, Any]]) -> bytes:
+    return orjson.dumps([context, events], default=str)
+
+
+def _lenient(fields: dict[str, Any]) -> dict[str, Any]:
+    """`fields` with every value orjson refuses (an integer past 64 bits, a cycle) as its text."""
+    kept = {}
+    for key, value in fields.items():
+        try:
+            orjson.dumps(value, default=str)
+        except Exception:
+            value = str(value)
+        kept[str(key)] = value
+    return kept
+
+
+def unpack(data: bytes) -> list[dict[str, Any]]:
+    """The events of serialised groups (a JSON array of them), each with its context under `_ctx`."""
+    events: list[dict[str, Any]] = []
+    for context, members in orjson.loads(data):
+        if context is not None:
+            for event in members:
+                event["_ctx"] = context
+        events += members
+    return events
+
+
+def frame(groups: list[Group]) -> bytes:
+    """Groups as one JSON array, the form `unpack` reads."""
+    return b"[" + b",".join([group.data for group in groups]) + b"]"
 
 
 class EventQueue:
-    """A bounded FIFO of raw events; the forwarder drains it, the processor only appends."""
+    """A bounded FIFO of serialised groups, measured in events; the forwarder drains it."""
 
     def __init__(self, capacity: int) -> None:
         if capacity <= 0:
             raise ValueError(f"queue capacity must be positive, got {capacity}")
         self.capacity = capacity
-        self.items: deque[dict[str, Any]] = deque()
+        self.items: deque[Group] = deque()
+        self.events = 0
         self.enqueued = 0
         self.dropped_full = 0
         self.closed = False
         self.dropped_closed = 0
+        self.unserialisable = 0
+        # Requests with events waiting for their terminal event.
+        self.open: set[RequestEvents] = set()
 
     def __len__(self) -> int:
-        return len(self.items)
+        return self.events
 
     def put(self, event: dict[str, Any]) -> None:
+        """One event; its `_ctx`, if any, travels as its context."""
+        event = dict(event)
+        self.put_group(event.pop("_ctx", None), [event])
+
+    def put_group(self, context: dict[str, Any] | None, events: list[dict[str, Any]]) -> None:
+        """Events sharing one context, serialised together now. A value orjson refuses travels as
+        its text (rows check every value's type anyway); a group that still fails is counted."""
+        count = len(events)
         if self.closed:
-            self.dropped_closed += 1
-        elif len(self.items) >= self.capacity:
-            self.dropped_full += 1
-        else:
-            self.items.append(event)
-            self.enqueued += 1
+            self.dropped_closed += count
+            return
+        if self.events + count > self.capacity:
+            self.dropped_full += count
+            return
+        try:
+            data = _dumps(context, events)
+        except Exception:
+            try:
+                data = _dumps(None if context is None else _lenient(context), [_lenient(event) for event in events])
+            except Exception:
+                self.unserialisable += count
+                return
+        since = events[0].get("_ts")
+        # tuple.__new__: a third of the cost of calling the NamedTuple, once a request.
+        self.items.append(tuple.__new__(Group, (data, count, since if isinstance(since, float) else time.time())))
+        self.events += count
+        self.enqueued += count
 
     def oldest_ts(self) -> float | None:
-        return self.items[0]["_ts"] if self.items else None
+        return self.items[0].since if self.items else None
 
-    def take(self, limit: int) -> list[dict[str, Any]]:
+    def take(self, limit: int) -> list[Group]:
+        """The oldest groups, up to `limit` events (at least one group, whatever its size)."""
         items = self.items
-        return [items.popleft() for _ in range(min(limit, len(items)))]
+        taken: list[Group] = []
+        count = 0
+        while items and (not taken or count + items[0].events <= limit):
+            group = items.popleft()
+            taken.append(group)
+            count += group.events
+        self.events -= count
+        return taken
+
+    def give_back(self, groups: list[Group]) -> None:
+        """Return taken groups to the front of the queue, in their order."""
+        self.items.extendleft(reversed(groups))
+        self.events += sum(group.events for group in groups)
+
+    def release_older_than(self, moment: float) -> None:
+        """Queue the waiting events of requests whose first event was emitted before `moment`."""
+        for request in [request for request in self.open if request.since < moment]:
+            request.release()
+
+    def release_all(self) -> None:
+        for request in list(self.open):
+            request.release()
 
 
-_TARGET: ContextVar[EventQueue | None] = ContextVar("image_service_telemetry_target", default=None)
+class RequestEvents:
+    """One request's events until its terminal event (or until the forwarder releases them)."""
+
+    __slots__ = ("queue", "events", "context", "since")
+    context: dict[str, Any] | None
+    since: float
+
+    def __init__(self, queue: EventQueue) -> None:
+        # `context` and `since` are set with the first event; only then can release() run.
+        self.queue = queue
+        self.events: list[dict[str, Any]] = []
+
+    def release(self) -> None:
+        self.queue.open.discard(self)
+        events, self.events = self.events, []
+        if events:
+            self.queue.put_group(self.context, events)
+
+
+_TARGET: ContextVar[RequestEvents | None] = ContextVar("image_service_telemetry_target", default=None)
 
 
 class TelemetryProcessor:
@@ -65,21 +176,36 @@ class TelemetryProcessor:
 
     def route_current_context(self, queue: EventQueue | None) -> None:
         """Send this task's events (one request) to `queue`."""
-        _TARGET.set(queue)
+        _TARGET.set(RequestEvents(queue) if queue is not None else None)
 
     def __call__(self, logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
         try:
-            if "stage" in event_dict:
-                queue = _TARGET.get()
-                if queue is None:
-                    queue = self.default
+            if "stage" not in event_dict:
+                return event_dict
+            request = _TARGET.get()
+            if request is None:
+                queue = self.default
                 if queue is not None:
-                    event = dict(event_dict)
-                    event["_ts"] = time.time()
-                    if event_dict.get("event") != TEXT_EVENT:
-                        # A reference, not a copy: rows read the request's facts when they are built.
-                        event["_ctx"] = current_context()
-                    queue.put(event)
+                    text = event_dict.get("event") == TEXT_EVENT
+                    queue.put_group(None if text else current_context(), [{**event_dict, "_ts": time.time()}])
+                return event_dict
+            event = dict(event_dict)
+            event["_ts"] = now = time.time()
+            name = event_dict.get("event")
+            if name == TEXT_EVENT:
+                request.queue.put_group(None, [event])
+                return event_dict
+            # The processor's hot path, once per stage event of every request: inline, not methods.
+            events = request.events
+            if not events:
+                # A reference to the context, not a copy: rows carry the request's facts as they
+                # stand when its events are serialised.
+                request.context = current_context()
+                request.since = now
+                request.queue.open.add(request)
+            events.append(event)
+            if name == TERMINAL_EVENT:
+                request.release()
         except Exception:
             self.errors += 1
         return event_dict
