@@ -16,7 +16,9 @@ from structlog.testing import capture_logs
 
 from image_service.config import TrackingSettings
 from image_service.priority import WORKER_NICE
-from image_service.tracking import Forwarder, Spool, TinybirdSink
+from image_service.tracking import TELEMETRY, Forwarder, Spool, TinybirdSink
+from image_service.tracking.context import clear as clear_request
+from image_service.tracking.context import new_request
 from image_service.tracking.sinks import FileSink
 
 from .events_api import EventsAPI, Fault
@@ -286,3 +288,44 @@ async def test_telemetry_threads_run_below_the_event_loop(make_forwarder: Make, 
     loop_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     for name in ("telemetry-gzip", "telemetry-io"):
         assert os.getpriority(os.PRIO_PROCESS, threads[name]) == max(loop_nice, WORKER_NICE), name
+
+
+async def test_events_of_a_request_still_running_reach_the_sink_within_max_wait(
+    make_forwarder: Make, events_api: tuple[EventsAPI, str]
+) -> None:
+    """A slow generation's first events do not wait for its end: they leave after max_wait / 2."""
+    api, _ = events_api
+    forwarder = make_forwarder(max_wait=0.4)
+    await forwarder.start()
+
+    async def slow_request() -> None:
+        TELEMETRY.route_current_context(forwarder.queue)
+        new_request(request_id="slow-request")
+        TELEMETRY(None, "info", {"event": "request.received", "stage": "request"})
+        await asyncio.sleep(30)
+
+    task = asyncio.create_task(slow_request())
+    try:
+        started = time.monotonic()
+        await until(lambda: len(api.rows) == 1, seconds=5)
+        assert time.monotonic() - started < 2.0
+        assert api.rows[0]["event"] == "request.received" and api.rows[0]["id"] == "slow-request"
+    finally:
+        task.cancel()
+
+
+async def test_close_delivers_the_waiting_events_of_unfinished_requests(
+    make_forwarder: Make, events_api: tuple[EventsAPI, str]
+) -> None:
+    api, _ = events_api
+    forwarder = make_forwarder(max_wait=30)
+    await forwarder.start()
+    TELEMETRY.route_current_context(forwarder.queue)
+    try:
+        new_request(request_id="unfinished")
+        TELEMETRY(None, "info", {"event": "request.received", "stage": "request"})
+    finally:
+        TELEMETRY.route_current_context(None)
+        clear_request()
+    await forwarder.close(timeout=2)
+    assert [row["id"] for row in api.rows] == ["unfinished"]
