@@ -122,6 +122,7 @@ class TrackingSettings(_Section):
     environment: str = "development"
     encoder_process: bool = True
     encoder_process_min_events: int = Field(128, ge=1)
+    encoder_process_delivers: bool = True
 
     @model_validator(mode="after")
     def _batch_fits_queue(self) -> TrackingSettings:

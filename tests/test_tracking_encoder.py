@@ -11,13 +11,14 @@ from typing import Any
 
 import orjson
 import pytest
+from structlog.testing import capture_logs
 
 from image_service.tracking import EventQueue, Forwarder
 from image_service.tracking.encoder import EncoderProcess, EncoderUnavailable
 from image_service.tracking.processor import frame
 from image_service.tracking.rows import RowEncoder
 
-from .events_api import EventsAPI
+from .events_api import EventsAPI, Fault
 from .test_tracking_forwarder import Make, event, make_forwarder, received, stream, until
 
 __all__ = ["make_forwarder"]
@@ -55,10 +56,11 @@ async def test_rows_built_by_the_encoder_process_equal_rows_built_in_process() -
     events = [e for n in range(60) for e in request_events(n, private=n % 2 == 0, referrer="https://a.example/?token=x")]
     helper = EncoderProcess("test")
     try:
-        rows, count, failed, _ = await helper.encode([framed(events[:50]), framed(events[50:])], len(events))
+        reply = await helper.encode([framed(events[:50]), framed(events[50:])], len(events))
     finally:
         await helper.close()
-    lines = rows.splitlines(keepends=True)
+    lines = reply.rows.splitlines(keepends=True)
+    count, failed = reply.count, reply.failed
     encoder = RowEncoder("test")
     expected = [without_event_id(encoder.encode(e)) for e in events]
     assert failed == 0 and count == len(lines) and [without_event_id(line) for line in lines] == expected
@@ -70,12 +72,12 @@ async def test_rows_built_by_the_encoder_process_equal_rows_built_in_process() -
 async def test_an_event_the_helper_cannot_encode_is_counted_and_the_rest_arrive() -> None:
     helper = EncoderProcess("test")
     try:
-        rows, count, failed, error = await helper.encode(
+        reply = await helper.encode(
             [framed(request_events(1) + [{"event": "x", "stage": "x", "_ts": "not a time"}] + request_events(2))], 7
         )
     finally:
         await helper.close()
-    assert (len(rows.splitlines()), count, failed, error) == (6, 6, 1, "ValueError")
+    assert (len(reply.rows.splitlines()), reply.count, reply.failed, reply.first_error) == (6, 6, 1, "ValueError")
 
 
 async def test_a_reply_out_of_step_with_the_request_stops_the_helper() -> None:
@@ -129,14 +131,15 @@ async def test_a_queue_smaller_than_a_helper_frame_never_waits_for_one(
 
 
 async def helper_at_work(make_forwarder: Make, api: EventsAPI) -> tuple[Forwarder, EncoderProcess, int]:
-    """A started forwarder whose encoder process has delivered one row: (forwarder, helper, its pid)."""
+    """A started forwarder whose encoder process has delivered one row itself: (forwarder, helper, its pid)."""
     forwarder = make_forwarder(encoder_process_min_events=1)
     helper = forwarder.encoder_process
     assert helper is not None
     await forwarder.start()
     forwarder.queue.put(event(0))
-    await until(lambda: len(api.rows) == 1)
-    assert helper.pid is not None and helper.running
+    # Delivered by the helper, and the forwarder has heard so: nothing of it is outstanding.
+    await until(lambda: len(api.rows) == 1 and forwarder.stats.sent == 1)
+    assert helper.pid is not None and helper.running and forwarder.stats.delivered_elsewhere == 1
     return forwarder, helper, helper.pid
 
 
@@ -205,3 +208,91 @@ async def test_shutdown_while_the_encoder_process_stalls_keeps_every_row(
         await forwarder.close(timeout=0.2)
     assert len(api.rows) + forwarder.stats.spooled == 100
     assert forwarder.spool.stats.rows_written == forwarder.stats.spooled > 0
+
+
+async def test_a_healthy_sinks_rows_are_delivered_by_the_encoder_process(
+    make_forwarder: Make, events_api: tuple[EventsAPI, str]
+) -> None:
+    """The rows never come back to the server: only how their delivery went."""
+    api, _ = events_api
+    forwarder = make_forwarder(encoder_process_min_events=10, batch_rows=300)
+    await forwarder.start()
+    await stream(forwarder, 600, burst=100, pause=0.01)
+    await until(lambda: forwarder.stats.sent == 600)
+    assert sorted(row["event_id"] for row in api.rows) == [f"ev-{n:06d}" for n in range(600)]
+    assert forwarder.stats.delivered_elsewhere == 600 and api.encodings == {"gzip"}
+    assert api.datasources == {"pollinations_events"}
+
+
+async def test_the_encoder_process_can_be_kept_from_delivering(
+    make_forwarder: Make, events_api: tuple[EventsAPI, str]
+) -> None:
+    api, _ = events_api
+    forwarder = make_forwarder(encoder_process_min_events=10, batch_rows=300, encoder_process_delivers=False)
+    await forwarder.start()
+    await stream(forwarder, 300, burst=100, pause=0.01)
+    await until(lambda: forwarder.stats.sent == 300)
+    assert forwarder.stats.encoded_elsewhere == 300 and forwarder.stats.delivered_elsewhere == 0
+
+
+async def test_rows_the_helper_could_not_deliver_come_back_and_the_forwarder_takes_over(
+    make_forwarder: Make, events_api: tuple[EventsAPI, str]
+) -> None:
+    """After a failed delivery the forwarder sends (and retries) itself until the sink answers
+    again; then the helper delivers again."""
+    api, _ = events_api
+    api.script.extend([Fault(503), Fault(503)])
+    forwarder = make_forwarder(encoder_process_min_events=10, batch_rows=300, breaker_failures=10)
+    await forwarder.start()
+    await stream(forwarder, 100, burst=100, pause=0)
+    await until(lambda: forwarder.stats.sent == 100)
+    assert forwarder.stats.delivered_elsewhere == 0 and forwarder.stats.retried == 100
+    await stream(forwarder, 100, burst=100, pause=0)
+    await until(lambda: forwarder.stats.delivered_elsewhere == 100)
+    assert sorted(row["event_id"] for row in api.rows) == sorted(f"ev-{n:06d}" for n in [*range(100), *range(100)])
+    assert api.statuses == [503, 503, 200, 200]
+
+
+async def test_a_wrong_token_met_by_the_helper_is_logged_once_and_the_rows_kept(
+    make_forwarder: Make, events_api: tuple[EventsAPI, str]
+) -> None:
+    """The helper never retries: the forwarder's own call meets the 403 too, opens the breaker,
+    logs it and spools the rows for replay."""
+    api, _ = events_api
+    with capture_logs() as logs:
+        forwarder = make_forwarder(token="wrong", encoder_process_min_events=10)
+        await forwarder.start()
+        await stream(forwarder, 50, burst=50, pause=0)
+        await until(lambda: forwarder.stats.spooled == 50)
+    assert api.statuses == [403, 403] and forwarder.stats.sent == 0
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == ["telemetry.sink_misconfigured"]
+
+
+async def test_a_helper_killed_while_delivering_loses_no_row(
+    make_forwarder: Make, events_api: tuple[EventsAPI, str]
+) -> None:
+    """Its frames' events are encoded again (a row the sink took anyway may arrive twice)."""
+    api, _ = events_api
+    forwarder, helper, pid = await helper_at_work(make_forwarder, api)
+    api.script.append(Fault(delay=30))
+    await stream(forwarder, 50, burst=50, pause=0)
+    await until(lambda: api.requests == 2)
+    os.kill(pid, signal.SIGKILL)
+    await until(lambda: received(api) >= {f"ev-{n:06d}" for n in range(50)})
+    api.released.set()
+    assert sum(forwarder.stats.dropped.values()) == 0
+
+
+async def test_close_spools_what_the_helper_could_not_deliver_in_time(
+    make_forwarder: Make, events_api: tuple[EventsAPI, str]
+) -> None:
+    """A delivery still waiting on the sink at the deadline comes back and goes to the spool."""
+    api, _ = events_api
+    forwarder, helper, pid = await helper_at_work(make_forwarder, api)
+    api.script.append(Fault(delay=30))
+    await stream(forwarder, 50, burst=50, pause=0)
+    await until(lambda: api.requests == 2)
+    await forwarder.close(timeout=0.5)
+    api.released.set()
+    assert forwarder.stats.spooled == 50 and forwarder.spool.stats.rows_written == 50
+    assert not helper.running

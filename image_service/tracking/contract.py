@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import enum
 import zlib
-from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, Protocol
 from urllib.parse import urlencode
 
 import orjson
@@ -73,7 +73,13 @@ class Endpoint:
         }
 
 
-def retry_after(headers: Mapping[str, str]) -> float | None:
+class Headers(Protocol):
+    """aiohttp's and http.client's answer headers alike (both look names up case-insensitively)."""
+
+    def get(self, name: str, /) -> Any: ...
+
+
+def retry_after(headers: Headers) -> float | None:
     """Seconds to wait before retrying, from `Retry-After`, else `X-RateLimit-Reset` (capped at 5 min)."""
     for name in ("Retry-After", "X-RateLimit-Reset"):
         value = headers.get(name)

@@ -3,20 +3,25 @@
 Building a row costs ~9 µs of Python per event (40 columns, privacy rules, metadata); the processor
 has already serialised each request's events with its context (`processor.Group`). Under load the
 forwarder therefore ships batches of those groups over a pipe to a helper Python process (`main()`
-below) and gets NDJSON rows back. The helper runs the same `RowEncoder` as the in-process path, so rows are identical
-either way. It is one of the service's own processes: privacy is applied there, before any row
-leaves the machine, exactly as in the in-process path.
+below). The helper runs the same `RowEncoder` as the in-process path, so rows are identical either
+way. It is one of the service's own processes: privacy is applied there, before any row leaves the
+machine, exactly as in the in-process path.
+
+With the Tinybird sink, while it is healthy, the helper also makes the first delivery attempt
+(`courier.py`): the rows stay there and only the outcome comes back. Otherwise the rows come back.
 
 Protocol, one reply per request:
-- request: JSON arrays of groups (`processor.frame`), each after its 4-byte big-endian length,
-  then a zero length;
-- reply: two messages, each after its 4-byte big-endian length: `>III` (rows that failed, length
-  of the first failure's type name, rows encoded), that name and each row's length (native
-  uint32); then the rows, joined. The parent keeps the rows as one chunk (`batch.Rows`) after
-  checking the count and the lengths' total against the events it sent.
+- request: messages, each after its 4-byte big-endian length, then a zero length. The first is
+  the command (`>BId`: kind, ticket, seconds to wait for deliveries to settle); ENCODE and DELIVER
+  are followed by JSON arrays of groups (`processor.frame`), CONFIGURE by the courier's settings.
+- reply: four messages, each after its length: `>IIIB` (rows that failed, length of the first
+  failure's type name, rows encoded, whether the courier took them), that name and, unless taken,
+  each row's length (native uint32); the rows, joined (empty if taken); the settlements since the
+  last reply (JSON); the rows that settlements give back, joined. The parent keeps rows as one
+  chunk (`batch.Rows`) after checking the count and the lengths' total against the events it sent.
 
 The helper ignores SIGINT and SIGTERM (the parent decides when telemetry stops) and exits when its
-stdin closes, so it never outlives the server.
+stdin closes, so it never outlives the server (a delivery under way is abandoned with it).
 """
 
 from __future__ import annotations
@@ -30,17 +35,23 @@ import struct
 import sys
 import time
 from array import array
+from dataclasses import dataclass
 from pathlib import Path
 from collections import Counter
 from collections.abc import Callable
 from typing import IO, Any
 
+import orjson
+
+from .courier import Courier, CourierSettings, Parcel, Settlement
 from .processor import unpack
 from .rows import RowEncoder
 
 _LENGTH = struct.Struct(">I")
-_REPLY = struct.Struct(">III")
+_COMMAND = struct.Struct(">BId")
+_REPLY = struct.Struct(">IIIB")
 _END = _LENGTH.pack(0)
+ENCODE, DELIVER, COLLECT, ABANDON, CONFIGURE = range(5)
 # After a failure the helper is not started again for this long: rows are encoded in-process meanwhile.
 RETRY_SECONDS = 30.0
 # The helper imports this very copy of the package, whatever its working directory says: parent
@@ -63,6 +74,18 @@ class EncoderUnavailable(Exception):
     """The helper could not encode this batch; the caller encodes it in-process."""
 
 
+@dataclass(slots=True)
+class Reply:
+    """The helper's answer: rows (unless the courier took them) and earlier deliveries' outcomes."""
+
+    rows: bytes
+    count: int
+    failed: int
+    first_error: str
+    delivered: bool
+    settlements: list[Settlement]
+
+
 class EncoderProcess:
     """The parent's handle on the helper: started on first use, restarted RETRY_SECONDS after a failure.
 
@@ -71,8 +94,11 @@ class EncoderProcess:
     in a thread, every hand-over of the GIL cost the loop a context switch).
     """
 
-    def __init__(self, environment: str, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, environment: str, courier: CourierSettings | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._environment = environment
+        self.courier = courier
         self._clock = clock
         self._process: asyncio.subprocess.Process | None = None
         self._lock = asyncio.Lock()
@@ -104,21 +130,29 @@ class EncoderProcess:
         """Whether a batch should be offered now (not closed, not resting after a failure)."""
         return not self._closed and self._clock() >= self._retry_at
 
-    async def encode(self, slices: list[bytes], events: int) -> tuple[bytes, int, int, str]:
-        """Rows of the `events` events in `slices` (JSON arrays of groups), in order and joined, with their
-        count, the number that failed and the first failure's type; on any failure the helper is
-        stopped and EncoderUnavailable raised."""
+    async def encode(self, slices: list[bytes], events: int, ticket: int | None = None) -> Reply:
+        """Rows of the `events` events in `slices` (JSON arrays of groups), in order and joined, with
+        their count, the number that failed and the first failure's type. With a `ticket` (and a
+        courier), the helper may deliver the rows itself (`Reply.delivered`). On any failure the
+        helper is stopped and EncoderUnavailable raised."""
+        kind = ENCODE if ticket is None or self.courier is None else DELIVER
+        return await self._request(kind, ticket or 0, 0.0, slices, events)
+
+    async def collect(self, wait: float = 0.0, abandon: bool = False) -> list[Settlement]:
+        """Deliveries settled since the last reply, waiting up to `wait` seconds for all of them;
+        with `abandon`, the unsettled ones come back too, with their rows."""
+        if not self.running:
+            raise EncoderUnavailable("the encoder process is gone, with the deliveries it had")
+        return (await self._request(ABANDON if abandon else COLLECT, 0, wait, [], 0)).settlements
+
+    async def _request(self, kind: int, ticket: int, wait: float, slices: list[bytes], events: int) -> Reply:
         if self._closed:
             raise EncoderUnavailable("closed")
         async with self._lock:
             self._since = self._clock()
             try:
-                timeout = REPLY_TIMEOUT
-                if not self.running:
-                    await self._start()
-                    timeout += START_TIMEOUT
-                header, rows = await asyncio.wait_for(self._round_trip(slices), timeout)
-                return _checked(header, rows, events)
+                timeout = REPLY_TIMEOUT + wait + (0.0 if self.running else START_TIMEOUT)
+                return _checked(await asyncio.wait_for(self._started_round_trip(kind, ticket, wait, slices), timeout), events)
             except (OSError, ValueError, TimeoutError, asyncio.IncompleteReadError, struct.error) as exc:
                 self._retry_at = self._clock() + RETRY_SECONDS
                 self._kill()
@@ -136,20 +170,28 @@ class EncoderProcess:
         )
         self._process = process
         self._healthy = True
+        if self.courier is not None:
+            # The key travels over the pipe, never on the command line, where `ps` would show it.
+            _checked(await self._round_trip(CONFIGURE, 0, 0.0, [self.courier.to_json()]), 0)
 
-    async def _round_trip(self, slices: list[bytes]) -> tuple[bytes, bytes]:
+    async def _started_round_trip(self, kind: int, ticket: int, wait: float, slices: list[bytes]) -> list[bytes]:
+        if not self.running:
+            await self._start()
+        return await self._round_trip(kind, ticket, wait, slices)
+
+    async def _round_trip(self, kind: int, ticket: int, wait: float, slices: list[bytes]) -> list[bytes]:
         process = self._process
         assert process is not None and process.stdin is not None and process.stdout is not None
-        for part in slices:
+        for part in [_COMMAND.pack(kind, ticket, wait), *slices]:
             process.stdin.write(_LENGTH.pack(len(part)))
             process.stdin.write(part)
         process.stdin.write(_END)
         await process.stdin.drain()
         messages = []
-        for _ in range(2):
+        for _ in range(4):
             size = _LENGTH.unpack(await process.stdout.readexactly(_LENGTH.size))[0]
             messages.append(await process.stdout.readexactly(size))
-        return messages[0], messages[1]
+        return messages
 
     def _kill(self) -> None:
         self._healthy = False
@@ -182,18 +224,30 @@ class EncoderProcess:
             await process.wait()
 
 
-def _checked(header: bytes, rows: bytes, events: int) -> tuple[bytes, int, int, str]:
-    """The reply's rows, their count, failure count and first failure; ValueError when the reply
-    does not account for exactly the events sent."""
-    failed, name_length, count = _REPLY.unpack_from(header)
+def _checked(messages: list[bytes], events: int) -> Reply:
+    """The reply's four messages as a Reply; ValueError when they do not account for exactly the
+    events sent, or the rows given back do not add up."""
+    header, rows, settled, returned = messages
+    failed, name_length, count, delivered = _REPLY.unpack_from(header)
     offset = _REPLY.size + name_length
     lengths = array("I")
     lengths.frombytes(header[offset:])
     # Rows end in their only newline by construction (orjson escapes newlines in strings); counting
     # them here would cost the event loop ~0.6 µs a row.
-    if failed + count != events or len(lengths) != count or sum(lengths) != len(rows) or rows[-1:] not in (b"", b"\n"):
+    if delivered:
+        in_step = not rows and not lengths
+    else:
+        in_step = len(lengths) == count and sum(lengths) == len(rows) and rows[-1:] in (b"", b"\n")
+    if failed + count != events or not in_step:
         raise ValueError("the encoder process's reply is out of step")
-    return rows, count, failed, header[_REPLY.size:offset].decode()
+    settlements = []
+    start = 0
+    for ticket, rows_count, status, error, wait, body, size in orjson.loads(settled):
+        settlements.append(Settlement(ticket, rows_count, status, error, wait, body.encode(), returned[start:start + size]))
+        start += size
+    if start != len(returned):
+        raise ValueError("the encoder process's settlements are out of step")
+    return Reply(rows, count, failed, header[_REPLY.size:offset].decode(), bool(delivered), settlements)
 
 
 def _read_exactly(stream: IO[bytes], size: int) -> bytes:
@@ -203,28 +257,48 @@ def _read_exactly(stream: IO[bytes], size: int) -> bytes:
     return data
 
 
+def _read_request(requests: IO[bytes]) -> list[bytes]:
+    messages = []
+    while size := _LENGTH.unpack(_read_exactly(requests, _LENGTH.size))[0]:
+        messages.append(_read_exactly(requests, size))
+    return messages
+
+
 def serve(environment: str, requests: IO[bytes], replies: IO[bytes]) -> None:
     """The helper's loop: one reply per request, until the input closes."""
     encoder = RowEncoder(environment)
+    courier: Courier | None = None
     while True:
-        events: list[dict[str, Any]] = []
         try:
-            while size := _LENGTH.unpack(_read_exactly(requests, _LENGTH.size))[0]:
-                events.extend(unpack(_read_exactly(requests, size)))
+            command, *payload = _read_request(requests)
         except EncoderUnavailable:
             return
+        kind, ticket, wait = _COMMAND.unpack(command)
+        lines: list[bytes] = []
         failures: Counter[str] = Counter()
-        try:
-            lines = encoder.encode_all(events, failures)
-        finally:
-            encoder.reset()
+        delivered = False
+        if kind == CONFIGURE:
+            courier = Courier(CourierSettings.from_json(payload[0]))
+        elif kind in (ENCODE, DELIVER):
+            events = [event for message in payload for event in unpack(message)]
+            try:
+                lines = encoder.encode_all(events, failures)
+            finally:
+                encoder.reset()
+            if kind == DELIVER and courier is not None and lines:
+                delivered = courier.offer(Parcel(ticket, b"".join(lines), len(lines)))
+        settlements = courier.collect(wait, abandon=kind == ABANDON) if courier is not None else []
         failed = sum(failures.values())
         name = next(iter(failures), "").encode()
-        lengths = array("I", map(len, lines))
-        header = _REPLY.pack(failed, len(name), len(lines)) + name + lengths.tobytes()
-        replies.write(_LENGTH.pack(len(header)) + header)
-        replies.write(_LENGTH.pack(sum(lengths)))
-        replies.write(b"".join(lines))
+        lengths = array("I", [] if delivered else map(len, lines))
+        header = _REPLY.pack(failed, len(name), len(lines), delivered) + name + lengths.tobytes()
+        settled = orjson.dumps([
+            [item.ticket, item.count, item.status, item.error, item.retry_after, item.body.decode(errors="replace"), len(item.rows)]
+            for item in settlements
+        ])
+        for message in (header, b"" if delivered else b"".join(lines), settled, b"".join(item.rows for item in settlements)):
+            replies.write(_LENGTH.pack(len(message)))
+            replies.write(message)
         replies.flush()
 
 

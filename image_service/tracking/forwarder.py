@@ -10,7 +10,9 @@ Shaped like OpenTelemetry's batch worker, with a spool where it would drop:
   closes it again, and the spool drains in order once the sink is healthy (and on the next start);
 - rows of large batches are built by an encoder process (`encoder.py`), off the event loop; a few
   fresh events wait for more, and small batches that have waited long enough, and whatever the
-  helper cannot take, are built here;
+  helper cannot take, are built here. While the Tinybird sink is healthy the helper also makes the
+  first delivery attempt itself (`courier.py`); rows it could not deliver come back and are
+  handled here like any batch, and if the helper dies its undelivered events are encoded again;
 - `close()` flushes within a deadline and spools whatever is left.
 
 The worker never dies: an unexpected error is logged (once per kind) and the loop goes on.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import itertools
 import random
 import time
 from collections import Counter
@@ -32,10 +35,11 @@ import structlog
 from ..config import TrackingSettings
 from ..priority import background_executor
 from .batch import Rows, concat
-from .encoder import EncoderProcess, EncoderUnavailable
+from .courier import CourierSettings, Settlement
+from .encoder import EncoderProcess, EncoderUnavailable, Reply
 from .processor import TELEMETRY, EventQueue, Group, frame, unpack
 from .rows import RowEncoder
-from .sinks import Outcome, Sink
+from .sinks import Outcome, SendResult, Sink, TinybirdSink
 from .spool import Spool
 
 log = structlog.get_logger("image_service.tracking")
@@ -105,6 +109,7 @@ class ForwarderStats:
     quarantined: int = 0
     batches: int = 0
     encoded_elsewhere: int = 0
+    delivered_elsewhere: int = 0
     dropped: Counter[str] = field(default_factory=Counter)
     last_success: float | None = None
 
@@ -134,7 +139,22 @@ class Forwarder:
         self.queue = EventQueue(settings.queue_size)
         self.stats = ForwarderStats()
         self._encoder = RowEncoder(settings.environment)
-        self.encoder_process = EncoderProcess(settings.environment) if settings.encoder_process else None
+        courier = None
+        if settings.encoder_process_delivers and isinstance(sink, TinybirdSink):
+            # The helper's calls and the forwarder's own share Tinybird's per-datasource limit.
+            courier = CourierSettings(
+                sink.endpoint, settings.max_requests_per_second / 2, settings.batch_rows, settings.batch_bytes
+            )
+        self._calls_per_second = settings.max_requests_per_second / (2 if courier else 1)
+        self.encoder_process = EncoderProcess(settings.environment, courier) if settings.encoder_process else None
+        # Frames the helper is delivering, by ticket: their events are encoded again if it dies.
+        self._delivering: dict[int, list[Group]] = {}
+        self._recovered: list[Group] = []
+        self._tickets = itertools.count(1)
+        # The helper delivers only while the sink has been taking rows: after a failure, the
+        # forwarder's own sends (with their retries) find out when it is healthy again.
+        self._courier_trusted = True
+        self._last_reply = clock()
         self.breaker = Breaker(settings.breaker_failures, settings.breaker_cooldown, clock)
         self._clock = clock
         self._rand = rand
@@ -179,13 +199,17 @@ class Forwarder:
 
     def _holding(self) -> bool:
         """Whether any row still waits for the sink (the spool counts while the sink is taking rows)."""
-        waiting = self.queue or self.queue.open or self._pending or self._busy or self._in_hand
+        waiting = (
+            self.queue or self.queue.open or self._pending or self._busy or self._in_hand or self._delivering
+            or self._recovered
+        )
         return bool(waiting) or (self.spool.has_data() and self.breaker.state is BreakerState.CLOSED)
 
     async def close(self, timeout: float = 10.0) -> None:
         """Flush within `timeout` seconds, spool the rest; idempotent."""
         if self._closed:
             return
+        deadline = self._clock() + timeout
         self._closed = True
         self._stopping = True
         self._wake_up()
@@ -198,9 +222,15 @@ class Forwarder:
             await asyncio.gather(*workers, return_exceptions=True)
         try:
             # What is left is encoded here: shutdown must not wait on a helper that may be stuck.
+            # Deliveries under way get the rest of the deadline; what they leave comes back as rows.
             if self.encoder_process is not None:
+                if self._delivering:
+                    await self._collect(max(0.0, deadline - self._clock()), abandon=True)
                 await self.encoder_process.close()
+            self._recover_deliveries()
             self.queue.release_all()
+            self.queue.give_back(self._recovered)
+            self._recovered = []
             self.queue.closed = True
             leftover = concat([self._inflight, self._pending, await self._serialise(self.queue.take(len(self.queue)))])
             self._inflight, self._pending = Rows(), Rows()
@@ -269,6 +299,8 @@ class Forwarder:
     async def _round(self) -> bool:
         settings = self.settings
         await self._absorb()
+        if self._delivering and self._clock() - self._last_reply >= POLL_SECONDS:
+            await self._collect(0.0)
         pending = self._pending
         if self.breaker.state is BreakerState.OPEN:
             if pending:
@@ -323,6 +355,9 @@ class Forwarder:
         that have run for half of `max_wait`. A batch at a time lets the next one be encoded while
         the previous one is being sent."""
         queue = self.queue
+        if self._recovered:
+            queue.give_back(self._recovered)
+            self._recovered = []
         if queue.open:
             if self._stopping or self._flushing:
                 queue.release_all()
@@ -341,8 +376,9 @@ class Forwarder:
             rows = await self._serialise(groups)
         except BaseException:
             # Shutdown gave up waiting, or encoding failed: the events go back to the front of the
-            # queue, for the next round or for close() to spool.
-            queue.give_back(groups)
+            # queue, for the next round or for close() to spool (but for frames handed to the helper).
+            handed = {id(group) for frame_groups in [*self._delivering.values(), self._recovered] for group in frame_groups}
+            queue.give_back([group for group in groups if id(group) not in handed])
             raise
         finally:
             self._in_hand -= count
@@ -386,11 +422,7 @@ class Forwarder:
             await self._respect_rate_limit()
             result = await self.sink.send(parts, len(rows))
             if result.outcome is Outcome.SENT:
-                self.breaker.success()
-                self.stats.last_success = self._clock()
-                if result.quarantined:
-                    self.stats.quarantined += result.quarantined
-                    log.warning("telemetry.quarantined", rows=result.quarantined)
+                self._succeeded(result)
                 return Outcome.SENT
             if result.outcome is Outcome.TOO_LARGE:
                 if len(rows) > 1:
@@ -454,7 +486,7 @@ class Forwarder:
         return helper is not None and helper.busy_for() >= HELPER_PATIENCE
 
     async def _respect_rate_limit(self) -> None:
-        wait = self._last_send + 1.0 / self.settings.max_requests_per_second - self._clock()
+        wait = self._last_send + 1.0 / self._calls_per_second - self._clock()
         if wait > 0:
             await asyncio.sleep(wait)
         self._last_send = self._clock()
@@ -475,14 +507,14 @@ class Forwarder:
             for frame_groups in _slices(groups, FRAME_EVENTS):
                 if not helper.available:
                     break
-                encoded = await self._serialise_elsewhere(helper, frame_groups)
-                if encoded is None:
+                reply = await self._serialise_elsewhere(helper, frame_groups)
+                if reply is None:
                     break
-                chunk, count, failed, first_error = encoded
-                rows.add(chunk, count)
-                elsewhere += count
-                if failed:
-                    failures[first_error] += failed
+                if not reply.delivered:
+                    rows.add(reply.rows, reply.count)
+                elsewhere += reply.count
+                if reply.failed:
+                    failures[reply.first_error] += reply.failed
                 done += len(frame_groups)
         if done < len(groups):
             rows.extend(Rows.of_lines(await self._serialise_here(groups[done:], failures)))
@@ -503,16 +535,82 @@ class Forwarder:
             self._encoder.reset()
         return lines
 
-    async def _serialise_elsewhere(self, helper: EncoderProcess, groups: list[Group]) -> tuple[bytes, int, int, str] | None:
-        """Rows built by the encoder process (joined), their count, its failure count and first
-        failure; None when the batch must be encoded here instead."""
+    async def _serialise_elsewhere(self, helper: EncoderProcess, groups: list[Group]) -> Reply | None:
+        """The encoder process's reply for these groups (rows, or a delivery under way); None when
+        they must be encoded here instead."""
+        if self._delivering and not helper.running:
+            self._recover_deliveries()
+        ticket = next(self._tickets) if self._courier_may_deliver() else None
         try:
-            return await helper.encode([frame(groups)], sum(group.events for group in groups))
+            reply = await helper.encode([frame(groups)], sum(group.events for group in groups), ticket)
         except Exception as exc:
-            # Only the helper's own failures are described: another error's text could quote an event.
-            detail = str(exc) if isinstance(exc, EncoderUnavailable) else ""
-            self._log_once(f"encoder:{type(exc).__name__}", "telemetry.encoder_unavailable", error=type(exc).__name__, detail=detail)
+            self._helper_failed(exc)
             return None
+        if reply.delivered and ticket is not None:
+            self._delivering[ticket] = groups
+        self._settle(reply.settlements)
+        return reply
+
+    def _courier_may_deliver(self) -> bool:
+        helper = self.encoder_process
+        return (
+            helper is not None and helper.courier is not None and self._courier_trusted and not self._stopping
+            and self.breaker.state is BreakerState.CLOSED
+        )
+
+    async def _collect(self, wait: float, abandon: bool = False) -> None:
+        """Hear how the helper's deliveries went (the worker asks when no frame carried the news)."""
+        helper = self.encoder_process
+        if helper is None or helper.busy:
+            return
+        if not helper.running:
+            self._recover_deliveries()
+            return
+        try:
+            self._settle(await helper.collect(wait, abandon))
+        except Exception as exc:
+            self._helper_failed(exc)
+
+    def _helper_failed(self, exc: Exception) -> None:
+        # Only the helper's own failures are described: another error's text could quote an event.
+        detail = str(exc) if isinstance(exc, EncoderUnavailable) else ""
+        self._log_once(f"encoder:{type(exc).__name__}", "telemetry.encoder_unavailable", error=type(exc).__name__, detail=detail)
+        self._recover_deliveries()
+
+    def _recover_deliveries(self) -> None:
+        """The helper is gone with the frames it was delivering: their events are encoded again
+        (rows the sink did take may then arrive twice, under new event ids)."""
+        for groups in self._delivering.values():
+            self._recovered += groups
+        self._delivering.clear()
+
+    def _settle(self, settlements: list[Settlement]) -> None:
+        self._last_reply = self._clock()
+        for item in settlements:
+            if self._delivering.pop(item.ticket, None) is None:
+                continue
+            result = item.result()
+            if result.outcome is Outcome.SENT:
+                self._succeeded(result)
+                self.stats.sent += item.count
+                self.stats.delivered_elsewhere += item.count
+                self.stats.batches += 1
+                continue
+            # Back to the forwarder, due at once, as the same bytes (same event ids).
+            self._courier_trusted = False
+            rows = Rows()
+            rows.add(item.rows, item.count)
+            due = time.time() - self.settings.max_wait
+            self._pending_since = min(self._pending_since, due) if self._pending else due
+            self._pending.extend(rows)
+
+    def _succeeded(self, result: SendResult) -> None:
+        self.breaker.success()
+        self._courier_trusted = True
+        self.stats.last_success = self._clock()
+        if result.quarantined:
+            self.stats.quarantined += result.quarantined
+            log.warning("telemetry.quarantined", rows=result.quarantined)
 
     async def _spill(self, rows: Rows) -> None:
         if not rows:

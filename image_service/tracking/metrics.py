@@ -33,6 +33,7 @@ class TelemetryCollector(Collector):
             ("replayed", "Rows delivered from the disk spool", stats.replayed),
             ("quarantined", "Rows the sink accepted into quarantine", stats.quarantined),
             ("encoded_elsewhere", "Rows built by the encoder process rather than the event loop", stats.encoded_elsewhere),
+            ("delivered_elsewhere", "Rows the encoder process delivered to the sink itself", stats.delivered_elsewhere),
         ):
             yield CounterMetricFamily(f"image_service_telemetry_rows_{name}", help_text, value=value)
         dropped = CounterMetricFamily(
