@@ -22,12 +22,17 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @contextlib.contextmanager
-def server(args: list[str], port: int, env: Mapping[str, str] | None = None, cwd: Path | None = None) -> Iterator[str]:
-    """Run `python args...` until it listens on `port`; yield its base URL; SIGTERM it afterwards."""
+def server(
+    args: list[str], port: int, env: Mapping[str, str] | None = None, cwd: Path | None = None, idle: bool = False
+) -> Iterator[str]:
+    """Run `python args...` until it listens on `port`; yield its base URL; SIGTERM it afterwards.
+    `idle`: only on CPU nothing else wants (SCHED_IDLE), for a stand-in of a service on other machines."""
     process = subprocess.Popen(
         [sys.executable, *args], cwd=cwd or ROOT, env={**os.environ, **(env or {})},
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
+    if idle:
+        os.sched_setscheduler(process.pid, os.SCHED_IDLE, os.sched_param(0))
     try:
         deadline = time.monotonic() + 30
         while True:
