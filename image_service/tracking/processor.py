@@ -5,8 +5,8 @@ fields and returns the event unchanged; it never raises, never awaits and does n
 
 A request's events wait in the request (`RequestEvents`) until its terminal event, then its context
 and its events are serialised together, once, onto the bounded queue of the forwarder serving it:
-the context is written once per request instead of once per event, and while the request's objects
-are still in the CPU's cache. The forwarder moves those bytes along without touching them again.
+the context is written once per request instead of once per event, the queue holds compact bytes
+the garbage collector never scans, and the forwarder moves them along without touching them again.
 Events of a request that runs long go sooner: the forwarder releases events that have waited
 `max_wait / 2` (their rows then carry the context as it was at that moment). Text events, and
 events outside any request, are serialised as they come.
