@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -14,6 +15,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from image_service.tracking import EventQueue, Forwarder
+from image_service.tracking.contract import Endpoint
+from image_service.tracking.courier import Courier, CourierSettings, Parcel
 from image_service.tracking.encoder import EncoderProcess, EncoderUnavailable
 from image_service.tracking.processor import frame
 from image_service.tracking.rows import RowEncoder
@@ -98,7 +101,7 @@ async def test_large_batches_go_to_the_encoder_process(make_forwarder: Make, eve
     await forwarder.start()
     for n in range(300):
         forwarder.queue.put(event(n))
-    await until(lambda: len(api.rows) == 300)
+    await until(lambda: len(api.rows) == 300 and forwarder.stats.sent == 300)
     assert received(api) == {f"ev-{n:06d}" for n in range(300)}
     assert forwarder.stats.encoded_elsewhere == 300
 
@@ -112,7 +115,8 @@ async def test_a_steady_stream_is_encoded_by_the_helper_not_the_event_loop(
     forwarder = make_forwarder(encoder_process_min_events=64, batch_rows=200, max_wait=1.0)
     await forwarder.start()
     await stream(forwarder, 2000, burst=20, pause=0.002)
-    await until(lambda: len(api.rows) == 2000)
+    # The helper may post rows before the forwarder has read its reply: wait for the forwarder too.
+    await until(lambda: len(api.rows) == 2000 and forwarder.stats.sent == 2000)
     assert received(api) == {f"ev-{n:06d}" for n in range(2000)}
     assert forwarder.stats.encoded_elsewhere >= 2000 - 63
 
@@ -296,3 +300,76 @@ async def test_close_spools_what_the_helper_could_not_deliver_in_time(
     api.released.set()
     assert forwarder.stats.spooled == 50 and forwarder.spool.stats.rows_written == 50
     assert not helper.running
+
+
+async def test_a_rejected_delivery_is_dropped_counted_and_never_sent_again(
+    make_forwarder: Make, events_api: tuple[EventsAPI, str]
+) -> None:
+    """A 422 means partly written: the forwarder does not resend what the helper's call got it for."""
+    api, _ = events_api
+    api.script.append(Fault(422))
+    with capture_logs() as logs:
+        forwarder = make_forwarder(encoder_process_min_events=10)
+        await forwarder.start()
+        await stream(forwarder, 50, burst=50, pause=0)
+        await until(lambda: forwarder.stats.dropped["http_422"] == 50)
+        await forwarder.flush(timeout=2)
+    assert api.statuses == [422] and forwarder.stats.sent == 0 and forwarder.stats.spooled == 0
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == ["telemetry.batch_rejected"]
+
+
+async def test_an_unexpected_courier_failure_gives_the_rows_back_and_keeps_it_working(
+    events_api: tuple[EventsAPI, str]
+) -> None:
+    """A key http.client refuses (a stray newline) fails that call alone, and the error that
+    comes back names its type, never the key."""
+    api, url = events_api
+    broken = Courier(CourierSettings(Endpoint(url, "test-token\n", "pollinations_events", 2.0), 50.0, 100, 10**6))
+    broken.offer(Parcel(1, b'{"event_id":"a"}\n', 1))
+    [failed] = await asyncio.to_thread(broken.collect, 5.0)
+    assert (failed.status, failed.error, failed.rows) == (None, "ValueError", b'{"event_id":"a"}\n')
+    assert "test-token" not in repr(failed) and "test-token" not in repr(broken._settings)
+    broken.offer(Parcel(2, b'{"event_id":"b"}\n', 1))
+    [again] = await asyncio.to_thread(broken.collect, 5.0)
+    assert again.ticket == 2 and again.error == "ValueError" and api.rows == []
+
+
+async def test_cancelling_a_batch_never_requeues_frames_the_helper_took(
+    make_forwarder: Make, events_api: tuple[EventsAPI, str]
+) -> None:
+    """Shutdown may cancel the worker between frames of one batch: frames the helper took stay
+    its own (delivered, or given back through it), whatever their delivery's outcome so far."""
+    api, _ = events_api
+    forwarder = make_forwarder(encoder_process_min_events=1, batch_rows=3000, queue_size=5000)
+    helper = forwarder.encoder_process
+    assert helper is not None
+    frames = 0
+    real_encode = helper.encode
+
+    async def third_frame_stalls(slices: list[bytes], events: int, ticket: int | None = None) -> Any:
+        nonlocal frames
+        frames += 1
+        if frames == 2:
+            # The first frame's delivery has settled, so this reply reports it.
+            await until(lambda: len(api.rows) == 1024)
+            await asyncio.sleep(0.2)
+        if frames == 3:
+            await asyncio.sleep(3600)
+        return await real_encode(slices, events, ticket)
+
+    helper.encode = third_frame_stalls  # type: ignore[method-assign]
+    for n in range(3000):
+        forwarder.queue.put(event(n))
+    await forwarder.start()
+    await until(lambda: frames == 3)
+    worker = forwarder._task
+    assert worker is not None
+    worker.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await worker
+    requeued = {orjson.loads(group.data)[1][0]["event_id"] for group in forwarder.queue.items}
+    assert len(forwarder.queue) == 3000 - 2 * 1024 and "ev-000000" not in requeued
+    await until(lambda: len(api.rows) == 2048)
+    await forwarder.close(timeout=2)
+    assert sorted(row["event_id"] for row in api.rows) == [f"ev-{n:06d}" for n in range(2048)]
+    assert forwarder.stats.spooled == 3000 - 2048

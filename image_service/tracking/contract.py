@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import urlencode
 
@@ -48,7 +48,7 @@ class Endpoint:
     """Where and how rows are posted; `key` is a secret, never logged."""
 
     api_url: str
-    key: str
+    key: str = field(repr=False)
     datasource: str
     timeout: float
 

@@ -150,22 +150,39 @@ class Courier:
             pause = self._last_call + 1.0 / self._settings.max_per_second - time.monotonic()
             if pause > 0:
                 time.sleep(pause)
+            with self._changed:
+                # Parcels abandoned during the pause have gone back to the server: not posted.
+                batch = self._in_flight = [parcel for parcel in batch if not self._forget_abandoned(parcel)]
+            if not batch:
+                continue
             self._last_call = time.monotonic()
-            status, body, wait, error = self._post(gzip([parcel.rows for parcel in batch]))
+            try:
+                status, body, wait, error = self._post(gzip([parcel.rows for parcel in batch]))
+            except Exception as exc:
+                # Whatever went wrong, the parcels come back; only the error's type is told, as its
+                # text could quote the key (an invalid header value, say).
+                self._disconnect()
+                status, body, wait, error = None, b"", None, type(exc).__name__
             delivered = status in (200, 202)
             with self._changed:
                 self._in_flight = []
                 for index, parcel in enumerate(batch):
-                    if parcel.ticket in self._abandoned:
-                        self._abandoned.discard(parcel.ticket)
+                    if self._forget_abandoned(parcel):
                         continue
                     # The answer's body (quarantined rows, error detail) is the call's: given once.
                     self._settled.append(Settlement(
                         parcel.ticket, parcel.count, status, error, wait,
-                        body[:DETAIL_BYTES] if delivered or index == 0 else b"",
+                        body[:DETAIL_BYTES] if index == 0 else b"",
                         b"" if delivered else parcel.rows,
                     ))
                 self._changed.notify_all()
+
+    def _forget_abandoned(self, parcel: Parcel) -> bool:
+        """Whether the parcel was abandoned (its rows already went back); called with the lock held."""
+        if parcel.ticket in self._abandoned:
+            self._abandoned.discard(parcel.ticket)
+            return True
+        return False
 
     def _post(self, body: bytes, again: bool = True) -> tuple[int | None, bytes, float | None, str]:
         """(status, answer, retry-after, error): status None after a transport error."""

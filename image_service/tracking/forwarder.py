@@ -372,12 +372,13 @@ class Forwarder:
         count = sum(group.events for group in groups)
         self._in_hand += count
         self._working.set()
+        handed: set[int] = set()
         try:
-            rows = await self._serialise(groups)
+            rows = await self._serialise(groups, handed)
         except BaseException:
             # Shutdown gave up waiting, or encoding failed: the events go back to the front of the
-            # queue, for the next round or for close() to spool (but for frames handed to the helper).
-            handed = {id(group) for frame_groups in [*self._delivering.values(), self._recovered] for group in frame_groups}
+            # queue, for the next round or for close() to spool; frames the helper took for delivery
+            # are its (and, if it fails, _recovered's), however their delivery has gone since.
             queue.give_back([group for group in groups if id(group) not in handed])
             raise
         finally:
@@ -431,11 +432,7 @@ class Forwarder:
                 self._log_once("too_large", "telemetry.row_too_large", status=result.status)
                 return Outcome.REJECTED
             if result.outcome is Outcome.REJECTED:
-                self.stats.dropped[f"http_{result.status}"] += len(rows)
-                self._log_once(
-                    f"rejected:{result.status}", "telemetry.batch_rejected", status=result.status,
-                    detail=result.detail, rows=len(rows),
-                )
+                self._rejected(result, len(rows))
                 return Outcome.REJECTED
             if result.outcome is Outcome.MISCONFIGURED:
                 self.breaker.trip()
@@ -493,9 +490,10 @@ class Forwarder:
 
     # helpers ---------------------------------------------------------------------------------
 
-    async def _serialise(self, groups: list[Group]) -> Rows:
+    async def _serialise(self, groups: list[Group], handed: set[int] | None = None) -> Rows:
         """Rows of the groups' events, in order: from the encoder process when the batch is large
-        enough, here for the rest (small batches, and whatever the helper could not take)."""
+        enough, here for the rest (small batches, and whatever the helper could not take). The
+        groups the helper takes for delivery are added to `handed` (by id) as it takes them."""
         rows = Rows()
         failures: Counter[str] = Counter()
         elsewhere = done = 0
@@ -512,6 +510,8 @@ class Forwarder:
                     break
                 if not reply.delivered:
                     rows.add(reply.rows, reply.count)
+                elif handed is not None:
+                    handed.update(map(id, frame_groups))
                 elsewhere += reply.count
                 if reply.failed:
                     failures[reply.first_error] += reply.failed
@@ -596,6 +596,10 @@ class Forwarder:
                 self.stats.delivered_elsewhere += item.count
                 self.stats.batches += 1
                 continue
+            if result.outcome is Outcome.REJECTED:
+                # Never sent again: a 422 means partly written, so a retry would duplicate.
+                self._rejected(result, item.count)
+                continue
             # Back to the forwarder, due at once, as the same bytes (same event ids).
             self._courier_trusted = False
             rows = Rows()
@@ -603,6 +607,12 @@ class Forwarder:
             due = time.time() - self.settings.max_wait
             self._pending_since = min(self._pending_since, due) if self._pending else due
             self._pending.extend(rows)
+
+    def _rejected(self, result: SendResult, rows: int) -> None:
+        self.stats.dropped[f"http_{result.status}"] += rows
+        self._log_once(
+            f"rejected:{result.status}", "telemetry.batch_rejected", status=result.status, detail=result.detail, rows=rows,
+        )
 
     def _succeeded(self, result: SendResult) -> None:
         self.breaker.success()
