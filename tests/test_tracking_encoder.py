@@ -18,7 +18,7 @@ from image_service.tracking import EventQueue, Forwarder
 from image_service.tracking.contract import Endpoint
 from image_service.tracking.courier import Courier, CourierSettings, Parcel
 from image_service.tracking.encoder import EncoderProcess, EncoderUnavailable
-from image_service.tracking.processor import frame
+from image_service.tracking.processor import frame, unpack
 from image_service.tracking.rows import RowEncoder
 
 from .events_api import EventsAPI, Fault
@@ -48,26 +48,22 @@ def framed(events: list[dict[str, Any]]) -> bytes:
     return frame(queue.take(len(events)))
 
 
-def without_event_id(line: bytes) -> dict[str, Any]:
-    row: dict[str, Any] = orjson.loads(line)
-    row.pop("event_id")
-    return row
-
-
 async def test_rows_built_by_the_encoder_process_equal_rows_built_in_process() -> None:
-    """Privacy rules, context columns and metadata come out the same on either path."""
+    """Privacy rules, context columns, metadata and event ids come out the same on either path."""
     events = [e for n in range(60) for e in request_events(n, private=n % 2 == 0, referrer="https://a.example/?token=x")]
+    frames = [framed(events[:50]), framed(events[50:])]
     helper = EncoderProcess("test")
     try:
-        reply = await helper.encode([framed(events[:50]), framed(events[50:])], len(events))
+        reply = await helper.encode(frames, len(events))
     finally:
         await helper.close()
     lines = reply.rows.splitlines(keepends=True)
-    count, failed = reply.count, reply.failed
     encoder = RowEncoder("test")
-    expected = [without_event_id(encoder.encode(e)) for e in events]
-    assert failed == 0 and count == len(lines) and [without_event_id(line) for line in lines] == expected
-    prompts = {row["prompt"] for row in expected}
+    expected = [encoder.encode(e) for data in frames for e in unpack(data)]
+    assert reply.failed == 0 and reply.count == len(lines) and lines == expected
+    rows = [orjson.loads(line) for line in lines]
+    assert len({row["event_id"] for row in rows}) == len(rows)
+    prompts = {row["prompt"] for row in rows}
     assert "[PRIVATE]" in prompts and "fox 0" not in prompts and "fox 1" in prompts
     assert not any("hunter2" in line.decode() or "sk-abcdef" in line.decode() for line in lines)
 

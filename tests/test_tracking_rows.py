@@ -159,6 +159,19 @@ class TestProcessor:
         queue.release_older_than(time.time() + 1)
         assert [event["event"] for event in queued(queue)] == ["request.received"] and not queue.open
 
+    def test_rows_built_again_from_a_group_keep_their_event_ids(self) -> None:
+        """A group encoded twice (its encoder process died mid-delivery, say) yields the same ids,
+        so the sink can drop the copies; every event of every request still has an id of its own."""
+        queue = EventQueue(100)
+        for n in range(3):
+            queue.put_group({"request_id": f"{n:032x}"}, [
+                {"event": "request.received", "_ts": 5.0}, {"event": "cache.lookup", "_ts": 5.0},
+                {"event": "request.completed", "_ts": 5.001},
+            ])
+        data = frame(queue.take(9))
+        first, again = [[event["event_id"] for event in unpack(data)] for _ in range(2)]
+        assert first == again and len(set(first)) == 9
+
     def test_a_value_orjson_refuses_travels_as_text_and_loses_no_event(self) -> None:
         queue = EventQueue(10)
         queue.put_group({"request_id": "c" * 32, 3: "three"}, [

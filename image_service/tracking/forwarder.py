@@ -579,7 +579,7 @@ class Forwarder:
 
     def _recover_deliveries(self) -> None:
         """The helper is gone with the frames it was delivering: their events are encoded again
-        (rows the sink did take may then arrive twice, under new event ids)."""
+        (rows the sink did take may then arrive twice, under the same event ids)."""
         for groups in self._delivering.values():
             self._recovered += groups
         self._delivering.clear()

@@ -14,6 +14,7 @@ events outside any request, are serialised as they come.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import deque
 from contextvars import ContextVar
@@ -51,12 +52,20 @@ def _lenient(fields: dict[str, Any]) -> dict[str, Any]:
 
 
 def unpack(data: bytes) -> list[dict[str, Any]]:
-    """The events of serialised groups (a JSON array of them), each with its context under `_ctx`."""
+    """The events of serialised groups (a JSON array of them), each with its context under `_ctx`
+    and an `event_id` that the group's bytes determine: rows built again from the same group (after
+    the encoder process died, say) carry the same ids, so the sink can drop the copies."""
     events: list[dict[str, Any]] = []
     for context, members in orjson.loads(data):
-        if context is not None:
-            for event in members:
+        request_id = context.get("request_id") if context is not None else None
+        first = members[0].get("_ts") if members else None
+        for index, event in enumerate(members):
+            if context is not None:
                 event["_ctx"] = context
+            owner = request_id or event.get("request_id")
+            if owner and "event_id" not in event:
+                key = f"{owner}/{first!r}/{index}/{event.get('event')}/{event.get('_ts')!r}"
+                event["event_id"] = hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
         events += members
     return events
 
