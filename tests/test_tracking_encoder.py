@@ -342,7 +342,7 @@ async def test_cancelling_a_batch_never_requeues_frames_the_helper_took(
     frames = 0
     real_encode = helper.encode
 
-    async def third_frame_stalls(slices: list[bytes], events: int, ticket: int | None = None) -> Any:
+    async def third_frame_stalls(slices: list[bytes], events: int, ticket: int | None = None, spool_to: Any = None) -> Any:
         nonlocal frames
         frames += 1
         if frames == 2:
@@ -351,7 +351,7 @@ async def test_cancelling_a_batch_never_requeues_frames_the_helper_took(
             await asyncio.sleep(0.2)
         if frames == 3:
             await asyncio.sleep(3600)
-        return await real_encode(slices, events, ticket)
+        return await real_encode(slices, events, ticket, spool_to)
 
     helper.encode = third_frame_stalls  # type: ignore[method-assign]
     for n in range(3000):
@@ -369,3 +369,24 @@ async def test_cancelling_a_batch_never_requeues_frames_the_helper_took(
     await forwarder.close(timeout=2)
     assert sorted(row["event_id"] for row in api.rows) == [f"ev-{n:06d}" for n in range(2048)]
     assert forwarder.stats.spooled == 3000 - 2048
+
+
+async def test_with_the_breaker_open_the_helper_writes_rows_into_the_spool(
+    make_forwarder: Make, events_api: tuple[EventsAPI, str]
+) -> None:
+    """The rows of a sink outage never come back to the server: the helper writes them where the
+    spool adopts them, and they drain from there once the sink is back."""
+    api, _ = events_api
+    api.down = True
+    forwarder = make_forwarder(encoder_process_min_events=10, breaker_failures=1, max_retries=0, breaker_cooldown=30)
+    await forwarder.start()
+    await stream(forwarder, 20, burst=20, pause=0)
+    await until(lambda: forwarder.stats.spooled == 20 and forwarder.breaker.state.name == "OPEN")
+    await stream(forwarder, 300, burst=100, pause=0.05)
+    await until(lambda: forwarder.stats.spooled == 320)
+    assert forwarder.stats.spooled_elsewhere >= 300 - 9 and forwarder.spool.stats.rows_written == 320
+    assert not list(forwarder.spool.incoming.iterdir())
+    api.down = False
+    forwarder.breaker.success()
+    await until(lambda: len(api.rows) == 320)
+    assert sorted(row["event_id"] for row in api.rows) == sorted(f"ev-{n:06d}" for n in [*range(20), *range(300)])

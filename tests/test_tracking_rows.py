@@ -292,6 +292,26 @@ class TestSpool:
             spool.commit(len(batch))
         return seen
 
+    def test_an_adopted_file_drains_after_the_rows_written_before_it(self, tmp_path: Path) -> None:
+        spool = self.make(tmp_path / "spool", segment_bytes=100)
+        spool.append(Rows.of_lines(self.lines(0, 10)))
+        spool.incoming.mkdir()
+        (spool.incoming / "helper-1.ndjson").write_bytes(b"".join(self.lines(10, 10)))
+        evicted = spool.adopt(spool.incoming / "helper-1.ndjson", 10)
+        spool.append(Rows.of_lines(self.lines(20, 5)))
+        assert evicted == 0 and spool.stats.rows_written == 25 and not list(spool.incoming.iterdir())
+        assert self.drain(spool) == list(range(25))
+
+    def test_files_a_crash_left_in_incoming_are_adopted_on_the_next_start(self, tmp_path: Path) -> None:
+        """Renamed into place means complete and fsync'd; a file still being written is not yet rows."""
+        first = self.make(tmp_path / "spool")
+        first.incoming.mkdir()
+        (first.incoming / "helper-1.ndjson").write_bytes(b"".join(self.lines(0, 4)))
+        (first.incoming / "helper-2.partial").write_bytes(b"".join(self.lines(4, 2))[:-3])
+        first.close()
+        second = self.make(tmp_path / "spool")
+        assert self.drain(second) == [0, 1, 2, 3] and not list(second.incoming.iterdir())
+
     def test_drains_in_the_order_written(self, tmp_path: Path) -> None:
         spool = self.make(tmp_path, segment_bytes=100)
         for start in range(0, 50, 10):

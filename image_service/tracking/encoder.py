@@ -8,14 +8,18 @@ way. It is one of the service's own processes: privacy is applied there, before 
 machine, exactly as in the in-process path.
 
 With the Tinybird sink, while it is healthy, the helper also makes the first delivery attempt
-(`courier.py`): the rows stay there and only the outcome comes back. Otherwise the rows come back.
+(`courier.py`): the rows stay there and only the outcome comes back. While the breaker is open the
+helper writes the rows into the spool's `incoming/` directory instead (`spool.py` adopts the file).
+Otherwise the rows come back.
 
 Protocol, one reply per request:
 - request: messages, each after its 4-byte big-endian length, then a zero length. The first is
   the command (`>BId`: kind, ticket, seconds to wait for deliveries to settle); ENCODE and DELIVER
-  are followed by JSON arrays of groups (`processor.frame`), CONFIGURE by the courier's settings.
+  are followed by JSON arrays of groups (`processor.frame`), SPOOL by the file's path and then the
+  groups, CONFIGURE by the courier's settings.
 - reply: four messages, each after its length: `>IIIB` (rows that failed, length of the first
-  failure's type name, rows encoded, whether the courier took them), that name and, unless taken,
+  failure's type name, rows encoded, where they went: 0 back, 1 the courier, 2 the file), that
+  name and, unless taken,
   each row's length (native uint32); the rows, joined (empty if taken); the settlements since the
   last reply (JSON); the rows that settlements give back, joined. The parent keeps rows as one
   chunk (`batch.Rows`) after checking the count and the lengths' total against the events it sent.
@@ -51,7 +55,8 @@ _LENGTH = struct.Struct(">I")
 _COMMAND = struct.Struct(">BId")
 _REPLY = struct.Struct(">IIIB")
 _END = _LENGTH.pack(0)
-ENCODE, DELIVER, COLLECT, ABANDON, CONFIGURE = range(5)
+ENCODE, DELIVER, COLLECT, ABANDON, CONFIGURE, SPOOL = range(6)
+RETURNED, DELIVERING, SPOOLED = range(3)
 # After a failure the helper is not started again for this long: rows are encoded in-process meanwhile.
 RETRY_SECONDS = 30.0
 # The helper imports this very copy of the package, whatever its working directory says: parent
@@ -83,6 +88,7 @@ class Reply:
     failed: int
     first_error: str
     delivered: bool
+    spooled: bool
     settlements: list[Settlement]
 
 
@@ -130,11 +136,16 @@ class EncoderProcess:
         """Whether a batch should be offered now (not closed, not resting after a failure)."""
         return not self._closed and self._clock() >= self._retry_at
 
-    async def encode(self, slices: list[bytes], events: int, ticket: int | None = None) -> Reply:
+    async def encode(
+        self, slices: list[bytes], events: int, ticket: int | None = None, spool_to: Path | None = None
+    ) -> Reply:
         """Rows of the `events` events in `slices` (JSON arrays of groups), in order and joined, with
         their count, the number that failed and the first failure's type. With a `ticket` (and a
-        courier), the helper may deliver the rows itself (`Reply.delivered`). On any failure the
-        helper is stopped and EncoderUnavailable raised."""
+        courier), the helper may deliver the rows itself (`Reply.delivered`); with `spool_to`, it
+        writes them to that file, fsync'd (`Reply.spooled`). On any failure the helper is stopped
+        and EncoderUnavailable raised."""
+        if spool_to is not None:
+            return await self._request(SPOOL, 0, 0.0, [str(spool_to).encode(), *slices], events)
         kind = ENCODE if ticket is None or self.courier is None else DELIVER
         return await self._request(kind, ticket or 0, 0.0, slices, events)
 
@@ -228,13 +239,13 @@ def _checked(messages: list[bytes], events: int) -> Reply:
     """The reply's four messages as a Reply; ValueError when they do not account for exactly the
     events sent, or the rows given back do not add up."""
     header, rows, settled, returned = messages
-    failed, name_length, count, delivered = _REPLY.unpack_from(header)
+    failed, name_length, count, destination = _REPLY.unpack_from(header)
     offset = _REPLY.size + name_length
     lengths = array("I")
     lengths.frombytes(header[offset:])
     # Rows end in their only newline by construction (orjson escapes newlines in strings); counting
     # them here would cost the event loop ~0.6 µs a row.
-    if delivered:
+    if destination != RETURNED:
         in_step = not rows and not lengths
     else:
         in_step = len(lengths) == count and sum(lengths) == len(rows) and rows[-1:] in (b"", b"\n")
@@ -247,7 +258,8 @@ def _checked(messages: list[bytes], events: int) -> Reply:
         start += size
     if start != len(returned):
         raise ValueError("the encoder process's settlements are out of step")
-    return Reply(rows, count, failed, header[_REPLY.size:offset].decode(), bool(delivered), settlements)
+    name = header[_REPLY.size:offset].decode()
+    return Reply(rows, count, failed, name, destination == DELIVERING, destination == SPOOLED, settlements)
 
 
 def _read_exactly(stream: IO[bytes], size: int) -> bytes:
@@ -264,6 +276,17 @@ def _read_request(requests: IO[bytes]) -> list[bytes]:
     return messages
 
 
+def _write_durably(path: Path, lines: list[bytes]) -> None:
+    """The rows in `path`, complete and fsync'd before the name appears (the spool adopts only that)."""
+    partial = path.with_suffix(".partial")
+    path.parent.mkdir(exist_ok=True)
+    with partial.open("wb") as handle:
+        handle.writelines(lines)
+        handle.flush()
+        os.fsync(handle.fileno())
+    partial.rename(path)
+
+
 def serve(environment: str, requests: IO[bytes], replies: IO[bytes]) -> None:
     """The helper's loop: one reply per request, until the input closes."""
     encoder = RowEncoder(environment)
@@ -276,27 +299,33 @@ def serve(environment: str, requests: IO[bytes], replies: IO[bytes]) -> None:
         kind, ticket, wait = _COMMAND.unpack(command)
         lines: list[bytes] = []
         failures: Counter[str] = Counter()
-        delivered = False
+        destination = RETURNED
         if kind == CONFIGURE:
             courier = Courier(CourierSettings.from_json(payload[0]))
-        elif kind in (ENCODE, DELIVER):
+        elif kind in (ENCODE, DELIVER, SPOOL):
+            spool_to = Path(payload.pop(0).decode()) if kind == SPOOL else None
             events = [event for message in payload for event in unpack(message)]
             try:
                 lines = encoder.encode_all(events, failures)
             finally:
                 encoder.reset()
-            if kind == DELIVER and courier is not None and lines:
-                delivered = courier.offer(Parcel(ticket, b"".join(lines), len(lines)))
+            if spool_to is not None:
+                if lines:
+                    _write_durably(spool_to, lines)
+                destination = SPOOLED
+            elif kind == DELIVER and courier is not None and lines and courier.offer(Parcel(ticket, b"".join(lines), len(lines))):
+                destination = DELIVERING
         settlements = courier.collect(wait, abandon=kind == ABANDON) if courier is not None else []
         failed = sum(failures.values())
         name = next(iter(failures), "").encode()
-        lengths = array("I", [] if delivered else map(len, lines))
-        header = _REPLY.pack(failed, len(name), len(lines), delivered) + name + lengths.tobytes()
+        lengths = array("I", map(len, lines) if destination == RETURNED else [])
+        header = _REPLY.pack(failed, len(name), len(lines), destination) + name + lengths.tobytes()
         settled = orjson.dumps([
             [item.ticket, item.count, item.status, item.error, item.retry_after, item.body.decode(errors="replace"), len(item.rows)]
             for item in settlements
         ])
-        for message in (header, b"" if delivered else b"".join(lines), settled, b"".join(item.rows for item in settlements)):
+        rows = b"".join(lines) if destination == RETURNED else b""
+        for message in (header, rows, settled, b"".join(item.rows for item in settlements)):
             replies.write(_LENGTH.pack(len(message)))
             replies.write(message)
         replies.flush()

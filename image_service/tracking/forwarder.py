@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import itertools
+import os
 import random
 import time
 from collections import Counter
@@ -40,7 +41,7 @@ from .encoder import EncoderProcess, EncoderUnavailable, Reply
 from .processor import TELEMETRY, EventQueue, Group, frame, unpack
 from .rows import RowEncoder
 from .sinks import Outcome, SendResult, Sink, TinybirdSink
-from .spool import Spool
+from .spool import SUFFIX, Spool
 
 log = structlog.get_logger("image_service.tracking")
 T = TypeVar("T")
@@ -110,6 +111,7 @@ class ForwarderStats:
     batches: int = 0
     encoded_elsewhere: int = 0
     delivered_elsewhere: int = 0
+    spooled_elsewhere: int = 0
     dropped: Counter[str] = field(default_factory=Counter)
     last_success: float | None = None
 
@@ -502,13 +504,15 @@ class Forwarder:
             helper is not None and not helper.busy
             and sum(group.events for group in groups) >= self.settings.encoder_process_min_events
         ):
+            # With the breaker open these rows are bound for the spool: the helper writes them there.
+            spooling = self.breaker.state is BreakerState.OPEN and not self._stopping
             for frame_groups in _slices(groups, FRAME_EVENTS):
                 if not helper.available:
                     break
-                reply = await self._serialise_elsewhere(helper, frame_groups)
+                reply = await self._serialise_elsewhere(helper, frame_groups, spooling)
                 if reply is None:
                     break
-                if not reply.delivered:
+                if not (reply.delivered or reply.spooled):
                     rows.add(reply.rows, reply.count)
                 elif handed is not None:
                     handed.update(map(id, frame_groups))
@@ -535,20 +539,26 @@ class Forwarder:
             self._encoder.reset()
         return lines
 
-    async def _serialise_elsewhere(self, helper: EncoderProcess, groups: list[Group]) -> Reply | None:
-        """The encoder process's reply for these groups (rows, or a delivery under way); None when
-        they must be encoded here instead."""
+    async def _serialise_elsewhere(self, helper: EncoderProcess, groups: list[Group], spooling: bool) -> Reply | None:
+        """The encoder process's reply for these groups (rows, a delivery under way, or rows it
+        wrote for the spool, adopted here); None when they must be encoded here instead."""
         if self._delivering and not helper.running:
             self._recover_deliveries()
-        ticket = next(self._tickets) if self._courier_may_deliver() else None
+        ticket = next(self._tickets) if spooling or self._courier_may_deliver() else None
+        spool_to = self.spool.incoming / f"{os.getpid()}-{ticket}{SUFFIX}" if spooling else None
         try:
-            reply = await helper.encode([frame(groups)], sum(group.events for group in groups), ticket)
+            reply = await helper.encode(
+                [frame(groups)], sum(group.events for group in groups), None if spooling else ticket, spool_to
+            )
         except Exception as exc:
             self._helper_failed(exc)
             return None
         if reply.delivered and ticket is not None:
             self._delivering[ticket] = groups
         self._settle(reply.settlements)
+        if reply.spooled and spool_to is not None and reply.count:
+            self._spooled(reply.count, await self._in_io(self.spool.adopt, spool_to, reply.count))
+            self.stats.spooled_elsewhere += reply.count
         return reply
 
     def _courier_may_deliver(self) -> bool:
@@ -623,10 +633,11 @@ class Forwarder:
             log.warning("telemetry.quarantined", rows=result.quarantined)
 
     async def _spill(self, rows: Rows) -> None:
-        if not rows:
-            return
-        evicted = await self._in_io(self.spool.append, rows)
-        self.stats.spooled += len(rows)
+        if rows:
+            self._spooled(len(rows), await self._in_io(self.spool.append, rows))
+
+    def _spooled(self, rows: int, evicted: int) -> None:
+        self.stats.spooled += rows
         if evicted:
             self.stats.dropped["spool_full"] += evicted
             log.warning("telemetry.spool_evicted", rows=evicted, max_bytes=self.spool.max_bytes)

@@ -34,6 +34,7 @@ class TelemetryCollector(Collector):
             ("quarantined", "Rows the sink accepted into quarantine", stats.quarantined),
             ("encoded_elsewhere", "Rows built by the encoder process rather than the event loop", stats.encoded_elsewhere),
             ("delivered_elsewhere", "Rows the encoder process delivered to the sink itself", stats.delivered_elsewhere),
+            ("spooled_elsewhere", "Rows the encoder process wrote into the spool itself", stats.spooled_elsewhere),
         ):
             yield CounterMetricFamily(f"image_service_telemetry_rows_{name}", help_text, value=value)
         dropped = CounterMetricFamily(

@@ -7,6 +7,10 @@ synchronous and must be called from one thread (the forwarder's I/O thread), whi
 
 A segment being drained is deleted only once fully sent; a crash mid-segment re-sends its first rows,
 which the pipes de-duplicate by `event_id`.
+
+While the breaker is open the encoder process writes the rows it builds straight into `incoming/`
+(fsync'd, then renamed into place), and the spool adopts each file as a segment: those rows never
+pass through the server. Files a crash left there are adopted on the next start.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from .batch import Rows
 
 PREFIX = "segment-"
 SUFFIX = ".ndjson"
+INCOMING = "incoming"
 DEFAULT_SEGMENT_BYTES = 8 * 1024 * 1024
 
 
@@ -58,6 +63,11 @@ class Spool:
         self._opened = False
 
     @property
+    def incoming(self) -> Path:
+        """Where the encoder process writes segments for `adopt`."""
+        return self.directory / INCOMING
+
+    @property
     def total_bytes(self) -> int:
         return sum(size for _, size in self._segments) + self._writer_size
 
@@ -76,6 +86,23 @@ class Spool:
                 path.unlink()
         self._next = 1 + max((int(path.stem.removeprefix(PREFIX)) for path in found), default=0)
         self._opened = True
+        for path in sorted(self.incoming.iterdir()) if self.incoming.is_dir() else []:
+            if path.suffix == SUFFIX:
+                self.adopt(path, path.read_bytes().count(b"\n"))
+            else:
+                # Written but never renamed into place: its rows were still the forwarder's.
+                path.unlink()
+
+    def adopt(self, path: Path, rows: int) -> int:
+        """Take a complete, fsync'd NDJSON file of `rows` rows as the newest segment; returns how
+        many older rows were evicted to stay within the bound."""
+        self.close()
+        target = self.directory / f"{PREFIX}{self._next:012d}{SUFFIX}"
+        self._next += 1
+        path.rename(target)
+        self._segments.append((target, target.stat().st_size))
+        self.stats.rows_written += rows
+        return self._enforce_bound()
 
     def append(self, rows: Rows) -> int:
         """Write NDJSON rows; returns how many older rows were evicted to stay within the bound.
