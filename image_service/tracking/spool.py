@@ -9,12 +9,14 @@ A segment being drained is deleted only once fully sent; a crash mid-segment re-
 which the pipes de-duplicate by `event_id`.
 
 While the breaker is open the encoder process writes the rows it builds straight into `incoming/`
-(fsync'd, then renamed into place), and the spool adopts each file as a segment: those rows never
-pass through the server. Files a crash left there are adopted on the next start.
+(renamed into place once whole), and the spool adopts each file as a segment, fsync'd with the
+rest at the next `sync`: those rows never pass through the server. Files a crash left there are
+adopted on the next start.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +63,8 @@ class Spool:
         self._reader: _Reader | None = None
         self._dirty = False
         self._opened = False
+        # Adopted segments not yet fsync'd, with the directory that holds their new names.
+        self._unsynced: list[Path] = []
 
     @property
     def incoming(self) -> Path:
@@ -101,6 +105,7 @@ class Spool:
         self._next += 1
         path.rename(target)
         self._segments.append((target, target.stat().st_size))
+        self._unsynced.append(target)
         self.stats.rows_written += rows
         return self._enforce_bound()
 
@@ -122,11 +127,18 @@ class Spool:
         return self._enforce_bound() if rows else 0
 
     def sync(self) -> None:
-        """Flush and fsync the open segment (the forwarder calls this at least once a second)."""
+        """Flush and fsync the open segment and the adopted ones (the forwarder calls this at least
+        once a second)."""
         if self._writer is not None and self._dirty:
             self._writer.flush()
             os.fsync(self._writer.fileno())
             self._dirty = False
+        if self._unsynced:
+            for path in self._unsynced:
+                with contextlib.suppress(FileNotFoundError):
+                    _fsync(path)
+            _fsync(self.directory)
+            self._unsynced.clear()
 
     def read_batch(self, max_rows: int, max_bytes: int) -> list[bytes]:
         """The next rows in order, without consuming them; `commit` consumes."""
@@ -199,3 +211,11 @@ class Spool:
             self.stats.segments_evicted += 1
         self.stats.rows_evicted += evicted
         return evicted
+
+
+def _fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
