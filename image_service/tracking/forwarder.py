@@ -12,7 +12,8 @@ Shaped like OpenTelemetry's batch worker, with a spool where it would drop:
   fresh events wait for more, and small batches that have waited long enough, and whatever the
   helper cannot take, are built here. While the Tinybird sink is healthy the helper also makes the
   first delivery attempt itself (`courier.py`); rows it could not deliver come back and are
-  handled here like any batch, and if the helper dies its undelivered events are encoded again;
+  handled here like any batch, and if the helper dies its undelivered events are encoded again.
+  While the breaker is open the helper writes its rows into the spool itself (`Spool.adopt`);
 - `close()` flushes within a deadline and spools whatever is left.
 
 The worker never dies: an unexpected error is logged (once per kind) and the loop goes on.
