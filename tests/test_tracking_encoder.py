@@ -143,6 +143,14 @@ async def helper_at_work(make_forwarder: Make, api: EventsAPI) -> tuple[Forwarde
     return forwarder, helper, helper.pid
 
 
+async def started_with_helper(forwarder: Forwarder) -> None:
+    """Start the forwarder and its encoder process: a helper still starting (a second or more on a
+    cold machine) lags, and the forwarder rightly encodes and sends in-process meanwhile."""
+    await forwarder.start()
+    assert forwarder.encoder_process is not None
+    await forwarder.encoder_process.encode([], 0)
+
+
 @contextlib.contextmanager
 def stopped(pid: int) -> Iterator[None]:
     """The process is stopped (SIGSTOP) inside the block, and continued afterwards if it still exists."""
@@ -216,7 +224,7 @@ async def test_a_healthy_sinks_rows_are_delivered_by_the_encoder_process(
     """The rows never come back to the server: only how their delivery went."""
     api, _ = events_api
     forwarder = make_forwarder(encoder_process_min_events=10, batch_rows=300)
-    await forwarder.start()
+    await started_with_helper(forwarder)
     await stream(forwarder, 600, burst=100, pause=0.01)
     await until(lambda: forwarder.stats.sent == 600)
     assert sorted(row["event_id"] for row in api.rows) == [f"ev-{n:06d}" for n in range(600)]
@@ -229,7 +237,7 @@ async def test_the_encoder_process_can_be_kept_from_delivering(
 ) -> None:
     api, _ = events_api
     forwarder = make_forwarder(encoder_process_min_events=10, batch_rows=300, encoder_process_delivers=False)
-    await forwarder.start()
+    await started_with_helper(forwarder)
     await stream(forwarder, 300, burst=100, pause=0.01)
     await until(lambda: forwarder.stats.sent == 300)
     assert forwarder.stats.encoded_elsewhere == 300 and forwarder.stats.delivered_elsewhere == 0
@@ -243,7 +251,7 @@ async def test_rows_the_helper_could_not_deliver_come_back_and_the_forwarder_tak
     api, _ = events_api
     api.script.extend([Fault(503), Fault(503)])
     forwarder = make_forwarder(encoder_process_min_events=10, batch_rows=300, breaker_failures=10)
-    await forwarder.start()
+    await started_with_helper(forwarder)
     await stream(forwarder, 100, burst=100, pause=0)
     await until(lambda: forwarder.stats.sent == 100)
     assert forwarder.stats.delivered_elsewhere == 0 and forwarder.stats.retried == 100
@@ -261,7 +269,7 @@ async def test_a_wrong_token_met_by_the_helper_is_logged_once_and_the_rows_kept(
     api, _ = events_api
     with capture_logs() as logs:
         forwarder = make_forwarder(token="wrong", encoder_process_min_events=10)
-        await forwarder.start()
+        await started_with_helper(forwarder)
         await stream(forwarder, 50, burst=50, pause=0)
         await until(lambda: forwarder.stats.spooled == 50)
     assert api.statuses == [403, 403] and forwarder.stats.sent == 0
@@ -306,7 +314,7 @@ async def test_a_rejected_delivery_is_dropped_counted_and_never_sent_again(
     api.script.append(Fault(422))
     with capture_logs() as logs:
         forwarder = make_forwarder(encoder_process_min_events=10)
-        await forwarder.start()
+        await started_with_helper(forwarder)
         await stream(forwarder, 50, burst=50, pause=0)
         await until(lambda: forwarder.stats.dropped["http_422"] == 50)
         await forwarder.flush(timeout=2)
@@ -379,7 +387,7 @@ async def test_with_the_breaker_open_the_helper_writes_rows_into_the_spool(
     api, _ = events_api
     api.down = True
     forwarder = make_forwarder(encoder_process_min_events=10, breaker_failures=1, max_retries=0, breaker_cooldown=30)
-    await forwarder.start()
+    await started_with_helper(forwarder)
     await stream(forwarder, 20, burst=20, pause=0)
     await until(lambda: forwarder.stats.spooled == 20 and forwarder.breaker.state.name == "OPEN")
     await stream(forwarder, 300, burst=100, pause=0.05)
