@@ -276,15 +276,21 @@ async def test_a_wrong_token_met_by_the_helper_is_logged_once_and_the_rows_kept(
     assert [e["event"] for e in logs if e["log_level"] == "error"] == ["telemetry.sink_misconfigured"]
 
 
+async def delivery_under_way(make_forwarder: Make, api: EventsAPI) -> tuple[Forwarder, EncoderProcess, int]:
+    """`helper_at_work`, then events 0-49 in a delivery the sink holds (until `api.released`)."""
+    forwarder, helper, pid = await helper_at_work(make_forwarder, api)
+    api.script.append(Fault(delay=30))
+    await stream(forwarder, 50, burst=50, pause=0)
+    await until(lambda: api.requests == 2)
+    return forwarder, helper, pid
+
+
 async def test_a_helper_killed_while_delivering_loses_no_row(
     make_forwarder: Make, events_api: tuple[EventsAPI, str]
 ) -> None:
     """Its frames' events are encoded again (a row the sink took anyway may arrive twice)."""
     api, _ = events_api
-    forwarder, helper, pid = await helper_at_work(make_forwarder, api)
-    api.script.append(Fault(delay=30))
-    await stream(forwarder, 50, burst=50, pause=0)
-    await until(lambda: api.requests == 2)
+    forwarder, _, pid = await delivery_under_way(make_forwarder, api)
     os.kill(pid, signal.SIGKILL)
     await until(lambda: received(api) >= {f"ev-{n:06d}" for n in range(50)})
     api.released.set()
@@ -296,10 +302,7 @@ async def test_close_spools_what_the_helper_could_not_deliver_in_time(
 ) -> None:
     """A delivery still waiting on the sink at the deadline comes back and goes to the spool."""
     api, _ = events_api
-    forwarder, helper, pid = await helper_at_work(make_forwarder, api)
-    api.script.append(Fault(delay=30))
-    await stream(forwarder, 50, burst=50, pause=0)
-    await until(lambda: api.requests == 2)
+    forwarder, helper, _ = await delivery_under_way(make_forwarder, api)
     await forwarder.close(timeout=0.5)
     api.released.set()
     assert forwarder.stats.spooled == 50 and forwarder.spool.stats.rows_written == 50

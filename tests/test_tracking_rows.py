@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterator
@@ -111,6 +112,18 @@ def test_sanitise_keeps_ordinary_messages_readable() -> None:
     assert sanitise("the embedded backend failed (RuntimeError)") == "the embedded backend failed (RuntimeError)"
 
 
+@contextlib.contextmanager
+def request_routed(processor: TelemetryProcessor, queue: EventQueue, request_id: str) -> Iterator[None]:
+    """Inside the block, the current task is one request whose events go to `queue`."""
+    processor.route_current_context(queue)
+    new_request(request_id=request_id)
+    try:
+        yield
+    finally:
+        processor.route_current_context(None)
+        clear_request()
+
+
 def queued(queue: EventQueue) -> list[dict[str, object]]:
     """The events waiting in `queue`, as the forwarder will read them."""
     return unpack(frame(list(queue.items)))
@@ -128,17 +141,12 @@ class TestProcessor:
     def test_a_requests_events_wait_for_its_terminal_event_then_share_one_context(self) -> None:
         """The context is serialised once per request, with the facts bound after the first event."""
         processor, queue = TelemetryProcessor(), EventQueue(10)
-        processor.route_current_context(queue)
-        try:
-            new_request(request_id="a" * 32)
+        with request_routed(processor, queue, "a" * 32):
             processor(None, "info", {"event": "request.received", "stage": "request"})
             processor(None, "info", {"event": "cache.lookup", "stage": "cache"})
             assert len(queue) == 0 and len(queue.open) == 1
             bind(tier="seed")
             processor(None, "info", {"event": "request.completed", "stage": "response", "status": 200})
-        finally:
-            processor.route_current_context(None)
-            clear_request()
         assert (len(queue.items), len(queue), queue.open) == (1, 3, set())
         events = queued(queue)
         assert [event["event"] for event in events] == ["request.received", "cache.lookup", "request.completed"]
@@ -147,13 +155,8 @@ class TestProcessor:
 
     def test_waiting_events_of_a_slow_request_can_be_released_early(self) -> None:
         processor, queue = TelemetryProcessor(), EventQueue(10)
-        processor.route_current_context(queue)
-        try:
-            new_request(request_id="b" * 32)
+        with request_routed(processor, queue, "b" * 32):
             processor(None, "info", {"event": "request.received", "stage": "request"})
-        finally:
-            processor.route_current_context(None)
-            clear_request()
         queue.release_older_than(time.time() - 60)
         assert len(queue) == 0
         queue.release_older_than(time.time() + 1)
