@@ -94,7 +94,7 @@ async def test_a_reply_out_of_step_with_the_request_stops_the_helper() -> None:
 async def test_large_batches_go_to_the_encoder_process(make_forwarder: Make, events_api: tuple[EventsAPI, str]) -> None:
     api, _ = events_api
     forwarder = make_forwarder(encoder_process_min_events=10, batch_rows=300)
-    await forwarder.start()
+    await started_with_helper(forwarder)
     for n in range(300):
         forwarder.queue.put(event(n))
     await until(lambda: len(api.rows) == 300 and forwarder.stats.sent == 300)
@@ -109,7 +109,7 @@ async def test_a_steady_stream_is_encoded_by_the_helper_not_the_event_loop(
     the event loop a few at a time; only a last, small remainder may be encoded in-process."""
     api, _ = events_api
     forwarder = make_forwarder(encoder_process_min_events=64, batch_rows=200, max_wait=1.0)
-    await forwarder.start()
+    await started_with_helper(forwarder)
     await stream(forwarder, 2000, burst=20, pause=0.002)
     # The helper may post rows before the forwarder has read its reply: wait for the forwarder too.
     await until(lambda: len(api.rows) == 2000 and forwarder.stats.sent == 2000)
