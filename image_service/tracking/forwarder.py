@@ -164,6 +164,7 @@ class Forwarder:
         self._io = background_executor(1, "telemetry-io")
         self._task: asyncio.Task[None] | None = None
         self._guard: asyncio.Task[None] | None = None
+        self._warm_up: asyncio.Task[None] | None = None
         self._waiter: asyncio.Future[None] | None = None
         # Set while a batch from memory is being sent or encoded: the only times the guard has work.
         self._working = asyncio.Event()
@@ -186,7 +187,18 @@ class Forwarder:
         await self._in_io(self.spool.open)
         self._task = asyncio.create_task(self._run(), name="telemetry-forwarder")
         self._guard = asyncio.create_task(self._guard_queue(), name="telemetry-queue-guard")
+        if self.encoder_process is not None:
+            self._warm_up = asyncio.create_task(self._start_helper(), name="telemetry-encoder-start")
         TELEMETRY.default = self.queue
+
+    async def _start_helper(self) -> None:
+        """Start the encoder process before traffic needs it: a cold start takes a second or more,
+        and the batches of that time would be encoded on the event loop."""
+        assert self.encoder_process is not None
+        try:
+            await self.encoder_process.encode([], 0)
+        except EncoderUnavailable as exc:
+            self._helper_failed(exc)
 
     async def flush(self, timeout: float = 5.0) -> bool:
         """Send everything queued or spooled now; True when it all reached the sink in time."""
@@ -217,7 +229,9 @@ class Forwarder:
         self._stopping = True
         self._wake_up()
         self._working.set()
-        workers = [task for task in (self._guard, self._task) if task is not None]
+        if self._warm_up is not None:
+            self._warm_up.cancel()
+        workers = [task for task in (self._guard, self._task, self._warm_up) if task is not None]
         if workers:
             _, late = await asyncio.wait(workers, timeout=timeout)
             for task in late:
@@ -501,8 +515,10 @@ class Forwarder:
         failures: Counter[str] = Counter()
         elsewhere = done = 0
         helper = self.encoder_process
+        # A helper still starting is worth waiting for, until it lags: then the guard encodes here.
+        starting = self._warm_up is not None and not self._warm_up.done() and not self._helper_lagging()
         if (
-            helper is not None and not helper.busy
+            helper is not None and (not helper.busy or starting)
             and sum(group.events for group in groups) >= self.settings.encoder_process_min_events
         ):
             # With the breaker open these rows are bound for the spool: the helper writes them there.

@@ -39,7 +39,8 @@ class ReplayReport:
 
 async def _drain(settings: TrackingSettings, directory: Path) -> ReplayReport:
     spool = Spool(directory, max_bytes=2**62)
-    forwarder = Forwarder(settings, make_sink(settings), spool)
+    # Spooled rows are built already: no encoder process to start.
+    forwarder = Forwarder(settings.model_copy(update={"encoder_process": False}), make_sink(settings), spool)
     await forwarder.start()
     try:
         while spool.has_data() and forwarder.breaker.state is BreakerState.CLOSED:
