@@ -335,6 +335,13 @@ async def analytics_ctx(app: web.Application) -> AsyncIterator[None]:
     await source.close()
 
 
+async def start_telemetry_helper(app: web.Application) -> None:
+    """Once everything else has started: a start-up that fails never leaves a helper half-started."""
+    tracking = app.get(TRACKING)
+    if tracking is not None:
+        tracking.forwarder.start_helper()
+
+
 async def tracking_ctx(app: web.Application) -> AsyncIterator[None]:
     """Telemetry starts first and stops last, so the final requests' events are shipped or spooled."""
     settings = app[SETTINGS]
@@ -489,6 +496,7 @@ def create_app(
     app.cleanup_ctx.append(access_ctx)
     app.on_shutdown.append(close_feed)
     app.cleanup_ctx.append(analytics_ctx)
+    app.on_startup.append(start_telemetry_helper)
 
     app.router.add_get("/prompt", image_handler)
     app.router.add_get("/prompt/{prompt:.*}", image_handler)

@@ -52,10 +52,14 @@ class CountingBackend:
 
 
 # Tests of other features run with an unthrottled anonymous tier (the shipped one spaces an anonymous
-# client's generations 5 s apart) and the pass-through image moderator (prompt checks and policy still
-# apply); the access tests pass their own `tiers`, the moderation tests inject the real models.
+# client's generations 5 s apart), the pass-through image moderator (prompt checks and policy still
+# apply) and telemetry without its encoder process (one more process to start per app); the access
+# tests pass their own `tiers`, the moderation tests inject the real models, the telemetry tests
+# pass their own `tracking`.
 UNTHROTTLED = {"concurrency": 64, "interval": 0.0, "queue_depth": 1024}
-TEST_DEFAULTS: dict[str, Any] = {"moderation": {"image": "none"}, "tiers": {"anonymous": UNTHROTTLED}}
+TEST_DEFAULTS: dict[str, Any] = {
+    "moderation": {"image": "none"}, "tiers": {"anonymous": UNTHROTTLED}, "tracking": {"encoder_process": False},
+}
 
 
 def make_settings(**sections: Any) -> Settings:

@@ -17,6 +17,7 @@ from image_service.tracking import COLUMNS, configure_logging, flush_logs, recor
 
 from .conftest import ClientFactory, make_settings, tracking_to
 from .events_api import EventsAPI, Fault
+from .test_tracking_forwarder import until
 
 FOX = "/prompt/a%20red%20fox?width=96&height=64&seed=3"
 
@@ -69,6 +70,23 @@ async def test_every_stage_of_every_request_arrives_as_a_row(
     metrics = await (await client.get("/metrics")).text()
     elsewhere = re.search(r"^image_service_telemetry_rows_encoded_elsewhere_total (\S+)$", metrics, re.M)
     assert elsewhere is not None and (float(elsewhere.group(1)) > 0) is (min_events == 1)
+
+
+async def test_the_encoder_process_is_ready_before_the_first_request(
+    make_client: ClientFactory, events_api: tuple[EventsAPI, str]
+) -> None:
+    """The service starts its helper as it starts: the first requests' rows are built there,
+    not on the event loop while a cold helper takes a second or more to start."""
+    api, url = events_api
+    client = await make_client(make_settings(tracking=tracking_to(url, encoder_process_min_events=3)))
+    forwarder = client.app[TRACKING].forwarder
+    helper = forwarder.encoder_process
+    assert helper is not None
+    await until(lambda: helper.running and not helper.busy, seconds=8)
+    assert forwarder.queue.enqueued == 0
+    assert (await client.get(FOX)).status == 200
+    await flushed(client)
+    assert len(api.rows) == forwarder.stats.encoded_elsewhere == 5
 
 
 async def test_rows_of_one_request_share_its_id_and_times(make_client: ClientFactory, events_api: tuple[EventsAPI, str]) -> None:

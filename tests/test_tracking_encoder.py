@@ -91,22 +91,6 @@ async def test_a_reply_out_of_step_with_the_request_stops_the_helper() -> None:
         await helper.close()
 
 
-async def test_the_encoder_process_starts_with_the_forwarder_before_any_event(
-    make_forwarder: Make, events_api: tuple[EventsAPI, str]
-) -> None:
-    """A cold helper takes a second or more to start: started with the forwarder, it is ready
-    before the first traffic, whose batches would otherwise be encoded on the event loop."""
-    forwarder = make_forwarder(encoder_process_min_events=10)
-    helper = forwarder.encoder_process
-    assert helper is not None and helper.pid is None
-    await forwarder.start()
-    await until(lambda: helper.running and not helper.busy, seconds=8)
-    assert helper.pid is not None
-    os.kill(helper.pid, 0)  # the process exists
-    await forwarder.close(timeout=2)
-    assert not helper.running
-
-
 async def test_large_batches_go_to_the_encoder_process(make_forwarder: Make, events_api: tuple[EventsAPI, str]) -> None:
     api, _ = events_api
     forwarder = make_forwarder(encoder_process_min_events=10, batch_rows=300)
@@ -160,11 +144,14 @@ async def helper_at_work(make_forwarder: Make, api: EventsAPI) -> tuple[Forwarde
 
 
 async def started_with_helper(forwarder: Forwarder) -> None:
-    """Start the forwarder and wait for its encoder process: a helper still starting (a second or
-    more on a cold machine) lags, and the forwarder rightly encodes and sends in-process meanwhile."""
+    """Start the forwarder and its encoder process ahead of traffic, as the service does: a helper
+    still starting (a second or more on a cold machine) lags, and the forwarder rightly encodes
+    and sends in-process meanwhile."""
+    helper = forwarder.encoder_process
+    assert helper is not None
     await forwarder.start()
-    assert forwarder.encoder_process is not None
-    await forwarder.encoder_process.encode([], 0)
+    forwarder.start_helper()
+    await until(lambda: helper.running and not helper.busy, seconds=8)
 
 
 @contextlib.contextmanager
@@ -371,8 +358,6 @@ async def test_cancelling_a_batch_never_requeues_frames_the_helper_took(
 
     async def third_frame_stalls(slices: list[bytes], events: int, ticket: int | None = None, spool_to: Any = None) -> Any:
         nonlocal frames
-        if not events:  # the forwarder starting its helper
-            return await real_encode(slices, events, ticket, spool_to)
         frames += 1
         if frames == 2:
             # The first frame's delivery has settled, so this reply reports it.

@@ -187,13 +187,17 @@ class Forwarder:
         await self._in_io(self.spool.open)
         self._task = asyncio.create_task(self._run(), name="telemetry-forwarder")
         self._guard = asyncio.create_task(self._guard_queue(), name="telemetry-queue-guard")
-        if self.encoder_process is not None:
-            self._warm_up = asyncio.create_task(self._start_helper(), name="telemetry-encoder-start")
         TELEMETRY.default = self.queue
 
+    def start_helper(self) -> None:
+        """Start the encoder process now, in the background, instead of with the first batch: a
+        cold start takes a second or more, and the batches of that time would be encoded on the
+        event loop. Call it once the service is up: a start cancelled half-way (a service whose
+        start-up failed) can leave asyncio waiting on the process's pipes."""
+        if self.encoder_process is not None and self._warm_up is None:
+            self._warm_up = asyncio.create_task(self._start_helper(), name="telemetry-encoder-start")
+
     async def _start_helper(self) -> None:
-        """Start the encoder process before traffic needs it: a cold start takes a second or more,
-        and the batches of that time would be encoded on the event loop."""
         assert self.encoder_process is not None
         try:
             await self.encoder_process.encode([], 0)
@@ -229,8 +233,6 @@ class Forwarder:
         self._stopping = True
         self._wake_up()
         self._working.set()
-        if self._warm_up is not None:
-            self._warm_up.cancel()
         workers = [task for task in (self._guard, self._task, self._warm_up) if task is not None]
         if workers:
             _, late = await asyncio.wait(workers, timeout=timeout)
