@@ -6,6 +6,9 @@ listen on the same port with SO_REUSEPORT (the kernel spreads connections betwee
 run the whole service with their own executor, backends, cache connection and telemetry. SIGTERM or
 SIGINT to the supervisor stops every worker gracefully; a worker that dies on its own makes the
 supervisor stop the others and exit 1, so whatever supervises it (systemd, Kubernetes) restarts all.
+
+Each worker spools telemetry in its own directory inside `tracking.spool_dir` (`worker-<index>`):
+before the workers start, the supervisor hands them what a run with another worker count left.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from aiohttp import web
 from .analytics.commands import add_commands as add_analytics_commands
 from .analytics.commands import run as run_analytics
 from .config import ConfigError, Settings, load_settings
+from .tracking.spool import share_out, worker_directory
 
 # Seconds the supervisor allows a stopping worker beyond server.shutdown_timeout before killing it.
 WORKER_EXIT_GRACE = 10.0
@@ -132,6 +136,12 @@ async def _freeze_startup_heap(app: web.Application) -> None:
     gc.freeze()
 
 
+def worker_settings(settings: Settings, index: int) -> Settings:
+    """Worker `index`'s settings: its own telemetry spool, inside the configured one."""
+    tracking = settings.tracking.model_copy(update={"spool_dir": worker_directory(settings.tracking.spool_dir, index)})
+    return settings.model_copy(update={"tracking": tracking})
+
+
 def _run_worker(settings: Settings) -> None:
     """One worker process: the whole service on the shared port."""
     _run_service(settings, reuse_port=True)
@@ -141,6 +151,7 @@ def _supervise(settings: Settings, workers: int) -> int:
     """Start the workers, wait for a signal or a dead worker, then stop them all."""
     if settings.server.port == 0:
         raise ConfigError("--workers needs a fixed port: with port 0 every worker would listen elsewhere")
+    share_out(settings.tracking.spool_dir, workers)
     stopping = False
 
     def stop(signum: int, frame: FrameType | None) -> None:
@@ -151,7 +162,7 @@ def _supervise(settings: Settings, workers: int) -> int:
     # spawn, not fork: each worker starts from a clean interpreter, no inherited threads or loops.
     context = multiprocessing.get_context("spawn")
     processes = [
-        context.Process(target=_run_worker, args=(settings,), name=f"image-service-worker-{index}")
+        context.Process(target=_run_worker, args=(worker_settings(settings, index),), name=f"image-service-worker-{index}")
         for index in range(workers)
     ]
     try:

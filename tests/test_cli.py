@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -106,6 +107,10 @@ def test_serve_with_two_workers_shares_the_port_and_stops_all_on_sigterm(tmp_pat
     assert len(workers) == 2 and not any(Path(f"/proc/{pid}").exists() for pid in workers)
     assert stdout.count(b'"event":"request.completed"') == 12
     assert b"2 workers" in stderr and b"Traceback" not in stderr
+    # Both workers' telemetry is in the shared local file, whole rows; each spooled in its own directory.
+    rows = [json.loads(line) for line in (tmp_path / "var/events.ndjson").read_bytes().splitlines()]
+    assert len({row["message_id"] for row in rows if row["event"] == "request.completed"}) == 12
+    assert sorted(path.name for path in (tmp_path / "var/spool").iterdir()) == ["worker-0", "worker-1"]
 
 
 def test_workers_must_be_a_positive_number(tmp_path: Path) -> None:

@@ -93,11 +93,17 @@ class FileSink:
         self._worker = _Worker(executor, "telemetry-file")
 
     def _append(self, parts: list[bytes]) -> None:
+        """The batch in one write to a file opened for appending: the workers of `serve --workers N`
+        share the file, and a buffered writer would interleave their batches mid-row."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("ab") as handle:
-            handle.writelines(parts)
-            handle.flush()
-            os.fsync(handle.fileno())
+        data = memoryview(b"".join(parts))
+        descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            while data:
+                data = data[os.write(descriptor, data):]
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
 
     async def send(self, parts: list[bytes], rows: int) -> SendResult:
         try:

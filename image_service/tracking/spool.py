@@ -27,6 +27,7 @@ from .batch import Rows
 PREFIX = "segment-"
 SUFFIX = ".ndjson"
 INCOMING = "incoming"
+WORKER = "worker-"
 DEFAULT_SEGMENT_BYTES = 8 * 1024 * 1024
 
 
@@ -81,8 +82,9 @@ class Spool:
         )
 
     def open(self) -> None:
-        """Find segments left by an earlier run; they are drained first."""
+        """Find segments left by an earlier run (a run with `--workers N` too); they are drained first."""
         self.directory.mkdir(parents=True, exist_ok=True)
+        gather(sorted(self.directory.glob(f"{WORKER}*")), self.directory)
         found = sorted(self.directory.glob(f"{PREFIX}*{SUFFIX}"))
         self._segments = [(path, path.stat().st_size) for path in found if path.stat().st_size > 0]
         for path in found:
@@ -211,6 +213,47 @@ class Spool:
             self.stats.segments_evicted += 1
         self.stats.rows_evicted += evicted
         return evicted
+
+
+def worker_directory(directory: Path, index: int) -> Path:
+    """The spool of worker `index` of `serve --workers N`: segment numbers are a spool's own, so
+    two processes never write or drain one spool."""
+    return directory / f"{WORKER}{index}"
+
+
+def share_out(directory: Path, workers: int) -> None:
+    """Before `workers` workers start on the spool `directory`, hand what no worker's own spool
+    holds (the segments of a run without workers, of a run with more workers) to the workers'."""
+    gather([directory], worker_directory(directory, 0), remove=False)
+    for path in sorted(directory.glob(f"{WORKER}*")):
+        index = path.name.removeprefix(WORKER)
+        if not (index.isdigit() and int(index) < workers):
+            gather([path], worker_directory(directory, int(index) % workers if index.isdigit() else 0))
+
+
+def gather(sources: list[Path], into: Path, remove: bool = True) -> None:
+    """Move the rows of spools no process serves any more into `into`'s incoming directory, where
+    `Spool.open` adopts them as segments. Order across spools does not matter: each row has its
+    own `event_id`. Files that were never renamed into place held rows still in memory: deleted.
+    With `remove`, the emptied sources go too."""
+    target = into / INCOMING
+    for source in sources:
+        incoming = source / INCOMING
+        leftovers = sorted(incoming.iterdir()) if incoming.is_dir() else []
+        files = sorted(source.glob(f"{PREFIX}*{SUFFIX}")) + [path for path in leftovers if path.suffix == SUFFIX]
+        for number, path in enumerate(files):
+            target.mkdir(parents=True, exist_ok=True)
+            moved = target / f"{source.name}-{number:06d}{SUFFIX}"
+            while moved.exists():
+                moved = moved.with_name(f"{moved.stem}-{SUFFIX}")
+            path.rename(moved)
+        for path in leftovers:
+            path.unlink(missing_ok=True)
+        for directory in (incoming, source) if remove else (incoming,):
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+    if target.is_dir():
+        _fsync(target)
 
 
 def _fsync(path: Path) -> None:

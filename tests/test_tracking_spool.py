@@ -1,0 +1,75 @@
+"""The spool directory the workers of `serve --workers N` share, and the worker counts of successive runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+
+from image_service.tracking.batch import Rows
+from image_service.tracking.spool import INCOMING, Spool, share_out, worker_directory
+
+
+def rows(tag: str, count: int) -> list[bytes]:
+    return [orjson.dumps({"event_id": f"{tag}-{n:04d}"}) + b"\n" for n in range(count)]
+
+
+def spooled(directory: Path, lines: list[bytes]) -> None:
+    """`lines` left in the spool at `directory` by a process that has stopped."""
+    spool = Spool(directory, 10**9, segment_bytes=2_000)
+    spool.open()
+    spool.append(Rows.of_lines(lines))
+    spool.close()
+
+
+def drained(directory: Path) -> list[bytes]:
+    """Every row a process starting on the spool at `directory` sends."""
+    spool = Spool(directory, 10**9)
+    spool.open()
+    sent: list[bytes] = []
+    while batch := spool.read_batch(100, 10**6):
+        sent += batch
+        spool.commit(len(batch))
+    return sent
+
+
+def test_rows_spooled_by_more_workers_are_sent_by_fewer(tmp_path: Path) -> None:
+    """Restarted with fewer workers, the service still sends what every old worker spooled, once."""
+    root = tmp_path / "spool"
+    written = []
+    for index in range(3):
+        lines = rows(f"w{index}", 60)
+        spooled(worker_directory(root, index), lines)
+        written += lines
+    helper_file = rows("helper", 5)  # written by worker 2's encoder process while its sink was down
+    (worker_directory(root, 2) / INCOMING).mkdir()
+    (worker_directory(root, 2) / INCOMING / "4242-7.ndjson").write_bytes(b"".join(helper_file))
+    (worker_directory(root, 2) / INCOMING / "4242-8.partial").write_bytes(b"".join(rows("unfinished", 2)))
+
+    share_out(root, 2)
+    sent = drained(worker_directory(root, 0)) + drained(worker_directory(root, 1))
+
+    assert sorted(sent) == sorted(written + helper_file)
+    assert not worker_directory(root, 2).exists()
+
+
+def test_rows_spooled_without_workers_go_to_the_first_worker(tmp_path: Path) -> None:
+    root = tmp_path / "spool"
+    lines = rows("single", 40)
+    spooled(root, lines)
+    share_out(root, 2)
+    assert sorted(drained(worker_directory(root, 0))) == sorted(lines)
+    assert drained(root) == [] and drained(worker_directory(root, 1)) == []
+
+
+def test_a_single_process_sends_what_the_workers_spooled(tmp_path: Path) -> None:
+    """`serve` without workers, or `events replay` of the directory, takes every worker's rows too."""
+    root = tmp_path / "spool"
+    written = rows("own", 10)
+    spooled(root, written)
+    for index in range(2):
+        lines = rows(f"w{index}", 30)
+        spooled(worker_directory(root, index), lines)
+        written += lines
+    assert sorted(drained(root)) == sorted(written)
+    assert list(root.glob("worker-*")) == []
