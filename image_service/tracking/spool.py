@@ -227,8 +227,9 @@ def share_out(directory: Path, workers: int) -> None:
     gather([directory], worker_directory(directory, 0), remove=False)
     for path in sorted(directory.glob(f"{WORKER}*")):
         index = path.name.removeprefix(WORKER)
-        if not (index.isdigit() and int(index) < workers):
-            gather([path], worker_directory(directory, int(index) % workers if index.isdigit() else 0))
+        owner = worker_directory(directory, int(index) % workers if index.isdigit() else 0)
+        if path != owner:
+            gather([path], owner)
 
 
 def gather(sources: list[Path], into: Path, remove: bool = True) -> None:
