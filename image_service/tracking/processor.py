@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import deque
+from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
 from typing import Any, NamedTuple
 
@@ -35,11 +36,11 @@ class Group(NamedTuple):
     since: float
 
 
-def _dumps(context: dict[str, Any] | None, events: list[dict[str, Any]]) -> bytes:
-    return orjson.dumps([context, events], default=str)
+def _dumps(context: dict[str, Any] | None, events: Sequence[Mapping[str, Any]], times: list[float] | None) -> bytes:
+    return orjson.dumps([context, events] if times is None else [context, events, times], default=str)
 
 
-def _lenient(fields: dict[str, Any]) -> dict[str, Any]:
+def _lenient(fields: Mapping[str, Any]) -> dict[str, Any]:
     """`fields` with every value orjson refuses (an integer past 64 bits, a cycle) as its text."""
     kept = {}
     for key, value in fields.items():
@@ -56,7 +57,10 @@ def unpack(data: bytes) -> list[dict[str, Any]]:
     and an `event_id` that the group's bytes determine: rows built again from the same group (after
     the encoder process died, say) carry the same ids, so the sink can drop the copies."""
     events: list[dict[str, Any]] = []
-    for context, members in orjson.loads(data):
+    for context, members, *times in orjson.loads(data):
+        if times:
+            for event, moment in zip(members, times[0]):
+                event["_ts"] = moment
         request_id = context.get("request_id") if context is not None else None
         first = members[0].get("_ts") if members else None
         for index, event in enumerate(members):
@@ -100,9 +104,12 @@ class EventQueue:
         event = dict(event)
         self.put_group(event.pop("_ctx", None), [event])
 
-    def put_group(self, context: dict[str, Any] | None, events: list[dict[str, Any]]) -> None:
-        """Events sharing one context, serialised together now. A value orjson refuses travels as
-        its text (rows check every value's type anyway); a group that still fails is counted."""
+    def put_group(
+        self, context: dict[str, Any] | None, events: Sequence[Mapping[str, Any]], times: list[float] | None = None
+    ) -> None:
+        """Events sharing one context, serialised together now, with their emission times (`times`,
+        else each event's own `_ts`). A value orjson refuses travels as its text (rows check every
+        value's type anyway); a group that still fails is counted."""
         count = len(events)
         if self.closed:
             self.dropped_closed += count
@@ -111,14 +118,14 @@ class EventQueue:
             self.dropped_full += count
             return
         try:
-            data = _dumps(context, events)
+            data = _dumps(context, events, times)
         except Exception:
             try:
-                data = _dumps(None if context is None else _lenient(context), [_lenient(event) for event in events])
+                data = _dumps(None if context is None else _lenient(context), [_lenient(event) for event in events], times)
             except Exception:
                 self.unserialisable += count
                 return
-        since = events[0].get("_ts")
+        since = times[0] if times else events[0].get("_ts")
         # tuple.__new__: a third of the cost of calling the NamedTuple, once a request.
         self.items.append(tuple.__new__(Group, (data, count, since if isinstance(since, float) else time.time())))
         self.events += count
@@ -155,22 +162,27 @@ class EventQueue:
 
 
 class RequestEvents:
-    """One request's events until its terminal event (or until the forwarder releases them)."""
+    """One request's events until its terminal event (or until the forwarder releases them).
 
-    __slots__ = ("queue", "events", "context", "since")
+    It keeps the event dicts structlog made for each call, not copies, and their times beside
+    them: the processors after this one either drop a stage event or merge it into a new dict."""
+
+    __slots__ = ("queue", "events", "times", "context", "since")
     context: dict[str, Any] | None
     since: float
 
     def __init__(self, queue: EventQueue) -> None:
         # `context` and `since` are set with the first event; only then can release() run.
         self.queue = queue
-        self.events: list[dict[str, Any]] = []
+        self.events: list[EventDict] = []
+        self.times: list[float] = []
 
     def release(self) -> None:
         self.queue.open.discard(self)
         events, self.events = self.events, []
+        times, self.times = self.times, []
         if events:
-            self.queue.put_group(self.context, events)
+            self.queue.put_group(self.context, events, times)
 
 
 _TARGET: ContextVar[RequestEvents | None] = ContextVar("image_service_telemetry_target", default=None)
@@ -198,13 +210,12 @@ class TelemetryProcessor:
                     text = event_dict.get("event") == TEXT_EVENT
                     queue.put_group(None if text else current_context(), [{**event_dict, "_ts": time.time()}])
                 return event_dict
-            event = dict(event_dict)
-            event["_ts"] = now = time.time()
             name = event_dict.get("event")
             if name == TEXT_EVENT:
-                request.queue.put_group(None, [event])
+                request.queue.put_group(None, [{**event_dict, "_ts": time.time()}])
                 return event_dict
             # The processor's hot path, once per stage event of every request: inline, not methods.
+            now = time.time()
             events = request.events
             if not events:
                 # A reference to the context, not a copy: rows carry the request's facts as they
@@ -212,7 +223,8 @@ class TelemetryProcessor:
                 request.context = current_context()
                 request.since = now
                 request.queue.open.add(request)
-            events.append(event)
+            events.append(event_dict)
+            request.times.append(now)
             if name == TERMINAL_EVENT:
                 request.release()
         except Exception:
