@@ -18,6 +18,7 @@ from image_service.tracking import EventQueue, Forwarder
 from image_service.tracking.contract import Endpoint
 from image_service.tracking.courier import Courier, CourierSettings, Parcel
 from image_service.tracking.encoder import EncoderProcess, EncoderUnavailable
+from image_service.tracking.forwarder import KEPT_FRAME_EVENTS
 from image_service.tracking.processor import frame, unpack
 from image_service.tracking.rows import RowEncoder
 
@@ -350,7 +351,9 @@ async def test_cancelling_a_batch_never_requeues_frames_the_helper_took(
     """Shutdown may cancel the worker between frames of one batch: frames the helper took stay
     its own (delivered, or given back through it), whatever their delivery's outcome so far."""
     api, _ = events_api
-    forwarder = make_forwarder(encoder_process_min_events=1, batch_rows=3000, queue_size=5000)
+    frame_events = KEPT_FRAME_EVENTS  # the helper delivers these frames itself
+    total = 2 * frame_events + 904
+    forwarder = make_forwarder(encoder_process_min_events=1, batch_rows=total, queue_size=total)
     helper = forwarder.encoder_process
     assert helper is not None
     frames = 0
@@ -361,14 +364,14 @@ async def test_cancelling_a_batch_never_requeues_frames_the_helper_took(
         frames += 1
         if frames == 2:
             # The first frame's delivery has settled, so this reply reports it.
-            await until(lambda: len(api.rows) == 1024)
+            await until(lambda: len(api.rows) == frame_events)
             await asyncio.sleep(0.2)
         if frames == 3:
             await asyncio.sleep(3600)
         return await real_encode(slices, events, ticket, spool_to)
 
     helper.encode = third_frame_stalls  # type: ignore[method-assign]
-    for n in range(3000):
+    for n in range(total):
         forwarder.queue.put(event(n))
     await forwarder.start()
     await until(lambda: frames == 3)
@@ -378,11 +381,11 @@ async def test_cancelling_a_batch_never_requeues_frames_the_helper_took(
     with pytest.raises(asyncio.CancelledError):
         await worker
     requeued = {orjson.loads(group.data)[1][0]["event_id"] for group in forwarder.queue.items}
-    assert len(forwarder.queue) == 3000 - 2 * 1024 and "ev-000000" not in requeued
-    await until(lambda: len(api.rows) == 2048)
+    assert len(forwarder.queue) == total - 2 * frame_events and "ev-000000" not in requeued
+    await until(lambda: len(api.rows) == 2 * frame_events)
     await forwarder.close(timeout=2)
-    assert sorted(row["event_id"] for row in api.rows) == [f"ev-{n:06d}" for n in range(2048)]
-    assert forwarder.stats.spooled == 3000 - 2048
+    assert sorted(row["event_id"] for row in api.rows) == [f"ev-{n:06d}" for n in range(2 * frame_events)]
+    assert forwarder.stats.spooled == total - 2 * frame_events
 
 
 async def test_with_the_breaker_open_the_helper_writes_rows_into_the_spool(

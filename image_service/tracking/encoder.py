@@ -193,10 +193,11 @@ class EncoderProcess:
     async def _round_trip(self, kind: int, ticket: int, wait: float, slices: list[bytes]) -> list[bytes]:
         process = self._process
         assert process is not None and process.stdin is not None and process.stdout is not None
+        parts: list[bytes] = []
         for part in [_COMMAND.pack(kind, ticket, wait), *slices]:
-            process.stdin.write(_LENGTH.pack(len(part)))
-            process.stdin.write(part)
-        process.stdin.write(_END)
+            parts += (_LENGTH.pack(len(part)), part)
+        parts.append(_END)
+        _write_all(process.stdin, parts)
         await process.stdin.drain()
         messages = []
         for _ in range(4):
@@ -233,6 +234,26 @@ class EncoderProcess:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
             await process.wait()
+
+
+def _write_all(stream: asyncio.StreamWriter, parts: list[bytes]) -> None:
+    """Write `parts` in one system call, without joining them (a frame is ~0.3 MB): a write a
+    part cost the event loop ~17 µs each. Whatever the pipe does not take now, and every part
+    while the transport holds earlier bytes, goes through the transport, in order."""
+    transport = stream.transport
+    pipe = transport.get_extra_info("pipe")
+    written = 0
+    if pipe is not None and transport.get_write_buffer_size() == 0:
+        try:
+            written = os.writev(pipe.fileno(), parts)
+        except (BlockingIOError, InterruptedError):
+            written = 0
+    for part in parts:
+        if written >= len(part):
+            written -= len(part)
+            continue
+        stream.write(part[written:] if written else part)
+        written = 0
 
 
 def _checked(messages: list[bytes], events: int) -> Reply:

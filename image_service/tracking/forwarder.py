@@ -57,6 +57,9 @@ JOIN_SLICE = 256
 # Events per round trip to the encoder process: bounded frames keep a backlog moving in steps, and
 # copying one frame's reply (~1.2 KB a row) out of the pipe's buffer stays near 0.1 ms.
 FRAME_EVENTS = 1024
+# Events per round trip when the helper keeps the rows (it delivers or spools them): the reply is
+# a few bytes, and every round trip costs the event loop ~0.25 ms whatever its size.
+KEPT_FRAME_EVENTS = 4096
 # Seconds the encoder process may take on one round trip before new events are encoded in-process.
 HELPER_PATIENCE = 0.5
 # Fewer events than a helper frame wait in the queue until they are this fraction of max_wait old.
@@ -525,7 +528,8 @@ class Forwarder:
         ):
             # With the breaker open these rows are bound for the spool: the helper writes them there.
             spooling = self.breaker.state is BreakerState.OPEN and not self._stopping
-            for frame_groups in _slices(groups, FRAME_EVENTS):
+            kept = spooling or self._courier_may_deliver()
+            for frame_groups in _slices(groups, KEPT_FRAME_EVENTS if kept else FRAME_EVENTS):
                 if not helper.available:
                     break
                 reply = await self._serialise_elsewhere(helper, frame_groups, spooling)
