@@ -164,10 +164,17 @@ def main() -> None:
     print("\nTargets: ratio ≥ 0.95 for each variant; added p99 < 0.5 ms.\n")
     print("Event-loop CPU per request, over both tables: thread CPU time of the loop's callbacks by kind "
           "(`bench/loop_cpu`), which moves far less with the machine's load than throughput does.\n")
-    print("| server | requests | request handling µs | telemetry µs | telemetry share of the loop |")
-    print("|---|---|---|---|---|")
+    per_request = {
+        name: (totals["requests_s"] + totals["telemetry_s"] + totals["other_s"]) / totals["requests"]
+        for name, totals in loop_cpu.items()
+    }
+    baseline = (per_request[OFF] + per_request[CONTROL]) / 2
+    print("| server | requests | request handling µs | telemetry µs | telemetry share of the loop | loop CPU ratio |")
+    print("|---|---|---|---|---|---|")
     for name, totals in loop_cpu.items():
         count = totals["requests"]
         total = totals["requests_s"] + totals["telemetry_s"] + totals["other_s"]
         print(f"| {name} | {count:,} | {totals['requests_s'] / count * 1e6:.1f} | {totals['telemetry_s'] / count * 1e6:.1f} | "
-              f"{totals['telemetry_s'] / total:.1%} |")
+              f"{totals['telemetry_s'] / total:.1%} | {baseline / per_request[name]:.3f} |")
+    print("\nLoop CPU ratio: the two tracking-off servers' mean loop CPU per request over this server's, "
+          "the throughput ratio a saturated single-threaded loop would show without the machine's drift.")
