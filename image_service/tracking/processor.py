@@ -1,7 +1,8 @@
 """The structlog processor that hands telemetry events to a forwarder without blocking.
 
-It runs first in the chain, before the request context is merged in. It copies the event's own
-fields and returns the event unchanged; it never raises, never awaits and does no I/O.
+It runs first in the chain, before the request context is merged in. It keeps the event's own
+fields (a request's events as the dicts structlog made, their times beside them) and returns the
+event unchanged; it never raises, never awaits and does no I/O.
 
 A request's events wait in the request (`RequestEvents`) until its terminal event, then its context
 and its events are serialised together, once, onto the bounded queue of the forwarder serving it:
@@ -29,7 +30,8 @@ from .rows import TERMINAL_EVENT, TEXT_EVENT
 
 
 class Group(NamedTuple):
-    """Serialised `[context, [event, ...]]`, how many events it holds, and when the first was emitted."""
+    """Serialised `[context, [event, ...], [time, ...]]` (without the times, each event carries its
+    `_ts`), how many events it holds, and when the first was emitted."""
 
     data: bytes
     events: int
