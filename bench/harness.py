@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # processes share the others. Left to the scheduler, the same server moved between runs from
 # 5,000 to 7,000 requests/s as wrk woke up on its core or on the other one.
 _CPUS = sorted(os.sched_getaffinity(0))
-SERVER_CPUS = set(_CPUS[:1]) if len(_CPUS) > 1 else set(_CPUS)
-OTHER_CPUS = set(_CPUS[1:]) if len(_CPUS) > 1 else set(_CPUS)
+SERVER_CPUS = set(_CPUS[:1])
+OTHER_CPUS = set(_CPUS[1:]) or SERVER_CPUS
 # Servers under test by base URL: their helper processes start late and are moved before each run.
 _UNDER_TEST: dict[str, int] = {}
 
@@ -59,6 +59,7 @@ def server(
     os.sched_setaffinity(process.pid, OTHER_CPUS if idle else SERVER_CPUS)
     if idle:
         os.sched_setscheduler(process.pid, os.SCHED_IDLE, os.sched_param(0))
+    url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -71,12 +72,11 @@ def server(
                 if time.monotonic() > deadline:
                     raise RuntimeError("server did not start") from None
                 time.sleep(0.1)
-        url = f"http://127.0.0.1:{port}"
         if not idle:
             _UNDER_TEST[url] = process.pid
         yield url
     finally:
-        _UNDER_TEST.pop(f"http://127.0.0.1:{port}", None)
+        _UNDER_TEST.pop(url, None)
         process.terminate()
         try:
             process.wait(timeout=30)
