@@ -19,7 +19,7 @@ from image_service.tracking.contract import Endpoint
 from image_service.tracking.courier import Courier, CourierSettings, Parcel
 from image_service.tracking.encoder import EncoderProcess, EncoderUnavailable
 from image_service.tracking.forwarder import KEPT_FRAME_EVENTS
-from image_service.tracking.processor import frame, unpack
+from image_service.tracking.processor import unpack
 from image_service.tracking.rows import RowEncoder
 
 from .events_api import EventsAPI, Fault
@@ -46,7 +46,7 @@ def framed(events: list[dict[str, Any]]) -> bytes:
     queue = EventQueue(len(events))
     for item in events:
         queue.put(item)
-    return frame(queue.take(len(events)))
+    return bytes(queue.take(len(events)).data)
 
 
 async def test_rows_built_by_the_encoder_process_equal_rows_built_in_process() -> None:
@@ -380,8 +380,10 @@ async def test_cancelling_a_batch_never_requeues_frames_the_helper_took(
     worker.cancel()
     with pytest.raises(asyncio.CancelledError):
         await worker
-    requeued = {orjson.loads(group.data)[1][0]["event_id"] for group in forwarder.queue.items}
-    assert len(forwarder.queue) == total - 2 * frame_events and "ev-000000" not in requeued
+    assert len(forwarder.queue) == total - 2 * frame_events
+    requeued = forwarder.queue.take(total)
+    assert "ev-000000" not in {event["event_id"] for event in unpack(requeued.data)}
+    forwarder.queue.give_back([requeued])
     await until(lambda: len(api.rows) == 2 * frame_events)
     await forwarder.close(timeout=2)
     assert sorted(row["event_id"] for row in api.rows) == [f"ev-{n:06d}" for n in range(2 * frame_events)]

@@ -15,7 +15,7 @@ from image_service.tracking import COLUMNS, TELEMETRY, Breaker, BreakerState, Ev
 from image_service.tracking.batch import Rows
 from image_service.tracking.context import bind, new_request, parse_traceparent, request_ids
 from image_service.tracking.context import clear as clear_request
-from image_service.tracking.processor import TelemetryProcessor, frame, unpack
+from image_service.tracking.processor import TelemetryProcessor, unpack
 from image_service.tracking.rows import RowEncoder
 
 
@@ -125,8 +125,8 @@ def request_routed(processor: TelemetryProcessor, queue: EventQueue, request_id:
 
 
 def queued(queue: EventQueue) -> list[dict[str, object]]:
-    """The events waiting in `queue`, as the forwarder will read them."""
-    return unpack(frame(list(queue.items)))
+    """The events waiting in `queue`, taken as the forwarder takes them."""
+    return unpack(queue.take(len(queue)).data)
 
 
 class TestProcessor:
@@ -147,11 +147,12 @@ class TestProcessor:
             assert len(queue) == 0 and len(queue.open) == 1
             bind(tier="seed")
             processor(None, "info", {"event": "request.completed", "stage": "response", "status": 200})
-        assert (len(queue.items), len(queue), queue.open) == (1, 3, set())
-        events = queued(queue)
+        assert (len(queue), queue.open) == (3, set())
+        groups = queue.take(3)
+        assert len(groups) == 1 and bytes(groups.data).count(b"a" * 32) == 1
+        events = unpack(groups.data)
         assert [event["event"] for event in events] == ["request.received", "cache.lookup", "request.completed"]
         assert all(event["_ctx"] == {"request_id": "a" * 32, "tier": "seed"} for event in events)
-        assert queue.items[0].data.count(b"a" * 32) == 1
 
     def test_waiting_events_of_a_slow_request_can_be_released_early(self) -> None:
         processor, queue = TelemetryProcessor(), EventQueue(10)
@@ -171,7 +172,7 @@ class TestProcessor:
                 {"event": "request.received", "_ts": 5.0}, {"event": "cache.lookup", "_ts": 5.0},
                 {"event": "request.completed", "_ts": 5.001},
             ])
-        data = frame(queue.take(9))
+        data = queue.take(9).data
         first, again = [[event["event_id"] for event in unpack(data)] for _ in range(2)]
         assert first == again and len(set(first)) == 9
 
@@ -211,6 +212,57 @@ class TestProcessor:
         for _ in range(5):
             queue.put({"_ts": 0.0})
         assert (len(queue), queue.enqueued, queue.dropped_full) == (2, 2, 3)
+
+
+def requests_queue(sizes: list[int], first_ts: float = 100.0) -> EventQueue:
+    """A queue holding one group per size, of that many events, named `r<n>/<i>` in order."""
+    queue = EventQueue(1000)
+    for n, size in enumerate(sizes):
+        queue.put_group({"request_id": f"r{n}"}, [{"event": f"r{n}/{i}", "_ts": first_ts + n} for i in range(size)])
+    return queue
+
+
+def names(data: object) -> list[str]:
+    return [str(event["event"]) for event in unpack(data)]  # type: ignore[arg-type]
+
+
+class TestEventQueue:
+    def test_taking_stops_at_the_limit_on_a_group_boundary_and_leaves_the_rest_in_order(self) -> None:
+        queue = requests_queue([3, 2, 4])
+        taken = queue.take(6)
+        assert (len(taken), taken.events, len(queue)) == (2, 5, 4)
+        assert names(taken.data) == ["r0/0", "r0/1", "r0/2", "r1/0", "r1/1"]
+        assert names(queue.take(100).data) == [f"r2/{i}" for i in range(4)] and len(queue) == 0
+
+    def test_a_group_larger_than_the_limit_is_taken_whole(self) -> None:
+        queue = requests_queue([5, 1])
+        taken = queue.take(2)
+        assert (taken.events, len(queue)) == (5, 1)
+
+    def test_groups_given_back_go_before_newer_ones_in_their_order(self) -> None:
+        queue = requests_queue([1, 2, 3])
+        first, second = queue.take(1), queue.take(2)
+        queue.put_group({"request_id": "late"}, [{"event": "late", "_ts": 1.0}])
+        queue.give_back([first, second])
+        assert len(queue) == 7
+        assert names(queue.take(100).data) == ["r0/0", "r1/0", "r1/1", "r2/0", "r2/1", "r2/2", "late"]
+
+    def test_the_oldest_event_decides_a_batch_age_even_behind_younger_requests(self) -> None:
+        """A request that ran long is queued at its end, after requests that started later."""
+        queue = requests_queue([1, 1])
+        queue.put_group({"request_id": "long"}, [{"event": "long", "_ts": 50.0}])
+        assert queue.oldest_ts() == 50.0 and queue.take(100).since == 50.0
+
+    def test_frames_hold_whole_groups_up_to_their_size_and_cover_the_batch_once(self) -> None:
+        groups = requests_queue([2, 2, 5, 1, 1, 1]).take(100)
+        runs = groups.runs(4)
+        assert runs == [(0, 2), (2, 3), (3, 6)]
+        assert [names(groups.slice(*run).data) for run in runs] == [
+            ["r0/0", "r0/1", "r1/0", "r1/1"], [f"r2/{i}" for i in range(5)], ["r3/0", "r4/0", "r5/0"],
+        ]
+        rest = groups.without([runs[1]])
+        assert [names(part.data) for part in rest] == [["r0/0", "r0/1", "r1/0", "r1/1"], ["r3/0", "r4/0", "r5/0"]]
+        assert sum(part.events for part in rest) == groups.events - 5
 
     def test_routes_to_the_queue_of_the_current_request(self) -> None:
         """Two apps in one process each receive their own requests' events."""

@@ -1,7 +1,7 @@
 """Row encoding in a helper process, so a busy server spends a second core on rows, not its event loop.
 
 Building a row costs ~9 µs of Python per event (40 columns, privacy rules, metadata); the processor
-has already serialised each request's events with its context (`processor.Group`). Under load the
+has already serialised each request's events with its context (`processor.Groups`). Under load the
 forwarder therefore ships batches of those groups over a pipe to a helper Python process (`main()`
 below). The helper runs the same `RowEncoder` as the in-process path, so rows are identical either
 way. It is one of the service's own processes: privacy is applied there, before any row leaves the
@@ -15,8 +15,8 @@ Otherwise the rows come back.
 Protocol, one reply per request:
 - request: messages, each after its 4-byte big-endian length, then a zero length. The first is
   the command (`>BId`: kind, ticket, seconds to wait for deliveries to settle); ENCODE and DELIVER
-  are followed by JSON arrays of groups (`processor.frame`), SPOOL by the file's path and then the
-  groups, CONFIGURE by the courier's settings.
+  are followed by runs of serialised groups (`processor.Groups.data`), SPOOL by the file's path and
+  then the groups, CONFIGURE by the courier's settings.
 - reply: four messages, each after its length: `>IIIB` (rows that failed, length of the first
   failure's type name, rows encoded, where they went: 0 back, 1 the courier, 2 the file), that
   name and, unless taken,
@@ -48,7 +48,7 @@ from typing import IO, Any
 import orjson
 
 from .courier import Courier, CourierSettings, Parcel, Settlement
-from .processor import unpack
+from .processor import Buffer, unpack
 from .rows import RowEncoder
 
 _LENGTH = struct.Struct(">I")
@@ -137,9 +137,9 @@ class EncoderProcess:
         return not self._closed and self._clock() >= self._retry_at
 
     async def encode(
-        self, slices: list[bytes], events: int, ticket: int | None = None, spool_to: Path | None = None
+        self, slices: list[Buffer], events: int, ticket: int | None = None, spool_to: Path | None = None
     ) -> Reply:
-        """Rows of the `events` events in `slices` (JSON arrays of groups), in order and joined, with
+        """Rows of the `events` events in `slices` (runs of serialised groups), in order and joined, with
         their count, the number that failed and the first failure's type. With a `ticket` (and a
         courier), the helper may deliver the rows itself (`Reply.delivered`); with `spool_to`, it
         writes them to that file, fsync'd (`Reply.spooled`). On any failure the helper is stopped
@@ -156,7 +156,7 @@ class EncoderProcess:
             raise EncoderUnavailable("the encoder process is gone, with the deliveries it had")
         return (await self._request(ABANDON if abandon else COLLECT, 0, wait, [], 0)).settlements
 
-    async def _request(self, kind: int, ticket: int, wait: float, slices: list[bytes], events: int) -> Reply:
+    async def _request(self, kind: int, ticket: int, wait: float, slices: list[Buffer], events: int) -> Reply:
         if self._closed:
             raise EncoderUnavailable("closed")
         async with self._lock:
@@ -185,15 +185,15 @@ class EncoderProcess:
             # The key travels over the pipe, never on the command line, where `ps` would show it.
             _checked(await self._round_trip(CONFIGURE, 0, 0.0, [self.courier.to_json()]), 0)
 
-    async def _started_round_trip(self, kind: int, ticket: int, wait: float, slices: list[bytes]) -> list[bytes]:
+    async def _started_round_trip(self, kind: int, ticket: int, wait: float, slices: list[Buffer]) -> list[bytes]:
         if not self.running:
             await self._start()
         return await self._round_trip(kind, ticket, wait, slices)
 
-    async def _round_trip(self, kind: int, ticket: int, wait: float, slices: list[bytes]) -> list[bytes]:
+    async def _round_trip(self, kind: int, ticket: int, wait: float, slices: list[Buffer]) -> list[bytes]:
         process = self._process
         assert process is not None and process.stdin is not None and process.stdout is not None
-        parts: list[bytes] = []
+        parts: list[Buffer] = []
         for part in [_COMMAND.pack(kind, ticket, wait), *slices]:
             parts += (_LENGTH.pack(len(part)), part)
         parts.append(_END)
@@ -236,7 +236,7 @@ class EncoderProcess:
             await process.wait()
 
 
-def _write_all(stream: asyncio.StreamWriter, parts: list[bytes]) -> None:
+def _write_all(stream: asyncio.StreamWriter, parts: list[Buffer]) -> None:
     """Write `parts` in one system call, without joining them (a frame is ~0.3 MB): a write a
     part cost the event loop ~17 µs each. Whatever the pipe does not take now, and every part
     while the transport holds earlier bytes, goes through the transport, in order."""

@@ -28,7 +28,7 @@ import os
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -39,7 +39,7 @@ from ..priority import background_executor
 from .batch import Rows, concat
 from .courier import CourierSettings, Settlement
 from .encoder import EncoderProcess, EncoderUnavailable, Reply
-from .processor import TELEMETRY, EventQueue, Group, frame, unpack
+from .processor import TELEMETRY, EventQueue, Groups, unpack
 from .rows import RowEncoder
 from .sinks import Outcome, SendResult, Sink, TinybirdSink
 from .spool import SUFFIX, Spool
@@ -154,8 +154,8 @@ class Forwarder:
         self._calls_per_second = settings.max_requests_per_second / (2 if courier else 1)
         self.encoder_process = EncoderProcess(settings.environment, courier) if settings.encoder_process else None
         # Frames the helper is delivering, by ticket: their events are encoded again if it dies.
-        self._delivering: dict[int, list[Group]] = {}
-        self._recovered: list[Group] = []
+        self._delivering: dict[int, Groups] = {}
+        self._recovered: list[Groups] = []
         self._tickets = itertools.count(1)
         # The helper delivers only while the sink has been taking rows: after a failure, the
         # forwarder's own sends (with their retries) find out when it is healthy again.
@@ -388,20 +388,20 @@ class Forwarder:
         if not self._worth_absorbing():
             return
         groups = queue.take(self.settings.batch_rows)
-        oldest = min(group.since for group in groups)
+        oldest = groups.since
         # Another absorb may be encoding older events right now: the batch's age is the oldest's.
         self._pending_since = min(self._pending_since, oldest) if self._pending or self._in_hand else oldest
-        count = sum(group.events for group in groups)
+        count = groups.events
         self._in_hand += count
         self._working.set()
-        handed: set[int] = set()
+        handed: list[tuple[int, int]] = []
         try:
             rows = await self._serialise(groups, handed)
         except BaseException:
             # Shutdown gave up waiting, or encoding failed: the events go back to the front of the
             # queue, for the next round or for close() to spool; frames the helper took for delivery
             # are its (and, if it fails, _recovered's), however their delivery has gone since.
-            queue.give_back([group for group in groups if id(group) not in handed])
+            queue.give_back(groups.without(handed))
             raise
         finally:
             self._in_hand -= count
@@ -512,10 +512,10 @@ class Forwarder:
 
     # helpers ---------------------------------------------------------------------------------
 
-    async def _serialise(self, groups: list[Group], handed: set[int] | None = None) -> Rows:
+    async def _serialise(self, groups: Groups, handed: list[tuple[int, int]] | None = None) -> Rows:
         """Rows of the groups' events, in order: from the encoder process when the batch is large
         enough, here for the rest (small batches, and whatever the helper could not take). The
-        groups the helper takes for delivery are added to `handed` (by id) as it takes them."""
+        runs of groups the helper takes for delivery are added to `handed` as it takes them."""
         rows = Rows()
         failures: Counter[str] = Counter()
         elsewhere = done = 0
@@ -524,27 +524,27 @@ class Forwarder:
         starting = self._warm_up is not None and not self._warm_up.done() and not self._helper_lagging()
         if (
             helper is not None and (not helper.busy or starting)
-            and sum(group.events for group in groups) >= self.settings.encoder_process_min_events
+            and groups.events >= self.settings.encoder_process_min_events
         ):
             # With the breaker open these rows are bound for the spool: the helper writes them there.
             spooling = self.breaker.state is BreakerState.OPEN and not self._stopping
             kept = spooling or self._courier_may_deliver()
-            for frame_groups in _slices(groups, KEPT_FRAME_EVENTS if kept else FRAME_EVENTS):
+            for first, last in groups.runs(KEPT_FRAME_EVENTS if kept else FRAME_EVENTS):
                 if not helper.available:
                     break
-                reply = await self._serialise_elsewhere(helper, frame_groups, spooling)
+                reply = await self._serialise_elsewhere(helper, groups.slice(first, last), spooling)
                 if reply is None:
                     break
                 if not (reply.delivered or reply.spooled):
                     rows.add(reply.rows, reply.count)
                 elif handed is not None:
-                    handed.update(map(id, frame_groups))
+                    handed.append((first, last))
                 elsewhere += reply.count
                 if reply.failed:
                     failures[reply.first_error] += reply.failed
-                done += len(frame_groups)
+                done = last
         if done < len(groups):
-            rows.extend(Rows.of_lines(await self._serialise_here(groups[done:], failures)))
+            rows.extend(Rows.of_lines(await self._serialise_here(groups.slice(done, len(groups)), failures)))
         # Counted once the whole batch is encoded: a cancelled batch returns to the queue uncounted.
         self.stats.encoded_elsewhere += elsewhere
         for name, count in failures.items():
@@ -552,17 +552,17 @@ class Forwarder:
             self._log_once(f"serialise:{name}", "telemetry.unserialisable", error=name)
         return rows
 
-    async def _serialise_here(self, groups: list[Group], failures: Counter[str]) -> list[bytes]:
+    async def _serialise_here(self, groups: Groups, failures: Counter[str]) -> list[bytes]:
         lines: list[bytes] = []
         try:
-            for part in _slices(groups, SERIALISE_SLICE):
-                lines += self._encoder.encode_all(unpack(frame(part)), failures)
+            for first, last in groups.runs(SERIALISE_SLICE):
+                lines += self._encoder.encode_all(unpack(groups.slice(first, last).data), failures)
                 await asyncio.sleep(0)
         finally:
             self._encoder.reset()
         return lines
 
-    async def _serialise_elsewhere(self, helper: EncoderProcess, groups: list[Group], spooling: bool) -> Reply | None:
+    async def _serialise_elsewhere(self, helper: EncoderProcess, groups: Groups, spooling: bool) -> Reply | None:
         """The encoder process's reply for these groups (rows, a delivery under way, or rows it
         wrote for the spool, adopted here); None when they must be encoded here instead."""
         if self._delivering and not helper.running:
@@ -570,9 +570,7 @@ class Forwarder:
         ticket = next(self._tickets) if spooling or self._courier_may_deliver() else None
         spool_to = self.spool.incoming / f"{os.getpid()}-{ticket}{SUFFIX}" if spooling else None
         try:
-            reply = await helper.encode(
-                [frame(groups)], sum(group.events for group in groups), None if spooling else ticket, spool_to
-            )
+            reply = await helper.encode([groups.data], groups.events, None if spooling else ticket, spool_to)
         except Exception as exc:
             self._helper_failed(exc)
             return None
@@ -613,8 +611,7 @@ class Forwarder:
     def _recover_deliveries(self) -> None:
         """The helper is gone with the frames it was delivering: their events are encoded again
         (rows the sink did take may then arrive twice, under the same event ids)."""
-        for groups in self._delivering.values():
-            self._recovered += groups
+        self._recovered += self._delivering.values()
         self._delivering.clear()
 
     def _settle(self, settlements: list[Settlement]) -> None:
@@ -678,16 +675,3 @@ class Forwarder:
             self._logged.add(key)
             log.error(event, **fields)
 
-
-def _slices(groups: list[Group], events: int) -> Iterator[list[Group]]:
-    """Consecutive runs of groups of up to `events` events each (a larger group on its own)."""
-    run: list[Group] = []
-    count = 0
-    for group in groups:
-        if run and count + group.events > events:
-            yield run
-            run, count = [], 0
-        run.append(group)
-        count += group.events
-    if run:
-        yield run
