@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -122,7 +122,8 @@ def wrk(url: str, seconds: int = 5, connections: int = 16) -> Load:
 
 @dataclass(frozen=True)
 class Comparison:
-    """How a target fared against the baseline over paired rounds (medians of per-round figures)."""
+    """How a target fared against the baseline over paired rounds (medians of per-round figures;
+    a target run as several servers counts as their mean in each round)."""
 
     requests_per_s: float
     ratio: float
@@ -130,30 +131,49 @@ class Comparison:
     ratio_high: float
     p99_ms: float
     added_p99_ms: float
+    # Highest over lowest of the target's servers' median requests/s (1.0 for a single server).
+    instance_spread: float
 
 
 def paired(urls: Mapping[str, str], baseline: str, rounds: int, seconds: int, connections: int = 16) -> dict[str, Comparison]:
-    """Every target once per round, in a fresh random order; each round's figures are taken against
-    the baseline's in the same round, so the machine's drift between rounds cancels out. The
-    quartiles of the per-round ratios show how far one round can be trusted."""
-    runs: dict[str, list[Load]] = {name: [] for name in urls}
-    order = list(urls)
+    """`paired_kinds` with one server per target."""
+    return paired_kinds({name: [url] for name, url in urls.items()}, baseline, rounds, seconds, connections)
+
+
+def paired_kinds(
+    kinds: Mapping[str, Sequence[str]], baseline: str, rounds: int, seconds: int, connections: int = 16
+) -> dict[str, Comparison]:
+    """Every server once per round, in a fresh random order; each round's figures are taken against
+    the baseline's in the same round, so the machine's drift between rounds cancels out. Several
+    identical servers per target average out what differs between processes (up to ~10 % here
+    for the same code). The quartiles of the per-round ratios show how far one round can be trusted."""
+    runs: dict[str, list[Load]] = {url: [] for urls in kinds.values() for url in urls}
+    order = list(runs)
     shuffle = random.Random(0).shuffle
     for _ in range(rounds):
         shuffle(order)
-        for name in order:
-            runs[name].append(wrk(urls[name], seconds, connections))
-    base = runs[baseline]
+        for url in order:
+            runs[url].append(wrk(url, seconds, connections))
+
+    def per_round(urls: Sequence[str], figure: Callable[[Load], float]) -> list[float]:
+        return [statistics.fmean(figure(runs[url][index]) for url in urls) for index in range(rounds)]
+
+    base_rps = per_round(kinds[baseline], lambda load: load.requests_per_s)
+    base_p99 = per_round(kinds[baseline], lambda load: load.p99_ms)
     result = {}
-    for name, loads in runs.items():
-        ratios = [load.requests_per_s / b.requests_per_s for load, b in zip(loads, base)]
+    for name, urls in kinds.items():
+        rps = per_round(urls, lambda load: load.requests_per_s)
+        p99 = per_round(urls, lambda load: load.p99_ms)
+        ratios = [value / base for value, base in zip(rps, base_rps)]
         low, _, high = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+        medians = [statistics.median(load.requests_per_s for load in runs[url]) for url in urls]
         result[name] = Comparison(
-            requests_per_s=statistics.median(load.requests_per_s for load in loads),
+            requests_per_s=statistics.median(rps),
             ratio=statistics.median(ratios),
             ratio_low=low,
             ratio_high=high,
-            p99_ms=statistics.median(load.p99_ms for load in loads),
-            added_p99_ms=statistics.median(load.p99_ms - b.p99_ms for load, b in zip(loads, base)),
+            p99_ms=statistics.median(p99),
+            added_p99_ms=statistics.median(value - base for value, base in zip(p99, base_p99)),
+            instance_spread=max(medians) / min(medians),
         )
     return result
