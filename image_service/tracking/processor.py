@@ -78,7 +78,7 @@ class Groups:
     and the encoder process is sent as it is. `sizes`, `counts` and `sinces` hold each group's
     bytes, events and first event's time. Slices share the bytes they were cut from."""
 
-    __slots__ = ("data", "sizes", "counts", "sinces", "events")
+    __slots__ = ("counts", "data", "events", "sinces", "sizes")
 
     def __init__(self, data: Buffer, sizes: array[int], counts: array[int], sinces: array[float]) -> None:
         self.data, self.sizes, self.counts, self.sinces = data, sizes, counts, sinces
