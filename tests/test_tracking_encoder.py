@@ -409,3 +409,37 @@ async def test_with_the_breaker_open_the_helper_writes_rows_into_the_spool(
     forwarder.breaker.success()
     await until(lambda: len(api.rows) == 320)
     assert sorted(row["event_id"] for row in api.rows) == sorted(f"ev-{n:06d}" for n in [*range(20), *range(300)])
+
+
+async def test_a_sink_failing_the_helpers_calls_opens_the_breaker_without_a_call_of_the_forwarders(
+    make_forwarder: Make, events_api: tuple[EventsAPI, str]
+) -> None:
+    """A delivery the helper could not make is a failed call to the sink like any other: a failing
+    or slow sink opens the breaker without the forwarder first failing calls of its own (5 s each
+    against a sink that does not answer), while every new row comes back through the event loop."""
+    api, _ = events_api
+    api.down = True
+    forwarder = make_forwarder(encoder_process_min_events=10, breaker_failures=1, breaker_cooldown=30)
+    await started_with_helper(forwarder)
+    await stream(forwarder, 20, burst=20, pause=0)
+    await until(lambda: forwarder.stats.spooled == 20)
+    assert forwarder.breaker.state.name == "OPEN" and api.requests == 1
+
+
+async def test_while_the_breaker_probes_the_sink_the_helper_spools_new_rows_and_they_drain_in_order(
+    make_forwarder: Make, events_api: tuple[EventsAPI, str]
+) -> None:
+    """Half-open, one call probes the sink; rows that arrive meanwhile wait in the spool, as they
+    do while the breaker is open, instead of coming back to the server to be sent or spooled there."""
+    api, _ = events_api
+    api.down = True
+    forwarder = make_forwarder(encoder_process_min_events=10, breaker_failures=1, max_retries=0, breaker_cooldown=0.3)
+    await started_with_helper(forwarder)
+    forwarder.breaker.trip()
+    await until(lambda: forwarder.breaker.state.name == "HALF_OPEN")
+    await stream(forwarder, 100, burst=100, pause=0)
+    await until(lambda: forwarder.stats.spooled == 100)
+    assert forwarder.stats.spooled_elsewhere == 100 and not api.rows
+    api.down = False
+    await until(lambda: len(api.rows) == 100)
+    assert [row["event_id"] for row in api.rows] == [f"ev-{n:06d}" for n in range(100)]

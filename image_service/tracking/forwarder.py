@@ -13,7 +13,8 @@ Shaped like OpenTelemetry's batch worker, with a spool where it would drop:
   helper cannot take, are built here. While the Tinybird sink is healthy the helper also makes the
   first delivery attempt itself (`courier.py`); rows it could not deliver come back and are
   handled here like any batch, and if the helper dies its undelivered events are encoded again.
-  While the breaker is open the helper writes its rows into the spool itself (`Spool.adopt`);
+  While the breaker is open or probing, the helper writes its rows into the spool itself
+  (`Spool.adopt`); its failed deliveries count toward the breaker like the forwarder's own calls;
 - `close()` flushes within a deadline and spools whatever is left.
 
 The worker never dies: an unexpected error is logged (once per kind) and the loop goes on.
@@ -531,8 +532,9 @@ class Forwarder:
             helper is not None and (not helper.busy or starting)
             and groups.events >= self.settings.encoder_process_min_events
         ):
-            # With the breaker open these rows are bound for the spool: the helper writes them there.
-            spooling = self.breaker.state is BreakerState.OPEN and not self._stopping
+            # With the breaker open, or probing the sink with one call, these rows are bound for the
+            # spool: the helper writes them there, and they leave in order once the probe succeeds.
+            spooling = self.breaker.state is not BreakerState.CLOSED and not self._stopping
             kept = spooling or self._courier_may_deliver()
             for first, last in groups.runs(KEPT_FRAME_EVENTS if kept else FRAME_EVENTS):
                 if not helper.available:
@@ -635,7 +637,11 @@ class Forwarder:
                 # Never sent again: a 422 means partly written, so a retry would duplicate.
                 self._rejected(result, item.count)
                 continue
-            # Back to the forwarder, due at once, as the same bytes (same event ids).
+            # A failed call to the sink, whoever made it: a sink that fails the helper's calls opens
+            # the breaker without the forwarder's own calls failing first, a timeout at a time.
+            # The rows come back to the forwarder, due at once, as the same bytes (same event ids).
+            if result.outcome is Outcome.RETRY:
+                self.breaker.failure()
             self._courier_trusted = False
             rows = Rows()
             rows.add(item.rows, item.count)
