@@ -83,6 +83,30 @@ async def test_rows_arrive_in_batches_with_bearer_token_and_gzip(make_forwarder:
     assert forwarder.stats.sent == 250
 
 
+async def test_an_idle_forwarder_rests_and_its_queues_first_event_wakes_it(
+    make_forwarder: Make, events_api: tuple[EventsAPI, str]
+) -> None:
+    """Idle, the forwarder polls every max_wait / 2 instead of twenty times a second; a burst of
+    events after a quiet spell still leaves at once, not when the nap ends."""
+    api, _ = events_api
+    forwarder = make_forwarder(max_wait=4.0, encoder_process=False)
+    rounds = 0
+    real_round = forwarder._round
+
+    async def counted() -> bool:
+        nonlocal rounds
+        rounds += 1
+        return await real_round()
+
+    forwarder._round = counted  # type: ignore[method-assign]
+    await forwarder.start()
+    await asyncio.sleep(1.0)
+    assert rounds <= 2
+    for n in range(100):
+        forwarder.queue.put(event(n))
+    await until(lambda: len(api.rows) == 100, seconds=1.5)
+
+
 async def test_thirty_percent_injected_failures_lose_nothing(make_forwarder: Make, events_api: tuple[EventsAPI, str]) -> None:
     """429s, 5xx, resets and timeouts are retried until every row is in."""
     api, _ = events_api

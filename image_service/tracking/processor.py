@@ -19,7 +19,7 @@ import hashlib
 import time
 from array import array
 from bisect import bisect_right
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
 from itertools import accumulate
 from typing import Any
@@ -149,6 +149,8 @@ class EventQueue:
         self.unserialisable = 0
         # Requests with events waiting for their terminal event.
         self.open: set[RequestEvents] = set()
+        # Set by an idle forwarder: called (once) with the next group.
+        self.wake: Callable[[], None] | None = None
 
     def _reset(self) -> None:
         self._data = bytearray()
@@ -194,6 +196,10 @@ class EventQueue:
         self._sinces.append(since if isinstance(since, float) else time.time())
         self.events += count
         self.enqueued += count
+        wake = self.wake
+        if wake is not None:
+            self.wake = None
+            wake()
 
     def oldest_ts(self) -> float | None:
         return min(self._sinces) if self._sinces else None

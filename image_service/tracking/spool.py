@@ -76,6 +76,11 @@ class Spool:
     def total_bytes(self) -> int:
         return sum(size for _, size in self._segments) + self._writer_size
 
+    @property
+    def needs_sync(self) -> bool:
+        """Whether rows were written or adopted since the last `sync`."""
+        return (self._writer is not None and self._dirty) or bool(self._unsynced)
+
     def has_data(self) -> bool:
         return bool(self._segments) or self._writer_size > 0 or (
             self._reader is not None and self._reader.offset < len(self._reader.lines)
