@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import itertools
 import os
 import random
@@ -48,10 +49,10 @@ from .spool import SUFFIX, Spool
 log = structlog.get_logger("image_service.tracking")
 T = TypeVar("T")
 
+# Seconds between rounds of a forwarder with work in hand. An idle one (nothing in memory, nothing
+# to fsync) naps max_wait * FRESH_FRACTION instead, and the queue wakes it with its first event:
+# twenty wake-ups a second cost an idle server's loop ~2.5 ms a second here.
 POLL_SECONDS = 0.05
-# An idle forwarder (nothing in memory, nothing to fsync) polls every max_wait * FRESH_FRACTION
-# instead, and the queue wakes it with its first event: twenty wake-ups a second cost an idle
-# server's loop ~2.5 ms a second here.
 # Seconds between asking the helper how its deliveries went, when no frame brought the news: every
 # round trip costs the event loop ~0.25 ms whatever it carries.
 COLLECT_SECONDS = 0.25
@@ -195,7 +196,6 @@ class Forwarder:
 
     async def start(self) -> None:
         await self._in_io(self.spool.open)
-        self._loop = asyncio.get_running_loop()
         self._task = asyncio.create_task(self._run(), name="telemetry-forwarder")
         self._guard = asyncio.create_task(self._guard_queue(), name="telemetry-queue-guard")
         TELEMETRY.default = self.queue
@@ -317,15 +317,12 @@ class Forwarder:
         if self._holding() or self.spool.needs_sync:
             await self._nap(POLL_SECONDS)
             return
-        queue.wake = self._wake_soon
+        # Thread-safe: a thread that logs a text event puts it on the queue itself.
+        queue.wake = functools.partial(asyncio.get_running_loop().call_soon_threadsafe, self._wake_up)
         try:
             await self._nap(max(POLL_SECONDS, self.settings.max_wait * FRESH_FRACTION))
         finally:
             queue.wake = None
-
-    def _wake_soon(self) -> None:
-        """The queue's wake-up: it may be called from a thread that logs a text event."""
-        self._loop.call_soon_threadsafe(self._wake_up)
 
     async def _nap(self, seconds: float) -> None:
         """Sleep up to `seconds`, cut short by flush() and close(): as cheap as asyncio.sleep, where

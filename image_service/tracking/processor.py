@@ -150,7 +150,7 @@ class EventQueue:
         # Requests with events waiting for their terminal event.
         self.open: set[RequestEvents] = set()
         # Set by an idle forwarder: called (once) with the next group.
-        self.wake: Callable[[], None] | None = None
+        self.wake: Callable[[], object] | None = None
 
     def _reset(self) -> None:
         self._data = bytearray()
