@@ -147,26 +147,30 @@ def paired_kinds(
     the baseline's in the same round, so the machine's drift between rounds cancels out. Several
     identical servers per target average out what differs between processes (up to ~10 % here
     for the same code). The quartiles of the per-round ratios show how far one round can be trusted."""
-    runs: dict[str, list[Load]] = {url: [] for urls in kinds.values() for url in urls}
+    # Each server's runs, by kind and place: the same URL may serve two kinds.
+    runs: dict[tuple[str, int], list[Load]] = {
+        (name, place): [] for name, urls in kinds.items() for place in range(len(urls))
+    }
     order = list(runs)
     shuffle = random.Random(0).shuffle
     for _ in range(rounds):
         shuffle(order)
-        for url in order:
-            runs[url].append(wrk(url, seconds, connections))
+        for name, place in order:
+            runs[name, place].append(wrk(kinds[name][place], seconds, connections))
 
-    def per_round(urls: Sequence[str], figure: Callable[[Load], float]) -> list[float]:
-        return [statistics.fmean(figure(runs[url][index]) for url in urls) for index in range(rounds)]
+    def per_round(name: str, figure: Callable[[Load], float]) -> list[float]:
+        servers = range(len(kinds[name]))
+        return [statistics.fmean(figure(runs[name, place][index]) for place in servers) for index in range(rounds)]
 
-    base_rps = per_round(kinds[baseline], lambda load: load.requests_per_s)
-    base_p99 = per_round(kinds[baseline], lambda load: load.p99_ms)
+    base_rps = per_round(baseline, lambda load: load.requests_per_s)
+    base_p99 = per_round(baseline, lambda load: load.p99_ms)
     result = {}
     for name, urls in kinds.items():
-        rps = per_round(urls, lambda load: load.requests_per_s)
-        p99 = per_round(urls, lambda load: load.p99_ms)
+        rps = per_round(name, lambda load: load.requests_per_s)
+        p99 = per_round(name, lambda load: load.p99_ms)
         ratios = [value / base for value, base in zip(rps, base_rps)]
         low, _, high = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
-        medians = [statistics.median(load.requests_per_s for load in runs[url]) for url in urls]
+        medians = [statistics.median(load.requests_per_s for load in runs[name, place]) for place in range(len(urls))]
         result[name] = Comparison(
             requests_per_s=statistics.median(rps),
             ratio=statistics.median(ratios),
