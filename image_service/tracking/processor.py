@@ -72,6 +72,12 @@ def unpack(data: Buffer) -> list[dict[str, Any]]:
     return events
 
 
+def _fitting(totals: list[int], first: int, limit: int) -> int:
+    """Where a run of groups from `first` ends: `totals` are the groups' running event counts, and
+    the run stays within `limit` of them, but holds at least one group, whatever its size."""
+    return max(bisect_right(totals, limit, first), first + 1)
+
+
 class Groups:
     """Serialised groups, in order: `data` holds each group (`[context, [event, ...], [time, ...]]`;
     without the times, each event carries its `_ts`) followed by a comma, the form `unpack` reads
@@ -105,7 +111,7 @@ class Groups:
         runs = []
         first = done = 0
         while first < len(totals):
-            last = max(bisect_right(totals, done + events, first), first + 1)
+            last = _fitting(totals, first, done + events)
             runs.append((first, last))
             first, done = last, totals[last - 1]
         return runs
@@ -210,7 +216,7 @@ class EventQueue:
             taken = Groups(self._data, self._sizes, self._counts, self._sinces)
             self._reset()
         else:
-            last = max(bisect_right(list(accumulate(self._counts)), limit), 1)
+            last = _fitting(list(accumulate(self._counts)), 0, limit)
             size = sum(self._sizes[:last])
             taken = Groups(self._data[:size], self._sizes[:last], self._counts[:last], self._sinces[:last])
             del self._data[:size], self._sizes[:last], self._counts[:last], self._sinces[:last]
