@@ -247,11 +247,11 @@ async def test_the_encoder_process_can_be_kept_from_delivering(
     assert forwarder.stats.encoded_elsewhere == 300 and forwarder.stats.delivered_elsewhere == 0
 
 
-async def test_rows_the_helper_could_not_deliver_come_back_and_the_forwarder_takes_over(
+async def test_rows_the_helper_could_not_deliver_wait_in_the_spool_and_the_forwarder_takes_over(
     make_forwarder: Make, events_api: tuple[EventsAPI, str]
 ) -> None:
-    """After a failed delivery the forwarder sends (and retries) itself until the sink answers
-    again; then the helper delivers again."""
+    """After a failed delivery the helper writes the rows into the spool, and the forwarder sends
+    (and retries) them from there until the sink answers again; then the helper delivers again."""
     api, _ = events_api
     api.script.extend([Fault(503), Fault(503)])
     forwarder = make_forwarder(encoder_process_min_events=10, batch_rows=300, breaker_failures=10)
@@ -259,24 +259,65 @@ async def test_rows_the_helper_could_not_deliver_come_back_and_the_forwarder_tak
     await stream(forwarder, 100, burst=100, pause=0)
     await until(lambda: forwarder.stats.sent == 100)
     assert forwarder.stats.delivered_elsewhere == 0 and forwarder.stats.retried == 100
+    assert forwarder.stats.spooled_elsewhere == forwarder.stats.spooled == forwarder.stats.replayed == 100
     await stream(forwarder, 100, burst=100, pause=0)
     await until(lambda: forwarder.stats.delivered_elsewhere == 100)
     assert sorted(row["event_id"] for row in api.rows) == sorted(f"ev-{n:06d}" for n in [*range(100), *range(100)])
     assert api.statuses == [503, 503, 200, 200]
 
 
+async def test_after_a_failed_delivery_new_rows_wait_in_the_spool_until_the_sink_takes_rows_again(
+    make_forwarder: Make, events_api: tuple[EventsAPI, str]
+) -> None:
+    """With the breaker still closed, a sink that failed the helper's last call is not trusted with
+    new rows: the helper writes them into the spool (none come back through the event loop), and
+    once a call of the forwarder's succeeds, the helper delivers again."""
+    api, _ = events_api
+    api.down = True
+    forwarder = make_forwarder(encoder_process_min_events=10, breaker_failures=1000, max_retries=0)
+    await started_with_helper(forwarder)
+    await stream(forwarder, 100, burst=100, pause=0)
+    await until(lambda: forwarder.stats.spooled_elsewhere == 100)
+    await stream(forwarder, 100, burst=100, pause=0)
+    await until(lambda: forwarder.stats.spooled_elsewhere == 200)
+    assert forwarder.stats.spooled == 200 and forwarder.breaker.state.name == "CLOSED" and not api.rows
+    api.down = False
+    await until(lambda: len(api.rows) == 200)
+    await stream(forwarder, 100, burst=100, pause=0)
+    await until(lambda: forwarder.stats.delivered_elsewhere == 100)
+    assert forwarder.stats.replayed == 200 and forwarder.stats.spooled == 200
+
+
+async def test_frames_a_courier_too_far_behind_cannot_take_go_to_the_spool_through_the_helper(
+    make_forwarder: Make, events_api: tuple[EventsAPI, str]
+) -> None:
+    """While a slow call holds the courier, frames beyond what may wait for it are written into the
+    spool by the helper, not handed back to the server; they reach the sink from there."""
+    api, _ = events_api
+    api.script.append(Fault(delay=30))
+    forwarder = make_forwarder(timeout=5.0, encoder_process_min_events=10, batch_rows=20, breaker_failures=1000)
+    await started_with_helper(forwarder)
+    await stream(forwarder, 200, burst=20, pause=0.05)
+    await until(lambda: forwarder.stats.spooled_elsewhere > 0)
+    api.released.set()
+    await until(lambda: received(api) == {f"ev-{n:06d}" for n in range(200)})
+    await until(lambda: forwarder.stats.delivered_elsewhere + forwarder.stats.replayed == 200)
+    assert forwarder.stats.spooled == forwarder.stats.spooled_elsewhere > 0
+
+
 async def test_a_wrong_token_met_by_the_helper_is_logged_once_and_the_rows_kept(
     make_forwarder: Make, events_api: tuple[EventsAPI, str]
 ) -> None:
-    """The helper never retries: the forwarder's own call meets the 403 too, opens the breaker,
-    logs it and spools the rows for replay."""
+    """The helper never retries: its 403 opens the breaker at once, is logged, and the helper
+    writes the rows into the spool for replay."""
     api, _ = events_api
     with capture_logs() as logs:
         forwarder = make_forwarder(token="wrong", encoder_process_min_events=10)
         await started_with_helper(forwarder)
         await stream(forwarder, 50, burst=50, pause=0)
         await until(lambda: forwarder.stats.spooled == 50)
-    assert api.statuses == [403, 403] and forwarder.stats.sent == 0
+    assert api.statuses == [403] and forwarder.stats.sent == 0 and forwarder.stats.spooled_elsewhere == 50
+    assert forwarder.breaker.state.name == "OPEN"
     assert [e["event"] for e in logs if e["log_level"] == "error"] == ["telemetry.sink_misconfigured"]
 
 
@@ -443,3 +484,26 @@ async def test_while_the_breaker_probes_the_sink_the_helper_spools_new_rows_and_
     api.down = False
     await until(lambda: len(api.rows) == 100)
     assert [row["event_id"] for row in api.rows] == [f"ev-{n:06d}" for n in range(100)]
+
+
+async def test_while_a_slow_call_drains_the_spool_new_events_keep_moving(
+    make_forwarder: Make, events_api: tuple[EventsAPI, str]
+) -> None:
+    """A probe from the spool that the sink holds for its whole timeout does not hold the queue:
+    new events go on to the helper (and into the spool) meanwhile, instead of piling up in memory."""
+    api, _ = events_api
+    api.down = True
+    forwarder = make_forwarder(timeout=5.0, encoder_process_min_events=10, breaker_failures=1, max_retries=0,
+                               breaker_cooldown=0.3)
+    await started_with_helper(forwarder)
+    await stream(forwarder, 100, burst=100, pause=0)
+    await until(lambda: forwarder.stats.spooled == 100)
+    api.down = False
+    api.script.append(Fault(delay=30))
+    await until(lambda: api.requests == 2)
+    for n in range(100, 2100):
+        forwarder.queue.put(event(n))
+    await until(lambda: not forwarder.queue and forwarder.stats.spooled == 2100, seconds=3)
+    assert not api.rows
+    api.released.set()
+    await until(lambda: received(api) == {f"ev-{n:06d}" for n in range(2100)})

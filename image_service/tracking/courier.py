@@ -2,9 +2,10 @@
 
 While the sink is healthy, the rows of a frame need not travel back to the server: the encoder
 process gzips them and posts them to the Events API itself, from a thread of its own, and the
-server only hears how each delivery went (a `Settlement`). Anything but a 2xx gives the rows back,
-byte for byte (same event ids), and the forwarder takes it from there as with any batch: retries
-with backoff, 413 splits, the breaker, the spool. The courier never retries.
+server only hears how each delivery went (a `Settlement`). Anything but a 2xx settles with the
+rows, byte for byte (same event ids): the helper writes them into the spool for the forwarder's
+own calls to drain (with retries and backoff, behind the breaker), or, after a 413, hands them back
+to be split. The courier never retries.
 
 Parcels waiting together leave in one call, within the forwarder's row and byte limits; calls
 start at most `max_per_second` times a second.
@@ -39,7 +40,8 @@ class Parcel:
 
 @dataclass(slots=True)
 class Settlement:
-    """How one parcel's delivery went; `rows` holds its rows unless the sink took them."""
+    """How one parcel's delivery went; `rows` holds its rows unless the sink took them, or, once
+    `spooled`, the helper wrote them into the spool."""
 
     ticket: int
     count: int
@@ -48,6 +50,7 @@ class Settlement:
     retry_after: float | None = None
     body: bytes = b""
     rows: bytes = b""
+    spooled: bool = False
 
     def result(self) -> SendResult:
         if self.status is None:

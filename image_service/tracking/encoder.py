@@ -8,20 +8,23 @@ way. It is one of the service's own processes: privacy is applied there, before 
 machine, exactly as in the in-process path.
 
 With the Tinybird sink, while it is healthy, the helper also makes the first delivery attempt
-(`courier.py`): the rows stay there and only the outcome comes back. While the breaker is open the
-helper writes the rows into the spool's `incoming/` directory instead (`spool.py` adopts the file).
-Otherwise the rows come back.
+(`courier.py`): the rows stay there and only the outcome comes back. Rows it cannot deliver (a
+failed call, or a courier too far behind to take them) it writes into the spool's `incoming/`
+directory, as it does with every row while the breaker is open or the sink has just failed
+(`spool.py` adopts the file): a failing sink's rows never cross the pipe back to the event loop.
+Only a 413's rows come back, to be split; otherwise (no courier, nothing to spool) rows come back.
 
 Protocol, one reply per request:
 - request: messages, each after its 4-byte big-endian length, then a zero length. The first is
-  the command (`>BId`: kind, ticket, seconds to wait for deliveries to settle); ENCODE and DELIVER
-  are followed by runs of serialised groups (`processor.Groups.data`), SPOOL by the file's path and
-  then the groups, CONFIGURE by the courier's settings.
+  the command (`>BId`: kind, ticket, seconds to wait for deliveries to settle); ENCODE is followed
+  by runs of serialised groups (`processor.Groups.data`), SPOOL and DELIVER by a file's path (where
+  the rows go if they are not delivered) and then the groups, CONFIGURE by the courier's settings.
 - reply: four messages, each after its length: `>IIIB` (rows that failed, length of the first
   failure's type name, rows encoded, where they went: 0 back, 1 the courier, 2 the file), that
   name and, unless taken,
   each row's length (native uint32); the rows, joined (empty if taken); the settlements since the
-  last reply (JSON); the rows that settlements give back, joined. The parent keeps rows as one
+  last reply (JSON, each saying whether its rows went to its file); the rows that settlements give
+  back, joined. The parent keeps rows as one
   chunk (`batch.Rows`) after checking the count and the lengths' total against the events it sent.
 
 The helper ignores SIGINT and SIGTERM (the parent decides when telemetry stops) and exits when its
@@ -47,6 +50,7 @@ from typing import IO, Any
 
 import orjson
 
+from .contract import Outcome
 from .courier import Courier, CourierSettings, Parcel, Settlement
 from .processor import Buffer, unpack
 from .rows import RowEncoder
@@ -140,14 +144,15 @@ class EncoderProcess:
         self, slices: list[Buffer], events: int, ticket: int | None = None, spool_to: Path | None = None
     ) -> Reply:
         """Rows of the `events` events in `slices` (runs of serialised groups), in order and joined, with
-        their count, the number that failed and the first failure's type. With a `ticket` (and a
-        courier), the helper may deliver the rows itself (`Reply.delivered`); with `spool_to`, it
-        writes them to that file, fsync'd (`Reply.spooled`). On any failure the helper is stopped
-        and EncoderUnavailable raised."""
-        if spool_to is not None:
-            return await self._request(SPOOL, 0, 0.0, [str(spool_to).encode(), *slices], events)
-        kind = ENCODE if ticket is None or self.courier is None else DELIVER
-        return await self._request(kind, ticket or 0, 0.0, slices, events)
+        their count, the number that failed and the first failure's type. With `spool_to`, the
+        helper writes them to that file (`Reply.spooled`); with a `ticket` as well (and a courier),
+        it delivers them itself (`Reply.delivered`) and writes to the file only what it cannot
+        deliver, now or when the call fails (`Settlement.spooled`). On any failure the helper is
+        stopped and EncoderUnavailable raised."""
+        if spool_to is None:
+            return await self._request(ENCODE, 0, 0.0, slices, events)
+        kind = SPOOL if ticket is None or self.courier is None else DELIVER
+        return await self._request(kind, ticket or 0, 0.0, [str(spool_to).encode(), *slices], events)
 
     async def collect(self, wait: float = 0.0, abandon: bool = False) -> list[Settlement]:
         """Deliveries settled since the last reply, waiting up to `wait` seconds for all of them;
@@ -274,8 +279,10 @@ def _checked(messages: list[bytes], events: int) -> Reply:
         raise ValueError("the encoder process's reply is out of step")
     settlements = []
     start = 0
-    for ticket, rows_count, status, error, wait, body, size in orjson.loads(settled):
-        settlements.append(Settlement(ticket, rows_count, status, error, wait, body.encode(), returned[start:start + size]))
+    for ticket, rows_count, status, error, wait, body, size, spooled in orjson.loads(settled):
+        settlements.append(
+            Settlement(ticket, rows_count, status, error, wait, body.encode(), returned[start:start + size], spooled)
+        )
         start += size
     if start != len(returned):
         raise ValueError("the encoder process's settlements are out of step")
@@ -307,10 +314,25 @@ def _write_whole(path: Path, lines: list[bytes]) -> None:
     partial.rename(path)
 
 
+def _keep_undelivered(item: Settlement, fallback: Path | None) -> None:
+    """Rows of a failed delivery go to its file, for the forwarder's calls to drain from the spool;
+    a 413's come back to be split, and rejected ones (never sent again) are dropped here."""
+    if not item.rows:
+        return
+    outcome = item.result().outcome
+    if outcome is Outcome.REJECTED:
+        item.rows = b""
+    elif outcome is not Outcome.TOO_LARGE and fallback is not None:
+        _write_whole(fallback, [item.rows])
+        item.rows, item.spooled = b"", True
+
+
 def serve(environment: str, requests: IO[bytes], replies: IO[bytes]) -> None:
     """The helper's loop: one reply per request, until the input closes."""
     encoder = RowEncoder(environment)
     courier: Courier | None = None
+    # Where the rows of each delivery under way go if it fails, by ticket.
+    fallbacks: dict[int, Path] = {}
     while True:
         try:
             command, *payload = _read_request(requests)
@@ -323,25 +345,31 @@ def serve(environment: str, requests: IO[bytes], replies: IO[bytes]) -> None:
         if kind == CONFIGURE:
             courier = Courier(CourierSettings.from_json(payload[0]))
         elif kind in (ENCODE, DELIVER, SPOOL):
-            spool_to = Path(payload.pop(0).decode()) if kind == SPOOL else None
+            spool_to = Path(payload.pop(0).decode()) if kind in (SPOOL, DELIVER) else None
             events = [event for message in payload for event in unpack(message)]
             try:
                 lines = encoder.encode_all(events, failures)
             finally:
                 encoder.reset()
-            if spool_to is not None:
+            if kind == DELIVER and courier is not None and spool_to is not None and lines and courier.offer(
+                Parcel(ticket, b"".join(lines), len(lines))
+            ):
+                destination = DELIVERING
+                fallbacks[ticket] = spool_to
+            elif spool_to is not None:
                 if lines:
                     _write_whole(spool_to, lines)
                 destination = SPOOLED
-            elif kind == DELIVER and courier is not None and lines and courier.offer(Parcel(ticket, b"".join(lines), len(lines))):
-                destination = DELIVERING
         settlements = courier.collect(wait, abandon=kind == ABANDON) if courier is not None else []
+        for item in settlements:
+            _keep_undelivered(item, fallbacks.pop(item.ticket, None))
         failed = sum(failures.values())
         name = next(iter(failures), "").encode()
         lengths = array("I", map(len, lines) if destination == RETURNED else [])
         header = _REPLY.pack(failed, len(name), len(lines), destination) + name + lengths.tobytes()
         settled = orjson.dumps([
-            [item.ticket, item.count, item.status, item.error, item.retry_after, item.body.decode(errors="replace"), len(item.rows)]
+            [item.ticket, item.count, item.status, item.error, item.retry_after, item.body.decode(errors="replace"),
+             len(item.rows), item.spooled]
             for item in settlements
         ])
         rows = b"".join(lines) if destination == RETURNED else b""

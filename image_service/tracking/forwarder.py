@@ -11,10 +11,12 @@ Shaped like OpenTelemetry's batch worker, with a spool where it would drop:
 - rows of large batches are built by an encoder process (`encoder.py`), off the event loop; a few
   fresh events wait for more, and small batches that have waited long enough, and whatever the
   helper cannot take, are built here. While the Tinybird sink is healthy the helper also makes the
-  first delivery attempt itself (`courier.py`); rows it could not deliver come back and are
-  handled here like any batch, and if the helper dies its undelivered events are encoded again.
-  While the breaker is open or probing, the helper writes its rows into the spool itself
-  (`Spool.adopt`); its failed deliveries count toward the breaker like the forwarder's own calls;
+  first delivery attempt itself (`courier.py`), and if it dies its undelivered events are encoded
+  again. Rows it could not deliver it writes into the spool itself (`Spool.adopt`), as it does with
+  all its rows while the breaker is open or probing, or the sink has failed since its last success:
+  the forwarder's own calls (retries, backoff, the breaker) drain them from there, and a failing
+  sink's rows never come back through the event loop. The helper's failed deliveries count toward
+  the breaker like the forwarder's own calls;
 - `close()` flushes within a deadline and spools whatever is left.
 
 The worker never dies: an unexpected error is logged (once per kind) and the loop goes on.
@@ -32,6 +34,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
@@ -374,7 +377,13 @@ class Forwarder:
         lines = await self._in_io(self.spool.read_batch, settings.batch_rows, settings.batch_bytes)
         if not lines:
             return False
-        await self._deliver(Rows.of_lines(lines), from_spool=True)
+        # A slow sink holds this call for its whole timeout: the guard keeps the queue moving.
+        self._busy = True
+        self._working.set()
+        try:
+            await self._deliver(Rows.of_lines(lines), from_spool=True)
+        finally:
+            self._busy = False
         return True
 
     def _worth_absorbing(self) -> bool:
@@ -481,11 +490,7 @@ class Forwarder:
                 self._rejected(result, len(rows))
                 return Outcome.REJECTED
             if result.outcome is Outcome.MISCONFIGURED:
-                self.breaker.trip()
-                self._log_once(
-                    f"misconfigured:{result.status}", "telemetry.sink_misconfigured", status=result.status,
-                    detail=result.detail, hint="check TINYBIRD_API_KEY, its APPEND scope, and the region host",
-                )
+                self._misconfigured(result)
                 raise _Failed
             self.breaker.failure()
             attempt += 1
@@ -550,9 +555,12 @@ class Forwarder:
             helper is not None and (not helper.busy or starting)
             and groups.events >= self.settings.encoder_process_min_events
         ):
-            # With the breaker open, or probing the sink with one call, these rows are bound for the
-            # spool: the helper writes them there, and they leave in order once the probe succeeds.
-            spooling = self.breaker.state is not BreakerState.CLOSED and not self._stopping
+            # With the breaker open, or probing the sink with one call, or the sink failing since its
+            # last success, these rows are bound for the spool: the helper writes them there, and the
+            # forwarder's own calls drain them in order once the sink takes rows again.
+            spooling = not self._stopping and (
+                self.breaker.state is not BreakerState.CLOSED or (helper.courier is not None and not self._courier_trusted)
+            )
             kept = spooling or self._courier_may_deliver()
             for first, last in groups.runs(KEPT_FRAME_EVENTS if kept else FRAME_EVENTS):
                 if not helper.available:
@@ -593,7 +601,9 @@ class Forwarder:
         if self._delivering and not helper.running:
             self._recover_deliveries()
         ticket = next(self._tickets) if spooling or self._courier_may_deliver() else None
-        spool_to = self.spool.incoming / f"{os.getpid()}-{ticket}{SUFFIX}" if spooling else None
+        # Where the helper writes the rows it keeps from the sink: all of them when spooling, else
+        # those it cannot deliver (now, or when the call fails).
+        spool_to = self._incoming(ticket) if ticket is not None else None
         try:
             reply = await helper.encode([groups.data], groups.events, None if spooling else ticket, spool_to)
         except Exception as exc:
@@ -601,11 +611,14 @@ class Forwarder:
             return None
         if reply.delivered and ticket is not None:
             self._delivering[ticket] = groups
-        self._settle(reply.settlements)
+        await self._settle(reply.settlements)
         if reply.spooled and spool_to is not None and reply.count:
             self._spooled(reply.count, await self._in_io(self.spool.adopt, spool_to, reply.count))
             self.stats.spooled_elsewhere += reply.count
         return reply
+
+    def _incoming(self, ticket: int) -> Path:
+        return self.spool.incoming / f"{os.getpid()}-{ticket}{SUFFIX}"
 
     def _courier_may_deliver(self) -> bool:
         helper = self.encoder_process
@@ -623,7 +636,7 @@ class Forwarder:
             self._recover_deliveries()
             return
         try:
-            self._settle(await helper.collect(wait, abandon))
+            await self._settle(await helper.collect(wait, abandon))
         except Exception as exc:
             self._helper_failed(exc)
 
@@ -639,7 +652,7 @@ class Forwarder:
         self._recovered += self._delivering.values()
         self._delivering.clear()
 
-    def _settle(self, settlements: list[Settlement]) -> None:
+    async def _settle(self, settlements: list[Settlement]) -> None:
         self._last_reply = self._clock()
         for item in settlements:
             if self._delivering.pop(item.ticket, None) is None:
@@ -657,15 +670,30 @@ class Forwarder:
                 continue
             # A failed call to the sink, whoever made it: a sink that fails the helper's calls opens
             # the breaker without the forwarder's own calls failing first, a timeout at a time.
-            # The rows come back to the forwarder, due at once, as the same bytes (same event ids).
             if result.outcome is Outcome.RETRY:
                 self.breaker.failure()
+            elif result.outcome is Outcome.MISCONFIGURED:
+                self._misconfigured(result)
             self._courier_trusted = False
+            if item.spooled:
+                self._spooled(item.count, await self._in_io(self.spool.adopt, self._incoming(item.ticket), item.count))
+                self.stats.spooled_elsewhere += item.count
+                continue
+            # Rows the helper kept from the spool (a 413's, to be split) come back, due at once, as the
+            # same bytes (same event ids).
             rows = Rows()
             rows.add(item.rows, item.count)
             due = time.time() - self.settings.max_wait
             self._pending_since = min(self._pending_since, due) if self._pending else due
             self._pending.extend(rows)
+
+    def _misconfigured(self, result: SendResult) -> None:
+        """A 401/403/404 will not heal by itself: open the breaker and say what to check, once."""
+        self.breaker.trip()
+        self._log_once(
+            f"misconfigured:{result.status}", "telemetry.sink_misconfigured", status=result.status,
+            detail=result.detail, hint="check TINYBIRD_API_KEY, its APPEND scope, and the region host",
+        )
 
     def _rejected(self, result: SendResult, rows: int) -> None:
         self.stats.dropped[f"http_{result.status}"] += rows
