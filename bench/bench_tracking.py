@@ -6,8 +6,10 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +19,13 @@ from image_service.tracking import Forwarder, Spool, TinybirdSink
 from image_service.tracking.context import merge_request_context, new_request
 from image_service.tracking.processor import TELEMETRY, EventQueue
 
-from .harness import fetch, paired_kinds, server
+from .harness import fetch, paired_runs, server, signal_server
 
 PATH = "/prompt/a%20red%20fox?width=512&height=384&seed=7"
 TOKEN = "bench-token"
 OFF = "tracking off"
-# Identical servers per variant: the same code in two processes differs by up to ~10 % here.
-INSTANCES = 3
+# Servers per variant: the same code in two processes differs by up to ~10 % here.
+INSTANCES = 2
 ROUNDS = 8
 LOOP_CPU = Path(__file__).parent / "loop_cpu"
 
@@ -98,13 +100,23 @@ def loop_accounting(directory: Path) -> dict[str, str]:
     return {"PYTHONPATH": os.pathsep.join(paths), "IMAGE_SERVICE_BENCH_LOOP_CPU": str(directory)}
 
 
-def loop_totals(directory: Path) -> dict[str, float]:
-    """The totals a server wrote at exit (its encoder process writes none: it handles no request)."""
+def loop_totals(directory: Path) -> dict[str, dict[str, float]]:
+    """The totals a server wrote at exit, by mode ("on": recording, "off": not); its encoder
+    process writes none: it handles no request."""
     files = list(directory.glob("*.json"))
     if len(files) != 1:
         raise RuntimeError(f"expected one loop-CPU report in {directory}, found {len(files)}")
-    totals: dict[str, float] = json.loads(files[0].read_text())
+    totals: dict[str, dict[str, float]] = json.loads(files[0].read_text())
     return totals
+
+
+def recording(on: bool) -> Callable[[str], None]:
+    """Switch the server at a URL to recording telemetry or not (`bench/loop_cpu`'s signals)."""
+    return lambda url: signal_server(url, signal.SIGUSR2 if on else signal.SIGUSR1)
+
+
+def quiet(name: str) -> str:
+    return f"{name}, not recording"
 
 
 def main() -> None:
@@ -134,9 +146,11 @@ def main() -> None:
                 "sink down": {"TINYBIRD_API_URL": f"http://127.0.0.1:{down_port}"},
                 "sink answers after 6 s": {"TINYBIRD_API_URL": slow_sink},
             }
-            kinds: dict[str, list[str]] = {name: [] for name in variants}
+            kinds: dict[str, list[str]] = {}
+            before: dict[str, Callable[[str], None]] = {}
             reports: dict[str, list[Path]] = {name: [] for name in variants}
             for name, env in variants.items():
+                urls = kinds[name] = []
                 for _ in range(INSTANCES):
                     port = free_port()
                     directory = Path(tmp) / str(port)
@@ -147,42 +161,57 @@ def main() -> None:
                         cwd=directory,
                     )) + PATH
                     fetch(url)
-                    kinds[name].append(url)
+                    urls.append(url)
                     reports[name].append(directory / "loop-cpu")
-            saturated = paired_kinds(kinds, OFF, rounds=ROUNDS, seconds=2, connections=16)
-            one_at_a_time = paired_kinds(kinds, OFF, rounds=ROUNDS, seconds=2, connections=1)
+                if name != OFF:
+                    kinds[quiet(name)] = urls
+                    before[name], before[quiet(name)] = recording(True), recording(False)
+            tables = [paired_runs(kinds, ROUNDS, 2, connections, before) for connections in (16, 1)]
         loop_cpu = {name: [loop_totals(directory) for directory in directories] for name, directories in reports.items()}
-    print(f"Cache hits, {INSTANCES} identical servers per variant, {ROUNDS} paired rounds of 2 s per table: every "
-          "server once a round, in a fresh random order. A variant's figure in a round is the mean of its "
-          "servers; the table holds medians of each round's figure against tracking off in the same round. "
-          "'Spread' is the highest over the lowest of a variant's servers' median requests/s.\n")
+    tracked = [name for name in variants if name != OFF]
+    print(f"Cache hits, {INSTANCES} servers per variant, {ROUNDS} paired rounds of 2 s per table: every server once a "
+          "round, in a fresh random order, and each server of a tracking variant twice in a row, in a random order: "
+          "recording telemetry, and not (its telemetry routed nowhere, its forwarder idle, as without tracking: "
+          "`bench/loop_cpu`). **Within one process** compares the two, round by round: the same memory layout, "
+          "seconds apart. **Against tracking off** compares with servers started without tracking, whose "
+          "processes differ by up to ~10 % from any other for the same code. Each figure is the median over "
+          "rounds of the mean of a variant's servers.\n")
+    saturated, one_at_a_time = tables
     print("Saturated (wrk, 16 connections):\n")
-    print("| server | requests/s | ratio to off | ratio quartiles | spread | p99 ms | added p99 ms |")
+    print("| server | requests/s | ratio within one process | quartiles | ratio against tracking off | p99 ms | added p99 ms |")
     print("|---|---|---|---|---|---|---|")
-    for name, result in saturated.items():
-        print(f"| {name} | {result.requests_per_s:,.0f} | {result.ratio:.3f} | {result.ratio_low:.2f}–{result.ratio_high:.2f} | "
-              f"{result.instance_spread:.2f} | {result.p99_ms:.2f} | {result.added_p99_ms:+.2f} |")
-    print("\nOne request at a time (wrk, 1 connection): the latency a request itself gains.\n")
+    off = saturated.compare(OFF, OFF)
+    print(f"| {OFF} | {off.requests_per_s:,.0f} | | | 1.000 | {off.p99_ms:.2f} | |")
+    for name in tracked:
+        within, against = saturated.compare(name, quiet(name)), saturated.compare(name, OFF)
+        print(f"| {name} | {within.requests_per_s:,.0f} | {within.ratio:.3f} | {within.ratio_low:.2f}–{within.ratio_high:.2f} | "
+              f"{against.ratio:.3f} | {within.p99_ms:.2f} | {within.added_p99_ms:+.2f} |")
+    print("\nOne request at a time (wrk, 1 connection): the latency a request itself gains, within one process.\n")
     print("| server | requests/s | p99 ms | added p99 ms |")
     print("|---|---|---|---|")
-    for name, result in one_at_a_time.items():
-        print(f"| {name} | {result.requests_per_s:,.0f} | {result.p99_ms:.3f} | {result.added_p99_ms:+.3f} |")
+    for name in tracked:
+        within = one_at_a_time.compare(name, quiet(name))
+        print(f"| {name} | {within.requests_per_s:,.0f} | {within.p99_ms:.3f} | {within.added_p99_ms:+.3f} |")
     print("\nTargets: ratio ≥ 0.95 for each variant; added p99 < 0.5 ms.\n")
     print("Event-loop CPU per request, over both tables and all of a variant's servers: thread CPU time of the "
-          "loop's callbacks by kind (`bench/loop_cpu`), which moves far less with the machine's load than "
-          "throughput does.\n")
-    totals = {name: {key: sum(report[key] for report in reports_) for key in reports_[0]} for name, reports_ in loop_cpu.items()}
-    per_request = {
-        name: (total["requests_s"] + total["telemetry_s"] + total["other_s"]) / total["requests"] for name, total in totals.items()
-    }
-    print("| server | requests | request handling µs | telemetry µs | other µs | telemetry share of the loop | loop CPU ratio |")
+          "loop's callbacks by kind (`bench/loop_cpu`), recording and not.\n")
+    print("| server | requests | request handling µs | telemetry µs | other µs | not recording: loop µs | loop CPU ratio within one process |")
     print("|---|---|---|---|---|---|---|")
-    for name, total in totals.items():
-        count = total["requests"]
-        print(f"| {name} | {count:,} | {total['requests_s'] / count * 1e6:.1f} | {total['telemetry_s'] / count * 1e6:.1f} | "
-              f"{total['other_s'] / count * 1e6:.1f} | {total['telemetry_s'] / count / per_request[name]:.1%} | "
-              f"{per_request[OFF] / per_request[name]:.3f} |")
-    off_servers = [(report["requests_s"] + report["telemetry_s"] + report["other_s"]) / report["requests"] for report in loop_cpu[OFF]]
+
+    def summed(name: str, mode: str) -> dict[str, float]:
+        return {key: sum(report[mode][key] for report in loop_cpu[name]) for key in loop_cpu[name][0][mode]}
+
+    def loop_per_request(total: dict[str, float]) -> float:
+        return (total["requests_s"] + total["telemetry_s"] + total["other_s"]) / total["requests"]
+
+    for name in variants:
+        on = summed(name, "on")
+        count = on["requests"]
+        if name == OFF:
+            print(f"| {name} | {count:,.0f} | {on['requests_s'] / count * 1e6:.1f} | | {on['other_s'] / count * 1e6:.1f} | | |")
+            continue
+        off_loop = loop_per_request(summed(name, "off"))
+        print(f"| {name} | {count:,.0f} | {on['requests_s'] / count * 1e6:.1f} | {on['telemetry_s'] / count * 1e6:.1f} | "
+              f"{on['other_s'] / count * 1e6:.1f} | {off_loop * 1e6:.1f} | {off_loop / loop_per_request(on):.3f} |")
+    off_servers = [loop_per_request(report["on"]) for report in loop_cpu[OFF]]
     print(f"\nLoop CPU per request of the {OFF} servers: {min(off_servers) * 1e6:.1f} to {max(off_servers) * 1e6:.1f} µs.")
-    print("\nLoop CPU ratio: tracking off's loop CPU per request over the variant's, the throughput ratio a "
-          "saturated single-threaded loop would show without the machine's drift.")

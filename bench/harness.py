@@ -84,6 +84,13 @@ def server(
             process.kill()
 
 
+def signal_server(url: str, signum: int) -> None:
+    """Send a signal to the server under test at `url`, and give it a moment to act on it."""
+    parts = urlsplit(url)
+    os.kill(_UNDER_TEST[f"{parts.scheme}://{parts.netloc}"], signum)
+    time.sleep(0.1)
+
+
 def fetch(url: str) -> bytes:
     with urllib.request.urlopen(url, timeout=30) as reply:
         return reply.read()
@@ -141,37 +148,38 @@ def paired(urls: Mapping[str, str], baseline: str, rounds: int, seconds: int, co
 
 
 def paired_kinds(
-    kinds: Mapping[str, Sequence[str]], baseline: str, rounds: int, seconds: int, connections: int = 16
+    kinds: Mapping[str, Sequence[str]], baseline: str, rounds: int, seconds: int, connections: int = 16,
 ) -> dict[str, Comparison]:
-    """Every server once per round, in a fresh random order; each round's figures are taken against
-    the baseline's in the same round, so the machine's drift between rounds cancels out. Several
-    identical servers per target average out what differs between processes (up to ~10 % here
-    for the same code). The quartiles of the per-round ratios show how far one round can be trusted."""
-    # Each server's runs, by kind and place: the same URL may serve two kinds.
-    runs: dict[tuple[str, int], list[Load]] = {
-        (name, place): [] for name, urls in kinds.items() for place in range(len(urls))
-    }
-    order = list(runs)
-    shuffle = random.Random(0).shuffle
-    for _ in range(rounds):
-        shuffle(order)
-        for name, place in order:
-            runs[name, place].append(wrk(kinds[name][place], seconds, connections))
+    """`paired_runs`, every kind compared with `baseline`."""
+    runs = paired_runs(kinds, rounds, seconds, connections)
+    return {name: runs.compare(name, baseline) for name in kinds}
 
-    def per_round(name: str, figure: Callable[[Load], float]) -> list[float]:
-        servers = range(len(kinds[name]))
-        return [statistics.fmean(figure(runs[name, place][index]) for place in servers) for index in range(rounds)]
 
-    base_rps = per_round(baseline, lambda load: load.requests_per_s)
-    base_p99 = per_round(baseline, lambda load: load.p99_ms)
-    result = {}
-    for name, urls in kinds.items():
-        rps = per_round(name, lambda load: load.requests_per_s)
-        p99 = per_round(name, lambda load: load.p99_ms)
+@dataclass(frozen=True)
+class PairedRuns:
+    """Each server's loads by kind and place (a URL may serve two kinds), round by round."""
+
+    kinds: Mapping[str, Sequence[str]]
+    loads: Mapping[tuple[str, int], Sequence[Load]]
+    rounds: int
+
+    def per_round(self, name: str, figure: Callable[[Load], float]) -> list[float]:
+        """A kind's figure in each round: the mean over its servers."""
+        servers = range(len(self.kinds[name]))
+        return [statistics.fmean(figure(self.loads[name, place][index]) for place in servers) for index in range(self.rounds)]
+
+    def compare(self, name: str, baseline: str) -> Comparison:
+        """Medians of the kind's per-round figures against the baseline's in the same round."""
+        rps = self.per_round(name, lambda load: load.requests_per_s)
+        p99 = self.per_round(name, lambda load: load.p99_ms)
+        base_rps = self.per_round(baseline, lambda load: load.requests_per_s)
+        base_p99 = self.per_round(baseline, lambda load: load.p99_ms)
         ratios = [value / base for value, base in zip(rps, base_rps)]
         low, _, high = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
-        medians = [statistics.median(load.requests_per_s for load in runs[name, place]) for place in range(len(urls))]
-        result[name] = Comparison(
+        medians = [
+            statistics.median(load.requests_per_s for load in self.loads[name, place]) for place in range(len(self.kinds[name]))
+        ]
+        return Comparison(
             requests_per_s=statistics.median(rps),
             ratio=statistics.median(ratios),
             ratio_low=low,
@@ -180,4 +188,32 @@ def paired_kinds(
             added_p99_ms=statistics.median(value - base for value, base in zip(p99, base_p99)),
             instance_spread=max(medians) / min(medians),
         )
-    return result
+
+
+def paired_runs(
+    kinds: Mapping[str, Sequence[str]], rounds: int, seconds: int, connections: int = 16,
+    before: Mapping[str, Callable[[str], None]] | None = None,
+) -> PairedRuns:
+    """Every server once per round, in a fresh random order: compared round by round, the
+    machine's drift between rounds cancels out. Several identical servers per kind average out
+    what differs between processes (up to ~10 % here for the same code); the quartiles of the
+    per-round ratios show how far one round can be trusted.
+
+    A URL may serve several kinds (one server in several modes): `before[kind](url)` puts it in
+    that kind's mode, and its kinds run back to back, in a random order. Compared with each other,
+    such kinds share a process, so its memory layout, and seconds of the machine's drift."""
+    loads: dict[tuple[str, int], list[Load]] = {(name, place): [] for name, urls in kinds.items() for place in range(len(urls))}
+    by_url: dict[str, list[tuple[str, int]]] = {}
+    for name, place in loads:
+        by_url.setdefault(kinds[name][place], []).append((name, place))
+    urls = list(by_url)
+    shuffle = random.Random(0).shuffle
+    for _ in range(rounds):
+        shuffle(urls)
+        for url in urls:
+            shuffle(by_url[url])
+            for name, place in by_url[url]:
+                if before is not None and name in before:
+                    before[name](url)
+                loads[name, place].append(wrk(url, seconds, connections))
+    return PairedRuns(kinds, loads, rounds)

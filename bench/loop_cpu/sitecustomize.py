@@ -5,6 +5,11 @@ the loop spends in each callback moves much less. With IMAGE_SERVICE_BENCH_LOOP_
 directory, each callback's thread CPU time is added to its kind (request handling, telemetry,
 other), requests are counted as their handler tasks finish, and the totals are written there as
 JSON when the process exits.
+
+The same process can also be measured with telemetry recording and without: SIGUSR1 stops routing
+events to the forwarder (which then rests, idle), SIGUSR2 routes them again, and the totals are
+kept apart by that mode. Two processes of the same code differ by up to ~10 % here (memory
+layout), far more than telemetry costs; within one process that difference cancels out.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import asyncio.events
 import atexit
 import json
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -22,8 +28,22 @@ TELEMETRY = ("Forwarder", "EncoderProcess", "SubprocessStreamProtocol", "_UnixRe
              "_UnixWritePipeTransport", "ClientRequest", "ResponseHandler")
 
 
+def _record(on: bool) -> None:
+    """Route telemetry events to the forwarder (`on`) or nowhere, as a server without tracking does."""
+    from image_service.tracking.processor import TELEMETRY, TelemetryProcessor
+
+    routes = vars(TELEMETRY)
+    if on and "_bench_default" in routes:
+        TELEMETRY.default = routes.pop("_bench_default")
+        del routes["route_current_context"]
+    elif not on and "_bench_default" not in routes:
+        routes["_bench_default"], TELEMETRY.default = TELEMETRY.default, None
+        routes["route_current_context"] = lambda queue: TelemetryProcessor.route_current_context(TELEMETRY, None)
+
+
 def _install(directory: Path) -> None:
-    totals = {"requests": 0, "requests_s": 0.0, "telemetry_s": 0.0, "other_s": 0.0}
+    modes = {mode: {"requests": 0, "requests_s": 0.0, "telemetry_s": 0.0, "other_s": 0.0} for mode in ("on", "off")}
+    current = {"mode": "on"}
     run = asyncio.events.Handle._run
     clock = time.thread_time
 
@@ -31,6 +51,7 @@ def _install(directory: Path) -> None:
         started = clock()
         run(handle)
         spent = clock() - started
+        totals = modes[current["mode"]]
         callback: Any = handle._callback  # type: ignore[attr-defined]
         task = getattr(callback, "__self__", None)
         coroutine = task.get_coro() if isinstance(task, asyncio.Task) else None
@@ -44,11 +65,17 @@ def _install(directory: Path) -> None:
         else:
             totals["other_s"] += spent
 
+    def switch(mode: str) -> None:
+        _record(mode == "on")
+        current["mode"] = mode
+
     def write() -> None:
-        if totals["requests"]:
-            (directory / f"{os.getpid()}.json").write_text(json.dumps(totals))
+        if any(totals["requests"] for totals in modes.values()):
+            (directory / f"{os.getpid()}.json").write_text(json.dumps(modes))
 
     setattr(asyncio.events.Handle, "_run", timed_run)
+    signal.signal(signal.SIGUSR1, lambda *_: switch("off"))
+    signal.signal(signal.SIGUSR2, lambda *_: switch("on"))
     atexit.register(write)
 
 
