@@ -8,7 +8,7 @@ encoder process's courier: what a call looks like, and what its answer means.
   400/422 and anything else are never retried (422 means partially written: a retry would
   duplicate).
 
-Only the standard library and orjson: the encoder process imports this without aiohttp.
+Only the standard library, orjson and isal: the encoder process imports this without aiohttp.
 """
 
 from __future__ import annotations
