@@ -390,6 +390,25 @@ class TestSpool:
         assert evicted + len(remaining) == 100 and evicted == spool.stats.rows_evicted > 0
         assert remaining == sorted(remaining) and remaining[-1] == 99
 
+    def test_eviction_counts_the_rows_of_every_kind_of_segment(self, tmp_path: Path) -> None:
+        """Segments left by an earlier process, adopted from the encoder process and written here
+        are all evicted oldest first, each counted row for row as lost."""
+        earlier = self.make(tmp_path, max_bytes=10_000, segment_bytes=100)
+        earlier.append(Rows.of_lines(self.lines(0, 12)))
+        earlier.close()
+        spool = self.make(tmp_path, max_bytes=300, segment_bytes=100)
+        spool.incoming.mkdir()
+        evicted = 0
+        for start in range(12, 60, 8):
+            (spool.incoming / f"helper-{start}.ndjson").write_bytes(b"".join(self.lines(start, 8)))
+            evicted += spool.adopt(spool.incoming / f"helper-{start}.ndjson", 8)
+            frame = Rows()
+            frame.add(b"".join(self.lines(start + 100, 3)), 3)
+            evicted += spool.append(frame)
+        remaining = self.drain(spool)
+        assert spool.total_bytes == 0 and evicted == spool.stats.rows_evicted > 12
+        assert evicted + len(remaining) == 12 + 6 * (8 + 3)
+
     def test_a_frame_of_rows_is_cut_to_keep_segments_and_the_bound(self, tmp_path: Path) -> None:
         """A frame from the encoder process larger than a segment is spread over segments row by
         row, so eviction still keeps the spool within its bound."""

@@ -56,10 +56,12 @@ class Spool:
         self.max_bytes = max_bytes
         self.segment_bytes = max(1, min(segment_bytes, max_bytes // 4))
         self.stats = SpoolStats()
-        self._segments: list[tuple[Path, int]] = []
+        # Closed segments, oldest first: (path, bytes, rows; None for a segment found at open).
+        self._segments: list[tuple[Path, int, int | None]] = []
         self._writer: BinaryIO | None = None
         self._writer_path: Path | None = None
         self._writer_size = 0
+        self._writer_rows = 0
         self._next = 0
         self._reader: _Reader | None = None
         self._dirty = False
@@ -74,7 +76,7 @@ class Spool:
 
     @property
     def total_bytes(self) -> int:
-        return sum(size for _, size in self._segments) + self._writer_size
+        return sum(size for _, size, _ in self._segments) + self._writer_size
 
     @property
     def needs_sync(self) -> bool:
@@ -91,7 +93,7 @@ class Spool:
         self.directory.mkdir(parents=True, exist_ok=True)
         gather(sorted(self.directory.glob(f"{WORKER}*")), self.directory)
         found = sorted(self.directory.glob(f"{PREFIX}*{SUFFIX}"))
-        self._segments = [(path, path.stat().st_size) for path in found if path.stat().st_size > 0]
+        self._segments = [(path, path.stat().st_size, None) for path in found if path.stat().st_size > 0]
         for path in found:
             if path.stat().st_size == 0:
                 path.unlink()
@@ -111,7 +113,7 @@ class Spool:
         target = self.directory / f"{PREFIX}{self._next:012d}{SUFFIX}"
         self._next += 1
         path.rename(target)
-        self._segments.append((target, target.stat().st_size))
+        self._segments.append((target, target.stat().st_size, rows))
         self._unsynced.append(target)
         self.stats.rows_written += rows
         return self._enforce_bound()
@@ -129,6 +131,7 @@ class Spool:
                 assert self._writer is not None
                 self._writer.write(piece)
                 self._writer_size += len(piece)
+                self._writer_rows += count if piece is chunk else 1
         self._dirty = bool(rows)
         self.stats.rows_written += len(rows)
         return self._enforce_bound() if rows else 0
@@ -171,7 +174,7 @@ class Spool:
         self.stats.rows_read += count
         if reader.offset >= len(reader.lines):
             reader.path.unlink(missing_ok=True)
-            self._segments = [(p, s) for p, s in self._segments if p != reader.path]
+            self._segments = [segment for segment in self._segments if segment[0] != reader.path]
             self._reader = None
 
     def close(self) -> None:
@@ -180,8 +183,8 @@ class Spool:
             self._writer.close()
             self._writer = None
             if self._writer_path is not None and self._writer_size:
-                self._segments.append((self._writer_path, self._writer_size))
-            self._writer_path, self._writer_size = None, 0
+                self._segments.append((self._writer_path, self._writer_size, self._writer_rows))
+            self._writer_path, self._writer_size, self._writer_rows = None, 0, 0
 
     def _rotate(self) -> None:
         self.close()
@@ -195,7 +198,7 @@ class Spool:
             self.close()
         if not self._segments:
             return False
-        path, size = self._segments[0]
+        path, size, _ = self._segments[0]
         lines = path.read_bytes().splitlines(keepends=True)
         if lines and not lines[-1].endswith(b"\n"):
             lines[-1] += b"\n"
@@ -208,10 +211,14 @@ class Spool:
     def _enforce_bound(self) -> int:
         evicted = 0
         while self.total_bytes > self.max_bytes and self._segments:
-            path, _ = self._segments.pop(0)
+            path, _, rows = self._segments.pop(0)
             if self._reader is not None and self._reader.path == path:
                 evicted += len(self._reader.lines) - self._reader.offset
                 self._reader = None
+            elif rows is not None:
+                # Known since it was written or adopted: a long outage evicts a segment for every
+                # one it adds, and reading each (megabytes) just to count it cost the server's core.
+                evicted += rows
             else:
                 evicted += path.read_bytes().count(b"\n")
             path.unlink(missing_ok=True)
