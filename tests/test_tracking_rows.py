@@ -426,6 +426,22 @@ class TestSpool:
         spool.append(Rows.of_lines(self.lines(0, 3)))
         assert spool.read_batch(10, 10_000) == spool.read_batch(10, 10_000)
 
+    def test_segments_are_fsynced_at_the_sync_not_one_by_one(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Under an outage the encoder process hands over a segment every frame; each is made
+        durable by the forwarder's once-a-second sync (with the directory), not on adoption."""
+        synced: list[int] = []
+        monkeypatch.setattr("image_service.tracking.spool.os.fsync", synced.append)
+        spool = self.make(tmp_path / "spool", segment_bytes=100)
+        spool.incoming.mkdir()
+        for n in range(10):
+            (spool.incoming / f"helper-{n}.ndjson").write_bytes(b"".join(self.lines(10 * n, 5)))
+            spool.adopt(spool.incoming / f"helper-{n}.ndjson", 5)
+            spool.append(Rows.of_lines(self.lines(10 * n + 5, 5)))
+        assert synced == [] and spool.needs_sync
+        spool.sync()
+        assert len(synced) == 10 + 10 + 1 and not spool.needs_sync
+        assert self.drain(spool) == list(range(100))
+
     def test_sync_makes_rows_durable_on_disk(self, tmp_path: Path) -> None:
         spool = self.make(tmp_path)
         spool.append(Rows.of_lines(self.lines(0, 5)))

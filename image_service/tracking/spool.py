@@ -107,9 +107,9 @@ class Spool:
                 path.unlink()
 
     def adopt(self, path: Path, rows: int) -> int:
-        """Take a complete, fsync'd NDJSON file of `rows` rows as the newest segment; returns how
-        many older rows were evicted to stay within the bound."""
-        self.close()
+        """Take a complete NDJSON file of `rows` rows as the newest segment (fsync'd with the rest at
+        the next `sync`); returns how many older rows were evicted to stay within the bound."""
+        self._close_writer()
         target = self.directory / f"{PREFIX}{self._next:012d}{SUFFIX}"
         self._next += 1
         path.rename(target)
@@ -132,7 +132,8 @@ class Spool:
                 self._writer.write(piece)
                 self._writer_size += len(piece)
                 self._writer_rows += count if piece is chunk else 1
-        self._dirty = bool(rows)
+        if rows:
+            self._dirty = True
         self.stats.rows_written += len(rows)
         return self._enforce_bound() if rows else 0
 
@@ -178,16 +179,26 @@ class Spool:
             self._reader = None
 
     def close(self) -> None:
+        self._close_writer()
         self.sync()
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-            if self._writer_path is not None and self._writer_size:
-                self._segments.append((self._writer_path, self._writer_size, self._writer_rows))
-            self._writer_path, self._writer_size, self._writer_rows = None, 0, 0
+
+    def _close_writer(self) -> None:
+        """Close the open segment; what it holds unsynced is fsync'd at the next `sync`, with the
+        adopted segments: under an outage a segment is adopted every frame, and an fsync each
+        would cost the machine what the once-a-second sync saves."""
+        if self._writer is None:
+            return
+        self._writer.close()
+        self._writer = None
+        if self._writer_path is not None and self._writer_size:
+            self._segments.append((self._writer_path, self._writer_size, self._writer_rows))
+            if self._dirty:
+                self._unsynced.append(self._writer_path)
+        self._dirty = False
+        self._writer_path, self._writer_size, self._writer_rows = None, 0, 0
 
     def _rotate(self) -> None:
-        self.close()
+        self._close_writer()
         self._writer_path = self.directory / f"{PREFIX}{self._next:012d}{SUFFIX}"
         self._next += 1
         self._writer = self._writer_path.open("ab")
