@@ -25,6 +25,7 @@ The worker never dies: an unexpected error is logged (once per kind) and the loo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import functools
 import itertools
@@ -32,7 +33,7 @@ import os
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -359,32 +360,34 @@ class Forwarder:
             or self._stopping
             or self._flushing
         ):
-            self._busy = True
-            self._working.set()
             # Every row of the batch stays in _inflight until its body is settled, so close() can
             # spool whatever a cancellation leaves undelivered.
             bodies = self._take_pending(settings.batch_rows).split_bytes(settings.batch_bytes)
             self._inflight = concat(bodies)
-            try:
+            with self._sending():
                 for index, body in enumerate(bodies):
                     await self._deliver(body, from_spool=False)
                     self._inflight = concat(bodies[index + 1:])
-            finally:
-                self._busy = False
             return True
         if self._stopping or not self.spool.has_data():
             return False
         lines = await self._in_io(self.spool.read_batch, settings.batch_rows, settings.batch_bytes)
         if not lines:
             return False
-        # A slow sink holds this call for its whole timeout: the guard keeps the queue moving.
+        with self._sending():
+            await self._deliver(Rows.of_lines(lines), from_spool=True)
+        return True
+
+    @contextlib.contextmanager
+    def _sending(self) -> Iterator[None]:
+        """Mark a send under way: a slow sink holds it for its whole timeout (and retries), and
+        meanwhile the guard keeps the queue moving."""
         self._busy = True
         self._working.set()
         try:
-            await self._deliver(Rows.of_lines(lines), from_spool=True)
+            yield
         finally:
             self._busy = False
-        return True
 
     def _worth_absorbing(self) -> bool:
         """Whether to encode queued events now. With a helper, a few fresh events wait for more:
@@ -559,7 +562,7 @@ class Forwarder:
             # last success, these rows are bound for the spool: the helper writes them there, and the
             # forwarder's own calls drain them in order once the sink takes rows again.
             spooling = not self._stopping and (
-                self.breaker.state is not BreakerState.CLOSED or (helper.courier is not None and not self._courier_trusted)
+                self.breaker.state is not BreakerState.CLOSED or not self._courier_trusted
             )
             kept = spooling or self._courier_may_deliver()
             for first, last in groups.runs(KEPT_FRAME_EVENTS if kept else FRAME_EVENTS):
