@@ -616,9 +616,13 @@ class Forwarder:
             self._delivering[ticket] = groups
         await self._settle(reply.settlements)
         if reply.spooled and spool_to is not None and reply.count:
-            self._spooled(reply.count, await self._in_io(self.spool.adopt, spool_to, reply.count))
-            self.stats.spooled_elsewhere += reply.count
+            await self._adopt(spool_to, reply.count)
         return reply
+
+    async def _adopt(self, path: Path, rows: int) -> None:
+        """Take a file of rows the helper wrote for the spool."""
+        self._spooled(rows, await self._in_io(self.spool.adopt, path, rows))
+        self.stats.spooled_elsewhere += rows
 
     def _incoming(self, ticket: int) -> Path:
         return self.spool.incoming / f"{os.getpid()}-{ticket}{SUFFIX}"
@@ -679,8 +683,7 @@ class Forwarder:
                 self._misconfigured(result)
             self._courier_trusted = False
             if item.spooled:
-                self._spooled(item.count, await self._in_io(self.spool.adopt, self._incoming(item.ticket), item.count))
-                self.stats.spooled_elsewhere += item.count
+                await self._adopt(self._incoming(item.ticket), item.count)
                 continue
             # Rows the helper kept from the spool (a 413's, to be split) come back, due at once, as the
             # same bytes (same event ids).
