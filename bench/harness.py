@@ -84,10 +84,15 @@ def server(
             process.kill()
 
 
+def _base(url: str) -> str:
+    """The base URL a server under test is known by."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
 def signal_server(url: str, signum: int) -> None:
     """Send a signal to the server under test at `url`, and give it a moment to act on it."""
-    parts = urlsplit(url)
-    os.kill(_UNDER_TEST[f"{parts.scheme}://{parts.netloc}"], signum)
+    os.kill(_UNDER_TEST[_base(url)], signum)
     time.sleep(0.1)
 
 
@@ -112,8 +117,7 @@ def wrk(url: str, seconds: int = 5, connections: int = 16) -> Load:
     """Drive `url` with wrk (one thread, off the server's core) and parse its report."""
     if shutil.which("wrk") is None:
         raise RuntimeError("wrk is not installed: run `make bench` (it installs it) or apt-get install wrk")
-    parts = urlsplit(url)
-    _move_helpers(f"{parts.scheme}://{parts.netloc}")
+    _move_helpers(_base(url))
     out = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url],
         capture_output=True, text=True, check=True, timeout=seconds + 60,
@@ -138,21 +142,12 @@ class Comparison:
     ratio_high: float
     p99_ms: float
     added_p99_ms: float
-    # Highest over lowest of the target's servers' median requests/s (1.0 for a single server).
-    instance_spread: float
 
 
 def paired(urls: Mapping[str, str], baseline: str, rounds: int, seconds: int, connections: int = 16) -> dict[str, Comparison]:
-    """`paired_kinds` with one server per target."""
-    return paired_kinds({name: [url] for name, url in urls.items()}, baseline, rounds, seconds, connections)
-
-
-def paired_kinds(
-    kinds: Mapping[str, Sequence[str]], baseline: str, rounds: int, seconds: int, connections: int = 16,
-) -> dict[str, Comparison]:
-    """`paired_runs`, every kind compared with `baseline`."""
-    runs = paired_runs(kinds, rounds, seconds, connections)
-    return {name: runs.compare(name, baseline) for name in kinds}
+    """`paired_runs` with one server per target, every target compared with `baseline`."""
+    runs = paired_runs({name: [url] for name, url in urls.items()}, rounds, seconds, connections)
+    return {name: runs.compare(name, baseline) for name in urls}
 
 
 @dataclass(frozen=True)
@@ -176,9 +171,6 @@ class PairedRuns:
         base_p99 = self.per_round(baseline, lambda load: load.p99_ms)
         ratios = [value / base for value, base in zip(rps, base_rps)]
         low, _, high = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
-        medians = [
-            statistics.median(load.requests_per_s for load in self.loads[name, place]) for place in range(len(self.kinds[name]))
-        ]
         return Comparison(
             requests_per_s=statistics.median(rps),
             ratio=statistics.median(ratios),
@@ -186,7 +178,6 @@ class PairedRuns:
             ratio_high=high,
             p99_ms=statistics.median(p99),
             added_p99_ms=statistics.median(value - base for value, base in zip(p99, base_p99)),
-            instance_spread=max(medians) / min(medians),
         )
 
 
