@@ -4,7 +4,8 @@ Contract (reference/tinybird.md): `POST /v0/events?name=DS[&wait=true]`, `Author
 (403 when wrong), `name` required (400), NDJSON parsed line by line, gzip accepted, 10 MB per request
 (413), answers `{successful_rows, quarantined_rows}` (200 with wait=true, else 202). Faults can be
 scripted (`script`) or drawn at a seeded rate (`failure_rate`): 429 with Retry-After, 5xx, delays
-past the client's timeout, and connection resets.
+past the client's timeout, connection resets, and answers trickled a byte at a time (no read ever
+waits long, the whole answer takes longer than the client's timeout).
 
 Run standalone for benchmarks: `python -m tests.events_api PORT TOKEN`.
 """
@@ -31,6 +32,8 @@ class Fault:
     retry_after: str | None = None
     delay: float = 0.0
     reset: bool = False
+    # Seconds between the answer's bytes, after its headers.
+    trickle: float = 0.0
 
 
 @dataclass
@@ -81,6 +84,8 @@ class EventsAPI:
                     await asyncio.wait_for(self.released.wait(), fault.delay)
                 except TimeoutError:
                     pass
+            if fault.trickle:
+                return await self._trickle(request, fault.trickle)
             if fault.reset:
                 assert request.transport is not None
                 request.transport.abort()
@@ -127,6 +132,20 @@ class EventsAPI:
         status = 200 if request.query.get("wait") == "true" else 202
         self.statuses.append(status)
         return web.json_response({"successful_rows": successful, "quarantined_rows": quarantined}, status=status)
+
+
+    async def _trickle(self, request: web.Request, pause: float) -> web.StreamResponse:
+        """Headers at once, then a 200's body a byte per `pause` seconds, never finishing in time."""
+        self.statuses.append(200)
+        body = orjson.dumps({"successful_rows": 0, "quarantined_rows": 0, "padding": " " * 1000})
+        response = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+        response.content_length = len(body)
+        await response.prepare(request)
+        for index in range(len(body)):
+            await response.write(body[index:index + 1])
+            await asyncio.sleep(pause)
+        await response.write_eof()
+        return response
 
 
 def main() -> None:

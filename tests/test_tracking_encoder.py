@@ -507,3 +507,20 @@ async def test_while_a_slow_call_drains_the_spool_new_events_keep_moving(
     assert not api.rows
     api.released.set()
     await until(lambda: received(api) == {f"ev-{n:06d}" for n in range(2100)})
+
+
+async def test_a_sink_trickling_its_answer_fails_the_couriers_call_at_the_timeout(
+    events_api: tuple[EventsAPI, str]
+) -> None:
+    """A timeout on each socket read would let a sink that answers a byte at a time hold the
+    courier, and every row behind it, for as long as it liked: the call ends at the endpoint's
+    timeout instead, its rows come back, and the next call goes through."""
+    api, url = events_api
+    api.script.append(Fault(trickle=0.05))
+    courier = Courier(CourierSettings(Endpoint(url, "test-token", "pollinations_events", 0.5), 50.0, 100, 10**6))
+    courier.offer(Parcel(1, b'{"event_id":"a"}\n', 1))
+    [failed] = await asyncio.to_thread(courier.collect, 10.0)
+    assert (failed.status, failed.error, failed.rows) == (None, "TimeoutError", b'{"event_id":"a"}\n')
+    courier.offer(Parcel(2, b'{"event_id":"b"}\n', 1))
+    [delivered] = await asyncio.to_thread(courier.collect, 10.0)
+    assert delivered.status == 200 and [row["event_id"] for row in api.rows] == ["b"]

@@ -122,6 +122,20 @@ async def test_thirty_percent_injected_failures_lose_nothing(make_forwarder: Mak
     assert {0, 429, 500, 503} & set(api.statuses)
 
 
+async def test_an_answer_trickled_past_the_timeout_is_retried_as_a_timeout(
+    make_forwarder: Make, events_api: tuple[EventsAPI, str]
+) -> None:
+    """The timeout bounds the whole call, not each read: a sink answering a byte at a time cannot
+    hold a batch, and the rows arrive on the next attempt."""
+    api, _ = events_api
+    api.script.append(Fault(trickle=0.05))
+    forwarder = make_forwarder(timeout=0.5)
+    await forwarder.start()
+    forwarder.queue.put(event(1))
+    await until(lambda: received(api) == {"ev-000001"}, seconds=10)
+    assert forwarder.stats.retried == 1 and api.statuses == [200, 200]
+
+
 async def test_retry_after_is_honoured(make_forwarder: Make, events_api: tuple[EventsAPI, str]) -> None:
     api, _ = events_api
     api.script.extend([Fault(429, retry_after="0.4")])

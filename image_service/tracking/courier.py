@@ -13,11 +13,14 @@ start at most `max_per_second` times a second.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import socket
 import ssl
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -29,6 +32,8 @@ ABANDONED = "abandoned"
 # Errors that mean a kept-alive connection was closed before it carried the request: the call is
 # made again, once, on a fresh connection.
 STALE_CONNECTION = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)
+# How often the deadline looks again for the socket of a call still connecting when it passed.
+CONNECTING_POLL = 0.05
 
 
 @dataclass(slots=True)
@@ -85,6 +90,50 @@ class CourierSettings:
         return 2 * self.batch_rows
 
 
+class _Deadline:
+    """Ends a call that outlives the endpoint's timeout. http.client's timeout bounds each socket
+    operation, not the call: a sink answering a byte at a time could hold the courier, and every
+    row behind it, for as long as it liked. One thread watches the call under way and, once its
+    deadline has passed, shuts its socket down, which ends the blocked read or write."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._connection: http.client.HTTPConnection | None = None
+        # When the call under way must end; None while no call is watched (or it has been ended).
+        self._at: float | None = None
+        self._thread: threading.Thread | None = None
+        self.passed = False
+
+    @contextlib.contextmanager
+    def watching(self, connection: http.client.HTTPConnection, seconds: float) -> Iterator[None]:
+        with self._changed:
+            self._connection, self._at, self.passed = connection, time.monotonic() + seconds, False
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._watch, name="telemetry-courier-deadline", daemon=True)
+                self._thread.start()
+            self._changed.notify_all()
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._connection, self._at = None, None
+
+    def _watch(self) -> None:
+        with self._changed:
+            while True:
+                if self._at is None or (remaining := self._at - time.monotonic()) > 0:
+                    self._changed.wait(None if self._at is None else remaining)
+                    continue
+                self.passed = True
+                sock = self._connection.sock if self._connection is not None else None
+                if sock is None:
+                    self._at = time.monotonic() + CONNECTING_POLL
+                    continue
+                self._at = None
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
 class Courier:
     def __init__(self, settings: CourierSettings) -> None:
         self._settings = settings
@@ -100,6 +149,7 @@ class Courier:
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
         self._connection: http.client.HTTPConnection | None = None
+        self._deadline = _Deadline()
         self._last_call = float("-inf")
 
     def offer(self, parcel: Parcel) -> bool:
@@ -188,18 +238,21 @@ class Courier:
         return False
 
     def _post(self, body: bytes, again: bool = True) -> tuple[int | None, bytes, float | None, str]:
-        """(status, answer, retry-after, error): status None after a transport error."""
+        """(status, answer, retry-after, error): status None after a transport error or the timeout."""
         reused = self._connection is not None
+        connection = self._connection = self._connection or self._connect()
         try:
-            connection = self._connection = self._connection or self._connect()
-            connection.request("POST", self._target, body=body, headers=self._settings.endpoint.headers)
-            reply = connection.getresponse()
-            answer = reply.read()
-            if reply.will_close:
+            with self._deadline.watching(connection, self._settings.endpoint.timeout):
+                connection.request("POST", self._target, body=body, headers=self._settings.endpoint.headers)
+                reply = connection.getresponse()
+                answer = reply.read()
+            if reply.will_close or self._deadline.passed:
                 self._disconnect()
             return reply.status, answer, retry_after(reply.headers), ""
         except (OSError, http.client.HTTPException) as exc:
             self._disconnect()
+            if self._deadline.passed:
+                return None, b"", None, TimeoutError.__name__
             if again and reused and isinstance(exc, STALE_CONNECTION):
                 return self._post(body, again=False)
             return None, b"", None, type(exc).__name__
