@@ -78,7 +78,9 @@ async def test_the_encoder_process_is_ready_before_the_first_request(
     """The service starts its helper as it starts: the first requests' rows are built there,
     not on the event loop while a cold helper takes a second or more to start."""
     api, url = events_api
-    client = await make_client(make_settings(tracking=tracking_to(url, encoder_process_min_events=3)))
+    # A max_wait long enough that a generation slowed by a busy machine does not have its first
+    # events released, as a group too small for the helper, before the request completes.
+    client = await make_client(make_settings(tracking=tracking_to(url, encoder_process_min_events=3, max_wait=2.0)))
     forwarder = client.app[TRACKING].forwarder
     helper = forwarder.encoder_process
     assert helper is not None
