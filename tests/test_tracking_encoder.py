@@ -524,3 +524,21 @@ async def test_a_sink_trickling_its_answer_fails_the_couriers_call_at_the_timeou
     courier.offer(Parcel(2, b'{"event_id":"b"}\n', 1))
     [delivered] = await asyncio.to_thread(courier.collect, 10.0)
     assert delivered.status == 200 and [row["event_id"] for row in api.rows] == ["b"]
+
+
+async def test_a_kept_alive_connection_the_sink_closed_is_replaced_and_the_call_made_once_more(
+    aiohttp_server: Any
+) -> None:
+    """Between calls the sink may close an idle kept-alive connection: the next call fails before
+    it carried anything, and is made again, once, on a fresh connection; its rows arrive once."""
+    api = EventsAPI()
+    server = await aiohttp_server(api.app(), keepalive_timeout=0.2)
+    url = str(server.make_url("")).rstrip("/")
+    courier = Courier(CourierSettings(Endpoint(url, "test-token", "pollinations_events", 2.0), 50.0, 100, 10**6))
+    courier.offer(Parcel(1, b'{"event_id":"a"}\n', 1))
+    [first] = await asyncio.to_thread(courier.collect, 10.0)
+    await asyncio.sleep(1.0)
+    courier.offer(Parcel(2, b'{"event_id":"b"}\n', 1))
+    [second] = await asyncio.to_thread(courier.collect, 10.0)
+    assert (first.status, second.status) == (200, 200)
+    assert [row["event_id"] for row in api.rows] == ["a", "b"] and api.requests == 2

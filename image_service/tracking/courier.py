@@ -237,12 +237,15 @@ class Courier:
             return True
         return False
 
-    def _post(self, body: bytes, again: bool = True) -> tuple[int | None, bytes, float | None, str]:
-        """(status, answer, retry-after, error): status None after a transport error or the timeout."""
+    def _post(self, body: bytes, again: bool = True, seconds: float | None = None) -> tuple[int | None, bytes, float | None, str]:
+        """(status, answer, retry-after, error): status None after a transport error or the timeout.
+        A call made again on a fresh connection has what is left of the first one's `seconds`."""
+        seconds = self._settings.endpoint.timeout if seconds is None else seconds
+        started = time.monotonic()
         reused = self._connection is not None
-        connection = self._connection = self._connection or self._connect()
         try:
-            with self._deadline.watching(connection, self._settings.endpoint.timeout):
+            connection = self._connection = self._connection or self._connect()
+            with self._deadline.watching(connection, seconds):
                 connection.request("POST", self._target, body=body, headers=self._settings.endpoint.headers)
                 reply = connection.getresponse()
                 answer = reply.read()
@@ -254,7 +257,7 @@ class Courier:
             if self._deadline.passed:
                 return None, b"", None, TimeoutError.__name__
             if again and reused and isinstance(exc, STALE_CONNECTION):
-                return self._post(body, again=False)
+                return self._post(body, again=False, seconds=seconds - (time.monotonic() - started))
             return None, b"", None, type(exc).__name__
 
     def _connect(self) -> http.client.HTTPConnection:
