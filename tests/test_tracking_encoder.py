@@ -370,13 +370,18 @@ async def test_a_rejected_delivery_is_dropped_counted_and_never_sent_again(
     assert [e["event"] for e in logs if e["log_level"] == "error"] == ["telemetry.batch_rejected"]
 
 
+def courier_to(url: str, timeout: float, token: str = "test-token") -> Courier:
+    """A courier of its own (no encoder process) posting to the Events API at `url`."""
+    return Courier(CourierSettings(Endpoint(url, token, "pollinations_events", timeout), 50.0, 100, 10**6))
+
+
 async def test_an_unexpected_courier_failure_gives_the_rows_back_and_keeps_it_working(
     events_api: tuple[EventsAPI, str]
 ) -> None:
     """A key http.client refuses (a stray newline) fails that call alone, and the error that
     comes back names its type, never the key."""
     api, url = events_api
-    broken = Courier(CourierSettings(Endpoint(url, "test-token\n", "pollinations_events", 2.0), 50.0, 100, 10**6))
+    broken = courier_to(url, 2.0, token="test-token\n")
     broken.offer(Parcel(1, b'{"event_id":"a"}\n', 1))
     [failed] = await asyncio.to_thread(broken.collect, 5.0)
     assert (failed.status, failed.error, failed.rows) == (None, "ValueError", b'{"event_id":"a"}\n')
@@ -517,7 +522,7 @@ async def test_a_sink_trickling_its_answer_fails_the_couriers_call_at_the_timeou
     timeout instead, its rows come back, and the next call goes through."""
     api, url = events_api
     api.script.append(Fault(trickle=0.05))
-    courier = Courier(CourierSettings(Endpoint(url, "test-token", "pollinations_events", 0.5), 50.0, 100, 10**6))
+    courier = courier_to(url, 0.5)
     courier.offer(Parcel(1, b'{"event_id":"a"}\n', 1))
     [failed] = await asyncio.to_thread(courier.collect, 10.0)
     assert (failed.status, failed.error, failed.rows) == (None, "TimeoutError", b'{"event_id":"a"}\n')
@@ -534,7 +539,7 @@ async def test_a_kept_alive_connection_the_sink_closed_is_replaced_and_the_call_
     api = EventsAPI()
     server = await aiohttp_server(api.app(), keepalive_timeout=0.2)
     url = str(server.make_url("")).rstrip("/")
-    courier = Courier(CourierSettings(Endpoint(url, "test-token", "pollinations_events", 2.0), 50.0, 100, 10**6))
+    courier = courier_to(url, 2.0)
     courier.offer(Parcel(1, b'{"event_id":"a"}\n', 1))
     [first] = await asyncio.to_thread(courier.collect, 10.0)
     await asyncio.sleep(1.0)
