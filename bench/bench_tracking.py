@@ -8,9 +8,11 @@ import json
 import os
 import random
 import signal
+import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +22,19 @@ from image_service.tracking import Forwarder, Spool, TinybirdSink
 from image_service.tracking.context import merge_request_context, new_request
 from image_service.tracking.processor import TELEMETRY, EventQueue
 
-from .harness import fetch, paired_runs, server, signal_server, wrk
+from .harness import fetch, paired_runs, server, signal_server, switched_load, wrk
 
 PATH = "/prompt/a%20red%20fox?width=512&height=384&seed=7"
 TOKEN = "bench-token"
 OFF = "tracking off"
 # Servers per variant: the same code in two processes differs by up to ~10 % here.
 INSTANCES = 2
+# Paired rounds of the one-connection table.
 ROUNDS = 8
+# The saturated comparison: rounds, and windows of a load (recording and not, alternately).
+SWITCHED_ROUNDS = 4
+WINDOWS = 4
+WINDOW = 2.0
 LOOP_CPU = Path(__file__).parent / "loop_cpu"
 
 
@@ -111,6 +118,76 @@ def loop_totals(directory: Path) -> dict[str, dict[str, float]]:
     return totals
 
 
+@dataclass(frozen=True)
+class Server:
+    variant: str
+    url: str
+    accounts: Path
+
+
+Totals = dict[str, dict[str, float]]
+
+
+@dataclass(frozen=True)
+class Windows:
+    """What each server's windows added to its loop account, by round and mode ("on": recording,
+    or a tracking-off server; "off": a tracking server not recording)."""
+
+    servers: Sequence[Server]
+    rounds: Sequence[Mapping[str, Totals]]
+
+    def per_round(self, variant: str, mode: str) -> list[float]:
+        """The variant's requests/s in `mode`, each round: the mean over its servers."""
+        return [
+            statistics.fmean(added[entry.url][mode]["requests"] / added[entry.url][mode]["wall_s"]
+                             for entry in self.servers if entry.variant == variant)
+            for added in self.rounds
+        ]
+
+    def summed(self, variant: str, mode: str) -> dict[str, float]:
+        chosen = [added[entry.url][mode] for added in self.rounds for entry in self.servers if entry.variant == variant]
+        return {key: sum(totals[key] for totals in chosen) for key in chosen[0]}
+
+    def thread_per_request(self, entry: Server) -> float:
+        requests = sum(added[entry.url]["on"]["requests"] for added in self.rounds)
+        return sum(added[entry.url]["on"]["thread_s"] for added in self.rounds) / requests
+
+
+def switched_rounds(servers: Sequence[Server], rounds: int) -> Windows:
+    """Every server once a round, in a fresh random order, under one load of WINDOWS windows: a
+    tracking server records in every other one, from a random first one; a tracking-off server
+    stays in its one mode. Each window lasts WINDOW seconds: work telemetry defers (the forwarder's
+    next round, a delivery's settlement) spills into the next window, but not far: windows not
+    recording saw under 0.1 µs a request of forwarder work, against ~1 µs recording."""
+    order = list(servers)
+    choose = random.Random(1)
+    seen: dict[str, Totals] = {entry.url: empty_totals() for entry in servers}
+    added_by_round = []
+    for _ in range(rounds):
+        choose.shuffle(order)
+        added: dict[str, Totals] = {}
+        for entry in order:
+            if entry.variant == OFF:
+                signals = [signal.SIGUSR2] * WINDOWS
+            else:
+                first, second = choose.sample((signal.SIGUSR2, signal.SIGUSR1), 2)
+                signals = [first, second] * (WINDOWS // 2)
+            switched_load(entry.url, signals, WINDOW)
+            now = loop_totals(entry.accounts)
+            added[entry.url] = {
+                mode: {key: value - seen[entry.url][mode][key] for key, value in totals.items()}
+                for mode, totals in now.items()
+            }
+            seen[entry.url] = now
+        added_by_round.append(added)
+    return Windows(servers, added_by_round)
+
+
+def empty_totals() -> Totals:
+    keys = ("requests", "requests_s", "telemetry_s", "other_s", "processor_s", "thread_s", "wall_s")
+    return {mode: dict.fromkeys(keys, 0.0) for mode in ("on", "off", "paused")}
+
+
 def processor_in_situ(sink: str, directory: Path, rounds: int = 6, seconds: int = 2) -> tuple[float, float]:
     """The processor's thread CPU a cache hit in a saturated server of its own (µs: recording, not
     recording), switched between the two modes `rounds` times; the clock's own cost is in both."""
@@ -127,8 +204,8 @@ def processor_in_situ(sink: str, directory: Path, rounds: int = 6, seconds: int 
                 recording(on)(url)
                 wrk(url, seconds)
     totals = loop_totals(directory / "loop-cpu")
-    on, off = (totals[mode]["processor_s"] / totals[mode]["requests"] * 1e6 for mode in ("on", "off"))
-    return on, off
+    recorded, unrecorded = (totals[mode]["processor_s"] / totals[mode]["requests"] * 1e6 for mode in ("on", "off"))
+    return recorded, unrecorded
 
 
 def recording(on: bool) -> Callable[[str], None]:
@@ -153,90 +230,93 @@ def main() -> None:
     print(f"\nTarget ≥ 33,000 rows/s at ≤ 100 requests/s: {'met' if rate >= 33_000 and per_second <= 100 else 'NOT met'}.\n")
 
     slow_port, down_port = free_port(), free_port()
-    with tempfile.TemporaryDirectory() as tmp:
-        with contextlib.ExitStack() as stack:
-            # Tinybird parses rows on its own machines: the stand-ins take only CPU the servers,
-            # wrk and the encoder processes leave idle, as a remote sink takes none.
-            sink = stack.enter_context(server(["-m", "tests.events_api", str(sink_port), TOKEN], sink_port, idle=True))
-            slow_sink = stack.enter_context(
-                server(["-m", "tests.events_api", str(slow_port), TOKEN, "6"], slow_port, idle=True)
-            )
-            variants = {
-                OFF: {"IMAGE_SERVICE_TRACKING__ENABLED": "false"},
-                "tracking on": {"TINYBIRD_API_URL": sink},
-                "sink down": {"TINYBIRD_API_URL": f"http://127.0.0.1:{down_port}"},
-                "sink answers after 6 s": {"TINYBIRD_API_URL": slow_sink},
-            }
-            kinds: dict[str, list[str]] = {}
-            before: dict[str, Callable[[str], None]] = {}
-            reports: dict[str, list[Path]] = {name: [] for name in variants}
-            for name, env in variants.items():
-                urls = kinds[name] = []
-                for _ in range(INSTANCES):
-                    port = free_port()
-                    directory = Path(tmp) / str(port)
-                    (directory / "loop-cpu").mkdir(parents=True)
-                    url = stack.enter_context(server(
-                        ["-m", "image_service", "serve", "--port", str(port), "--log-format", "json"], port,
-                        env={"TINYBIRD_API_KEY": TOKEN, **loop_accounting(directory / "loop-cpu"), **env},
-                        cwd=directory,
-                    )) + PATH
-                    fetch(url)
-                    urls.append(url)
-                    reports[name].append(directory / "loop-cpu")
-                if name != OFF:
-                    kinds[quiet(name)] = urls
-                    before[name], before[quiet(name)] = recording(True), recording(False)
-            tables = [paired_runs(kinds, ROUNDS, 2, connections, before) for connections in (16, 1)]
-            processor_on, processor_off = processor_in_situ(sink, Path(tmp) / "processor")
-        loop_cpu = {name: [loop_totals(directory) for directory in directories] for name, directories in reports.items()}
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        # Tinybird parses rows on its own machines: the stand-ins take only CPU the servers,
+        # wrk and the encoder processes leave idle, as a remote sink takes none.
+        sink = stack.enter_context(server(["-m", "tests.events_api", str(sink_port), TOKEN], sink_port, idle=True))
+        slow_sink = stack.enter_context(
+            server(["-m", "tests.events_api", str(slow_port), TOKEN, "6"], slow_port, idle=True)
+        )
+        variants = {
+            OFF: {"IMAGE_SERVICE_TRACKING__ENABLED": "false"},
+            "tracking on": {"TINYBIRD_API_URL": sink},
+            "sink down": {"TINYBIRD_API_URL": f"http://127.0.0.1:{down_port}"},
+            "sink answers after 6 s": {"TINYBIRD_API_URL": slow_sink},
+        }
+        kinds: dict[str, list[str]] = {}
+        before: dict[str, Callable[[str], None]] = {}
+        servers: list[Server] = []
+        for name, env in variants.items():
+            urls = kinds[name] = []
+            for _ in range(INSTANCES):
+                port = free_port()
+                directory = Path(tmp) / str(port)
+                (directory / "loop-cpu").mkdir(parents=True)
+                url = stack.enter_context(server(
+                    ["-m", "image_service", "serve", "--port", str(port), "--log-format", "json"], port,
+                    env={"TINYBIRD_API_KEY": TOKEN, **loop_accounting(directory / "loop-cpu"), **env},
+                    cwd=directory,
+                )) + PATH
+                fetch(url)
+                urls.append(url)
+                servers.append(Server(name, url, directory / "loop-cpu"))
+            if name != OFF:
+                kinds[quiet(name)] = urls
+                before[name], before[quiet(name)] = recording(True), recording(False)
+        windows = switched_rounds(servers, SWITCHED_ROUNDS)
+        one_at_a_time = paired_runs(kinds, ROUNDS, 2, 1, before)
+        processor_on, processor_off = processor_in_situ(sink, Path(tmp) / "processor")
     tracked = [name for name in variants if name != OFF]
-    print(f"Cache hits, {INSTANCES} servers per variant, {ROUNDS} paired rounds of 2 s per table: every server once a "
-          "round, in a fresh random order, and each server of a tracking variant twice in a row, in a random order: "
-          "recording telemetry, and not (its telemetry routed nowhere, its forwarder idle, as without tracking: "
-          "`bench/loop_cpu`). **Within one process** compares the two, round by round: the same memory layout, "
-          "seconds apart. **Against tracking off** compares with servers started without tracking, whose "
-          "processes differ by up to ~10 % from any other for the same code. Each figure is the median over "
-          "rounds of the mean of a variant's servers.\n")
-    saturated, one_at_a_time = tables
+    print(f"Cache hits, {INSTANCES} servers per variant. Saturated (wrk, 16 connections): {SWITCHED_ROUNDS} rounds, "
+          f"every server once a round, in a fresh random order, under one load of {WINDOWS} windows of {WINDOW:.0f} s "
+          "(`bench/loop_cpu` accounts each window; wrk's start and end are in none). A tracking server records "
+          "telemetry in every other window, from a random first one, and not in the others (its telemetry routed "
+          "nowhere, its forwarder resting, as without tracking). **Within one process** compares the two: the same "
+          "memory layout, the same load, seconds apart. **Against tracking off** compares with servers started "
+          "without tracking, whose processes differ by up to ~10 % from any other for the same code. Requests/s "
+          "are the server's own count over its windows' time; each figure is the median over rounds of the mean "
+          "of a variant's servers.\n")
     print("Saturated (wrk, 16 connections):\n")
-    print("| server | requests/s | ratio within one process | quartiles | ratio against tracking off | p99 ms | added p99 ms |")
-    print("|---|---|---|---|---|---|---|")
-    off = saturated.compare(OFF, OFF)
-    print(f"| {OFF} | {off.requests_per_s:,.0f} | | | 1.000 | {off.p99_ms:.2f} | |")
+    print("| server | requests/s | ratio within one process | quartiles | ratio against tracking off |")
+    print("|---|---|---|---|---|")
+    off_rps = windows.per_round(OFF, "on")
+    print(f"| {OFF} | {statistics.median(off_rps):,.0f} | | | 1.000 |")
     for name in tracked:
-        within, against = saturated.compare(name, quiet(name)), saturated.compare(name, OFF)
-        print(f"| {name} | {within.requests_per_s:,.0f} | {within.ratio:.3f} | {within.ratio_low:.2f}–{within.ratio_high:.2f} | "
-              f"{against.ratio:.3f} | {within.p99_ms:.2f} | {within.added_p99_ms:+.2f} |")
-    print("\nOne request at a time (wrk, 1 connection): the latency a request itself gains, within one process.\n")
+        rps = windows.per_round(name, "on")
+        within = [value / base for value, base in zip(rps, windows.per_round(name, "off"))]
+        low, _, high = statistics.quantiles(within, n=4)
+        against = statistics.median(value / base for value, base in zip(rps, off_rps))
+        print(f"| {name} | {statistics.median(rps):,.0f} | {statistics.median(within):.3f} | {low:.2f}–{high:.2f} | "
+              f"{against:.3f} |")
+    print("\nOne request at a time (wrk, 1 connection): the latency a request itself gains, within one process. "
+          f"{ROUNDS} paired rounds of 2 s: every server once a round, in a fresh random order, each tracking server "
+          "twice in a row, recording and not, in a random order.\n")
     print("| server | requests/s | p99 ms | added p99 ms |")
     print("|---|---|---|---|")
     for name in tracked:
-        within = one_at_a_time.compare(name, quiet(name))
-        print(f"| {name} | {within.requests_per_s:,.0f} | {within.p99_ms:.3f} | {within.added_p99_ms:+.3f} |")
+        within_p99 = one_at_a_time.compare(name, quiet(name))
+        print(f"| {name} | {within_p99.requests_per_s:,.0f} | {within_p99.p99_ms:.3f} | {within_p99.added_p99_ms:+.3f} |")
     print("\nTargets: ratio ≥ 0.95 for each variant; added p99 < 0.5 ms.\n")
-    print("Event-loop CPU per request, over both tables and all of a variant's servers: thread CPU time of the "
-          "loop's callbacks by kind (`bench/loop_cpu`), recording and not.\n")
-    print("| server | requests | request handling µs | telemetry µs | other µs | not recording: loop µs | loop CPU ratio within one process |")
-    print("|---|---|---|---|---|---|---|")
-
-    def summed(name: str, mode: str) -> dict[str, float]:
-        return {key: sum(report[mode][key] for report in loop_cpu[name]) for key in loop_cpu[name][0][mode]}
-
-    def loop_per_request(total: dict[str, float]) -> float:
-        return (total["requests_s"] + total["telemetry_s"] + total["other_s"]) / total["requests"]
-
+    print("Event-loop thread CPU per request in the saturated windows, all of a variant's servers and rounds "
+          "together: the loop's callbacks by kind (`bench/loop_cpu`) while recording, and the whole thread "
+          "(callbacks and the time between them) recording and not.\n")
+    print("| server | requests | request handling µs | telemetry µs | other µs | thread µs | not recording: thread µs | "
+          "thread CPU ratio within one process |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in variants:
-        on = summed(name, "on")
+        on = windows.summed(name, "on")
         count = on["requests"]
+        parts = f"| {name} | {count:,.0f} | {on['requests_s'] / count * 1e6:.1f} | "
+        thread = on["thread_s"] / count
         if name == OFF:
-            print(f"| {name} | {count:,.0f} | {on['requests_s'] / count * 1e6:.1f} | | {on['other_s'] / count * 1e6:.1f} | | |")
+            print(f"{parts} | {on['other_s'] / count * 1e6:.1f} | {thread * 1e6:.1f} | | |")
             continue
-        off_loop = loop_per_request(summed(name, "off"))
-        print(f"| {name} | {count:,.0f} | {on['requests_s'] / count * 1e6:.1f} | {on['telemetry_s'] / count * 1e6:.1f} | "
-              f"{on['other_s'] / count * 1e6:.1f} | {off_loop * 1e6:.1f} | {off_loop / loop_per_request(on):.3f} |")
-    off_servers = [loop_per_request(report["on"]) for report in loop_cpu[OFF]]
-    print(f"\nLoop CPU per request of the {OFF} servers: {min(off_servers) * 1e6:.1f} to {max(off_servers) * 1e6:.1f} µs.")
+        quiet_total = windows.summed(name, "off")
+        quiet_thread = quiet_total["thread_s"] / quiet_total["requests"]
+        print(f"{parts}{on['telemetry_s'] / count * 1e6:.1f} | {on['other_s'] / count * 1e6:.1f} | {thread * 1e6:.1f} | "
+              f"{quiet_thread * 1e6:.1f} | {quiet_thread / thread:.3f} |")
+    off_servers = [windows.thread_per_request(entry) for entry in servers if entry.variant == OFF]
+    print(f"\nThread CPU per request of the {OFF} servers: {min(off_servers) * 1e6:.1f} to {max(off_servers) * 1e6:.1f} µs.")
     print(f"\nThe processor in situ (a server of its own, tracking on, saturated, its processor timed by thread CPU): "
           f"{processor_on:.1f} µs a cache hit recording, {processor_off:.1f} µs not recording (the clock's own cost, "
           f"~0.7 µs a call, is in both): {processor_on - processor_off:.1f} µs of recording, against "

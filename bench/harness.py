@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
 import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -26,6 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 _CPUS = sorted(os.sched_getaffinity(0))
 SERVER_CPUS = set(_CPUS[:1])
 OTHER_CPUS = set(_CPUS[1:]) or SERVER_CPUS
+# Seconds a switched load runs before its first window and after its last: wrk connecting, and
+# wrk stopping, stay out of the windows.
+SETTLE_SECONDS = 0.5
 # Servers under test by base URL: their helper processes start late and are moved before each run.
 _UNDER_TEST: dict[str, int] = {}
 
@@ -129,6 +134,32 @@ def wrk(url: str, seconds: int = 5, connections: int = 16) -> Load:
     p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
     p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
     return Load(rps, p50, p99)
+
+
+def switched_load(url: str, signals: Sequence[int], window: float, connections: int = 16) -> None:
+    """One wrk load on `url` without a break, the server sent `signals[i]` at the start of the
+    i-th window of `window` seconds and SIGWINCH once the last one ends: `bench/loop_cpu` accounts
+    each window to its mode and pauses before wrk stops, so neither wrk's start nor its end (nor
+    any idle time) is in the figures. Modes compared this way share the process and the load."""
+    if shutil.which("wrk") is None:
+        raise RuntimeError("wrk is not installed: run `make bench` (it installs it) or apt-get install wrk")
+    base = _base(url)
+    _move_helpers(base)
+    pid = _UNDER_TEST[base]
+    seconds = math.ceil(len(signals) * window + 2 * SETTLE_SECONDS)
+    load = subprocess.Popen(
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", url], stdout=subprocess.PIPE, text=True,
+        preexec_fn=lambda: os.sched_setaffinity(0, OTHER_CPUS),
+    )
+    time.sleep(SETTLE_SECONDS)
+    started = time.monotonic()
+    for index, signum in enumerate(signals):
+        os.kill(pid, signum)
+        time.sleep(max(0.0, started + (index + 1) * window - time.monotonic()))
+    os.kill(pid, signal.SIGWINCH)
+    out, _ = load.communicate(timeout=seconds + 60)
+    if load.returncode != 0 or "Non-2xx" in out or "Socket errors" in out:
+        raise RuntimeError(f"load run saw errors:\n{out}")
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,12 @@ JSON when the process exits.
 The same process can also be measured with telemetry recording and without: SIGUSR1 stops routing
 events to the forwarder (which then rests, idle), SIGUSR2 routes them again, and the totals are
 kept apart by that mode. Two processes of the same code differ by up to ~10 % here (memory
-layout), far more than telemetry costs; within one process that difference cancels out.
+layout), far more than telemetry costs; within one process that difference cancels out. Each
+mode also gets the loop thread's whole CPU time (`thread_s`, callbacks and the time between them)
+and the wall time it lasted (`wall_s`). Nothing counts until the first switch, and SIGWINCH pauses
+the accounting until the next one (what happens meanwhile counts in no mode) and writes the totals
+so far: a load can be measured without its start and end, and a benchmark can read the totals
+after each load.
 
 With IMAGE_SERVICE_BENCH_PROCESSOR_CPU also set, the telemetry processor's own thread CPU time is
 added up too (`processor_s`), from the first switch on: its cost among the request's other work,
@@ -66,11 +71,16 @@ def _time_processor(modes: dict[str, dict[str, float]], current: dict[str, str])
 
 
 def _install(directory: Path) -> None:
-    modes = {mode: {"requests": 0, "requests_s": 0.0, "telemetry_s": 0.0, "other_s": 0.0, "processor_s": 0.0}
-             for mode in ("on", "off")}
-    current = {"mode": "on"}
+    modes = {
+        mode: {"requests": 0, "requests_s": 0.0, "telemetry_s": 0.0, "other_s": 0.0, "processor_s": 0.0,
+               "thread_s": 0.0, "wall_s": 0.0}
+        for mode in ("on", "off", "paused")
+    }
+    # Until the first signal, nothing counts: start-up, warming up, idling.
+    current = {"mode": "paused"}
     run = asyncio.events.Handle._run
     clock = time.thread_time
+    since = {"thread": clock(), "wall": time.monotonic()}
 
     def timed_run(handle: asyncio.events.Handle) -> None:
         started = clock()
@@ -92,13 +102,26 @@ def _install(directory: Path) -> None:
 
     untimed = bool(os.environ.get("IMAGE_SERVICE_BENCH_PROCESSOR_CPU"))
 
+    def close_period(mode: str) -> None:
+        """Charge the time since the last signal to the mode it ran in, and start `mode`."""
+        thread, wall = clock(), time.monotonic()
+        totals = modes[current["mode"]]
+        totals["thread_s"] += thread - since["thread"]
+        totals["wall_s"] += wall - since["wall"]
+        since["thread"], since["wall"] = thread, wall
+        current["mode"] = mode
+
     def switch(mode: str) -> None:
         nonlocal untimed
         if untimed:
             untimed = False
             _time_processor(modes, current)
         _record(mode == "on")
-        current["mode"] = mode
+        close_period(mode)
+
+    def pause() -> None:
+        close_period("paused")
+        write()
 
     def write() -> None:
         if any(totals["requests"] for totals in modes.values()):
@@ -107,6 +130,7 @@ def _install(directory: Path) -> None:
     setattr(asyncio.events.Handle, "_run", timed_run)
     signal.signal(signal.SIGUSR1, lambda *_: switch("off"))
     signal.signal(signal.SIGUSR2, lambda *_: switch("on"))
+    signal.signal(signal.SIGWINCH, lambda *_: pause())
     atexit.register(write)
 
 
