@@ -118,18 +118,27 @@ def _ms(text: str) -> float:
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
 
 
-def wrk(url: str, seconds: int = 5, connections: int = 16) -> Load:
-    """Drive `url` with wrk (one thread, off the server's core) and parse its report."""
+def _require_wrk() -> None:
     if shutil.which("wrk") is None:
         raise RuntimeError("wrk is not installed: run `make bench` (it installs it) or apt-get install wrk")
+
+
+def _check_report(out: str) -> None:
+    """A run that saw errors measured something else than the path under test."""
+    if "Non-2xx" in out or "Socket errors" in out:
+        raise RuntimeError(f"load run saw errors:\n{out}")
+
+
+def wrk(url: str, seconds: int = 5, connections: int = 16) -> Load:
+    """Drive `url` with wrk (one thread, off the server's core) and parse its report."""
+    _require_wrk()
     _move_helpers(_base(url))
     out = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url],
         capture_output=True, text=True, check=True, timeout=seconds + 60,
         preexec_fn=lambda: os.sched_setaffinity(0, OTHER_CPUS),
     ).stdout
-    if "Non-2xx" in out or "Socket errors" in out:
-        raise RuntimeError(f"load run saw errors:\n{out}")
+    _check_report(out)
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
     p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
@@ -141,8 +150,7 @@ def switched_load(url: str, signals: Sequence[int], window: float, connections: 
     i-th window of `window` seconds and SIGWINCH once the last one ends: `bench/loop_cpu` accounts
     each window to its mode and pauses before wrk stops, so neither wrk's start nor its end (nor
     any idle time) is in the figures. Modes compared this way share the process and the load."""
-    if shutil.which("wrk") is None:
-        raise RuntimeError("wrk is not installed: run `make bench` (it installs it) or apt-get install wrk")
+    _require_wrk()
     base = _base(url)
     _move_helpers(base)
     pid = _UNDER_TEST[base]
@@ -158,8 +166,9 @@ def switched_load(url: str, signals: Sequence[int], window: float, connections: 
         time.sleep(max(0.0, started + (index + 1) * window - time.monotonic()))
     os.kill(pid, signal.SIGWINCH)
     out, _ = load.communicate(timeout=seconds + 60)
-    if load.returncode != 0 or "Non-2xx" in out or "Socket errors" in out:
-        raise RuntimeError(f"load run saw errors:\n{out}")
+    if load.returncode != 0:
+        raise RuntimeError(f"wrk failed:\n{out}")
+    _check_report(out)
 
 
 @dataclass(frozen=True)
