@@ -133,7 +133,6 @@ class EventsAPI:
         self.statuses.append(status)
         return web.json_response({"successful_rows": successful, "quarantined_rows": quarantined}, status=status)
 
-
     async def _trickle(self, request: web.Request, pause: float) -> web.StreamResponse:
         """Headers at once, then a 200's body a byte per `pause` seconds, never finishing in time."""
         self.statuses.append(200)
