@@ -5,8 +5,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 HOST ?= 127.0.0.1
 PORT ?= 8080
-# Debian packages the tests and benchmarks run for real (binary name:package name).
+# Debian packages the tests and benchmarks run for real (binary name:package name); the
+# benchmarks also count instructions under valgrind.
 SYSTEM_TOOLS := wrk:wrk chromium:chromium redis-server:redis-server
+BENCH_TOOLS := valgrind:valgrind
 
 # The official Tinybird CLI (`tb check`, its SQL template renderer) pins pydantic~=2.8, urllib3<2,
 # click<8.2 and cryptography~=41, so it lives in a venv of its own; tests call .venv-tb/bin/*.
@@ -32,7 +34,7 @@ $(TB_STAMP):
 tinybird-cli: $(TB_STAMP)
 
 system-deps:
-	@missing=""; for pair in $(SYSTEM_TOOLS); do \
+	@missing=""; for pair in $(SYSTEM_TOOLS) $(EXTRA_TOOLS); do \
 		command -v "$${pair%%:*}" >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -51,7 +53,8 @@ test: install system-deps $(TB_STAMP)
 	$(BIN)/python -m mypy image_service
 	$(BIN)/python -m pytest
 
-bench: install system-deps
+bench: install
+	$(MAKE) --no-print-directory system-deps EXTRA_TOOLS="$(BENCH_TOOLS)"
 	$(BIN)/python -m bench
 
 clean:

@@ -66,17 +66,7 @@ def server(
         os.sched_setscheduler(process.pid, os.SCHED_IDLE, os.sched_param(0))
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited: {process.stderr.read().decode() if process.stderr else ''}")
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("server did not start") from None
-                time.sleep(0.1)
+        wait_listening(process, port, 30)
         if not idle:
             _UNDER_TEST[url] = process.pid
         yield url
@@ -87,6 +77,21 @@ def server(
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+def wait_listening(process: subprocess.Popen[bytes], port: int, seconds: float) -> None:
+    """Until `process` listens on `port`; its stderr in the error if it exits first."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited: {process.stderr.read().decode() if process.stderr else ''}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError("server did not start") from None
+            time.sleep(0.1)
 
 
 def _base(url: str) -> str:
