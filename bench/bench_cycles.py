@@ -27,10 +27,9 @@ import aiohttp
 
 from image_service.testing import free_port
 
-from .harness import ROOT, server, wait_listening
+from .bench_tracking import OFF, PATH, TOKEN, sink_variants
+from .harness import ROOT, wait_listening
 
-PATH = "/prompt/a%20red%20fox?width=512&height=384&seed=7"
-TOKEN = "bench-token"
 WARM_UP = 400
 REQUESTS = 3000
 CONNECTIONS = 16
@@ -41,7 +40,6 @@ SLOWDOWN = 50.0
 # The last-level cache simulated: this machine's second level (2 MB a core, 16-way, 64-byte lines).
 LAST_LEVEL = "--LL=2097152,16,64"
 EVENTS = ("Ir", "Dr", "Dw", "I1mr", "D1mr", "D1mw", "ILmr", "DLmr", "DLmw")
-OFF = "tracking off"
 
 
 @dataclass(frozen=True)
@@ -125,31 +123,21 @@ def measure(env: Mapping[str, str], directory: Path) -> Counts:
     return read_counts(directory / "callgrind.out.1-01", REQUESTS)
 
 
-def variants(sink: str, slow_sink: str) -> dict[str, dict[str, str]]:
-    """The servers compared. Cache hits never reach the image classifiers, so none are loaded. The
-    forwarder's age limit and the breaker's cool-down are configured SLOWDOWN times longer, as the
-    forwarder's own clock is (`scaled_server`); the sinks' delays and the calls' timeouts are not:
-    the sinks and the encoder process run at full speed, and the slow sink's 6 s must still
-    outlast a call's 5 s."""
-    scaled = {"IMAGE_SERVICE_MODERATION__IMAGE": "none", "TINYBIRD_API_KEY": TOKEN,
+def scaled(variants: Mapping[str, Mapping[str, str]]) -> dict[str, dict[str, str]]:
+    """`bench tracking`'s servers, counted. Cache hits never reach the image classifiers, so none
+    are loaded. The forwarder's age limit and the breaker's cool-down are configured SLOWDOWN
+    times longer, as the forwarder's own clock is (`scaled_server`); the sinks' delays and the
+    calls' timeouts are not: the sinks and the encoder process run at full speed, and the slow
+    sink's 6 s must still outlast a call's 5 s."""
+    common = {"IMAGE_SERVICE_MODERATION__IMAGE": "none", "TINYBIRD_API_KEY": TOKEN,
               "IMAGE_SERVICE_TRACKING__MAX_WAIT": str(1.0 * SLOWDOWN),
               "IMAGE_SERVICE_TRACKING__BREAKER_COOLDOWN": str(30.0 * SLOWDOWN)}
-    return {
-        OFF: {**scaled, "IMAGE_SERVICE_TRACKING__ENABLED": "false"},
-        "tracking on": {**scaled, "TINYBIRD_API_URL": sink},
-        "sink down": {**scaled, "TINYBIRD_API_URL": f"http://127.0.0.1:{free_port()}"},
-        "sink answers after 6 s": {**scaled, "TINYBIRD_API_URL": slow_sink},
-    }
+    return {name: {**common, **env} for name, env in variants.items()}
 
 
 def main() -> None:
-    sink_port, slow_port = free_port(), free_port()
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
-        sink = stack.enter_context(server(["-m", "tests.events_api", str(sink_port), TOKEN], sink_port, idle=True))
-        slow_sink = stack.enter_context(
-            server(["-m", "tests.events_api", str(slow_port), TOKEN, "6"], slow_port, idle=True)
-        )
-        servers = variants(sink, slow_sink)
+        servers = scaled(sink_variants(stack))
         # valgrind runs one thread at a time: two servers at once use both cores, and the counts
         # do not depend on what else runs.
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:

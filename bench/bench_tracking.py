@@ -212,6 +212,24 @@ def quiet(name: str) -> str:
     return f"{name}, not recording"
 
 
+def sink_variants(stack: contextlib.ExitStack) -> dict[str, dict[str, str]]:
+    """The servers compared, by the environment that makes each: tracking off, and tracking into a
+    healthy sink, a closed port and a sink that answers after 6 s. The two stand-in sinks run
+    until `stack` closes. Tinybird parses rows on its own machines: the stand-ins take only CPU the
+    servers, wrk and the encoder processes leave idle, as a remote sink takes none."""
+    sink_port, slow_port = free_port(), free_port()
+    sink = stack.enter_context(server(["-m", "tests.events_api", str(sink_port), TOKEN], sink_port, idle=True))
+    slow_sink = stack.enter_context(
+        server(["-m", "tests.events_api", str(slow_port), TOKEN, "6"], slow_port, idle=True)
+    )
+    return {
+        OFF: {"IMAGE_SERVICE_TRACKING__ENABLED": "false"},
+        "tracking on": {"TINYBIRD_API_URL": sink},
+        "sink down": {"TINYBIRD_API_URL": f"http://127.0.0.1:{free_port()}"},
+        "sink answers after 6 s": {"TINYBIRD_API_URL": slow_sink},
+    }
+
+
 def main() -> None:
     alone, chain = processor_cost()
     print("| measure | value |\n|---|---|")
@@ -224,20 +242,9 @@ def main() -> None:
     print(f"| forwarder into local Events API | {rate:,.0f} rows/s ({batches} requests, {per_second:.1f} requests/s) |")
     print(f"\nTarget ≥ 33,000 rows/s at ≤ 100 requests/s: {'met' if rate >= 33_000 and per_second <= 100 else 'NOT met'}.\n")
 
-    slow_port, down_port = free_port(), free_port()
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
-        # Tinybird parses rows on its own machines: the stand-ins take only CPU the servers,
-        # wrk and the encoder processes leave idle, as a remote sink takes none.
-        sink = stack.enter_context(server(["-m", "tests.events_api", str(sink_port), TOKEN], sink_port, idle=True))
-        slow_sink = stack.enter_context(
-            server(["-m", "tests.events_api", str(slow_port), TOKEN, "6"], slow_port, idle=True)
-        )
-        variants = {
-            OFF: {"IMAGE_SERVICE_TRACKING__ENABLED": "false"},
-            "tracking on": {"TINYBIRD_API_URL": sink},
-            "sink down": {"TINYBIRD_API_URL": f"http://127.0.0.1:{down_port}"},
-            "sink answers after 6 s": {"TINYBIRD_API_URL": slow_sink},
-        }
+        variants = sink_variants(stack)
+        sink = variants["tracking on"]["TINYBIRD_API_URL"]
         kinds: dict[str, list[str]] = {}
         before: dict[str, Callable[[str], None]] = {}
         servers: list[Server] = []
