@@ -41,18 +41,18 @@ def request_events(n: int, **context: Any) -> list[dict[str, Any]]:
     ]
 
 
-def framed(events: list[dict[str, Any]]) -> bytes:
+def framed(events: list[dict[str, Any]]) -> list[bytes]:
     """Events as the forwarder frames them for the helper."""
     queue = EventQueue(len(events))
     for item in events:
         queue.put(item)
-    return bytes(queue.take(len(events)).data)
+    return queue.take(len(events)).chunks
 
 
 async def test_rows_built_by_the_encoder_process_equal_rows_built_in_process() -> None:
     """Privacy rules, context columns, metadata and event ids come out the same on either path."""
     events = [e for n in range(60) for e in request_events(n, private=n % 2 == 0, referrer="https://a.example/?token=x")]
-    frames = [framed(events[:50]), framed(events[50:])]
+    frames = [*framed(events[:50]), *framed(events[50:])]
     helper = EncoderProcess("test")
     try:
         reply = await helper.encode(frames, len(events))
@@ -60,7 +60,7 @@ async def test_rows_built_by_the_encoder_process_equal_rows_built_in_process() -
         await helper.close()
     lines = reply.rows.splitlines(keepends=True)
     encoder = RowEncoder("test")
-    expected = [encoder.encode(e) for data in frames for e in unpack(data)]
+    expected = [encoder.encode(e) for e in unpack(frames)]
     assert reply.failed == 0 and reply.count == len(lines) and lines == expected
     rows = [orjson.loads(line) for line in lines]
     assert len({row["event_id"] for row in rows}) == len(rows)
@@ -73,7 +73,7 @@ async def test_an_event_the_helper_cannot_encode_is_counted_and_the_rest_arrive(
     helper = EncoderProcess("test")
     try:
         reply = await helper.encode(
-            [framed(request_events(1) + [{"event": "x", "stage": "x", "_ts": "not a time"}] + request_events(2))], 7
+            framed(request_events(1) + [{"event": "x", "stage": "x", "_ts": "not a time"}] + request_events(2)), 7
         )
     finally:
         await helper.close()
@@ -86,7 +86,7 @@ async def test_a_reply_out_of_step_with_the_request_stops_the_helper() -> None:
     helper = EncoderProcess("test")
     try:
         with pytest.raises(EncoderUnavailable, match="out of step"):
-            await helper.encode([framed(request_events(1))], 4)
+            await helper.encode(framed(request_events(1)), 4)
         assert not helper.running and not helper.available
     finally:
         await helper.close()
@@ -428,7 +428,7 @@ async def test_cancelling_a_batch_never_requeues_frames_the_helper_took(
         await worker
     assert len(forwarder.queue) == total - 2 * frame_events
     requeued = forwarder.queue.take(total)
-    assert "ev-000000" not in {event["event_id"] for event in unpack(requeued.data)}
+    assert "ev-000000" not in {event["event_id"] for event in unpack(requeued.chunks)}
     forwarder.queue.give_back([requeued])
     await until(lambda: len(api.rows) == 2 * frame_events)
     await forwarder.close(timeout=2)

@@ -15,7 +15,7 @@ from image_service.tracking import COLUMNS, TELEMETRY, Breaker, BreakerState, Ev
 from image_service.tracking.batch import Rows
 from image_service.tracking.context import bind, new_request, parse_traceparent, request_ids
 from image_service.tracking.context import clear as clear_request
-from image_service.tracking.processor import TelemetryProcessor, unpack
+from image_service.tracking.processor import CHUNK_GROUPS, TelemetryProcessor, unpack
 from image_service.tracking.rows import RowEncoder
 
 
@@ -126,7 +126,7 @@ def request_routed(processor: TelemetryProcessor, queue: EventQueue, request_id:
 
 def queued(queue: EventQueue) -> list[dict[str, object]]:
     """The events waiting in `queue`, taken as the forwarder takes them."""
-    return unpack(queue.take(len(queue)).data)
+    return unpack(queue.take(len(queue)).chunks)
 
 
 class TestProcessor:
@@ -149,8 +149,8 @@ class TestProcessor:
             processor(None, "info", {"event": "request.completed", "stage": "response", "status": 200})
         assert (len(queue), queue.open) == (3, set())
         groups = queue.take(3)
-        assert len(groups) == 1 and bytes(groups.data).count(b"a" * 32) == 1
-        events = unpack(groups.data)
+        assert len(groups) == 1 and b"".join(groups.chunks).count(b"a" * 32) == 1
+        events = unpack(groups.chunks)
         assert [event["event"] for event in events] == ["request.received", "cache.lookup", "request.completed"]
         assert all(event["_ctx"] == {"request_id": "a" * 32, "tier": "seed"} for event in events)
 
@@ -172,7 +172,7 @@ class TestProcessor:
                 {"event": "request.received", "_ts": 5.0}, {"event": "cache.lookup", "_ts": 5.0},
                 {"event": "request.completed", "_ts": 5.001},
             ])
-        data = queue.take(9).data
+        data = queue.take(9).chunks
         first, again = [[event["event_id"] for event in unpack(data)] for _ in range(2)]
         assert first == again and len(set(first)) == 9
 
@@ -231,8 +231,8 @@ class TestEventQueue:
         queue = requests_queue([3, 2, 4])
         taken = queue.take(6)
         assert (len(taken), taken.events, len(queue)) == (2, 5, 4)
-        assert names(taken.data) == ["r0/0", "r0/1", "r0/2", "r1/0", "r1/1"]
-        assert names(queue.take(100).data) == [f"r2/{i}" for i in range(4)] and len(queue) == 0
+        assert names(taken.chunks) == ["r0/0", "r0/1", "r0/2", "r1/0", "r1/1"]
+        assert names(queue.take(100).chunks) == [f"r2/{i}" for i in range(4)] and len(queue) == 0
 
     def test_a_group_larger_than_the_limit_is_taken_whole(self) -> None:
         queue = requests_queue([5, 1])
@@ -245,7 +245,7 @@ class TestEventQueue:
         queue.put_group({"request_id": "late"}, [{"event": "late", "_ts": 1.0}])
         queue.give_back([first, second])
         assert len(queue) == 7
-        assert names(queue.take(100).data) == ["r0/0", "r1/0", "r1/1", "r2/0", "r2/1", "r2/2", "late"]
+        assert names(queue.take(100).chunks) == ["r0/0", "r1/0", "r1/1", "r2/0", "r2/1", "r2/2", "late"]
 
     def test_the_oldest_event_decides_a_batch_age_even_behind_younger_requests(self) -> None:
         """A request that ran long is queued at its end, after requests that started later."""
@@ -257,12 +257,30 @@ class TestEventQueue:
         groups = requests_queue([2, 2, 5, 1, 1, 1]).take(100)
         runs = groups.runs(4)
         assert runs == [(0, 2), (2, 3), (3, 6)]
-        assert [names(groups.slice(*run).data) for run in runs] == [
+        assert [names(groups.slice(*run).chunks) for run in runs] == [
             ["r0/0", "r0/1", "r1/0", "r1/1"], [f"r2/{i}" for i in range(5)], ["r3/0", "r4/0", "r5/0"],
         ]
         rest = groups.without([runs[1]])
-        assert [names(part.data) for part in rest] == [["r0/0", "r0/1", "r1/0", "r1/1"], ["r3/0", "r4/0", "r5/0"]]
+        assert [names(part.chunks) for part in rest] == [["r0/0", "r0/1", "r1/0", "r1/1"], ["r3/0", "r4/0", "r5/0"]]
         assert sum(part.events for part in rest) == groups.events - 5
+
+    def test_a_full_chunk_of_groups_is_taken_whole_and_in_order(self) -> None:
+        """Groups are serialised CHUNK_GROUPS at a time; a batch holds the chunk, not part of it."""
+        queue = requests_queue([1] * (CHUNK_GROUPS + 2))
+        taken = queue.take(2)
+        assert (len(taken), taken.events, len(queue)) == (1, CHUNK_GROUPS, 2)
+        assert names(taken.chunks) == [f"r{n}/0" for n in range(CHUNK_GROUPS)]
+        assert names(queue.take(100).chunks) == [f"r{n}/0" for n in (CHUNK_GROUPS, CHUNK_GROUPS + 1)]
+
+    def test_a_group_that_cannot_be_serialised_costs_only_its_own_events(self) -> None:
+        class Unprintable:
+            def __str__(self) -> str:
+                raise RuntimeError("no text either")
+
+        queue = requests_queue([2] * (CHUNK_GROUPS - 1))
+        queue.put_group({"request_id": "bad"}, [{"event": "bad", "_ts": 1.0, "value": Unprintable()}])
+        assert (queue.unserialisable, len(queue)) == (1, 2 * (CHUNK_GROUPS - 1))
+        assert names(queue.take(100).chunks) == [f"r{n}/{i}" for n in range(CHUNK_GROUPS - 1) for i in range(2)]
 
     def test_routes_to_the_queue_of_the_current_request(self) -> None:
         """Two apps in one process each receive their own requests' events."""

@@ -62,8 +62,8 @@ def bind(**fields: Any) -> None:
         context.update(fields)
 
 
-def current() -> dict[str, Any] | None:
-    return _REQUEST.get()
+# The bound method itself: the telemetry processor asks for it with every request's first event.
+current = _REQUEST.get
 
 
 def clear() -> None:

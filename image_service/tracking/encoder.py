@@ -17,7 +17,7 @@ Only a 413's rows come back, to be split; otherwise (no courier, nothing to spoo
 Protocol, one reply per request:
 - request: messages, each after its 4-byte big-endian length, then a zero length. The first is
   the command (`>BId`: kind, ticket, seconds to wait for deliveries to settle); ENCODE is followed
-  by runs of serialised groups (`processor.Groups.data`), SPOOL and DELIVER by a file's path (where
+  by chunks of serialised groups (`processor.Groups.chunks`), SPOOL and DELIVER by a file's path (where
   the rows go if they are not delivered) and then the groups, CONFIGURE by the courier's settings.
 - reply: four messages, each after its length: `>IIIB` (rows that failed, length of the first
   failure's type name, rows encoded, where they went: 0 back, 1 the courier, 2 the file), that
@@ -45,7 +45,7 @@ from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import IO, Any
 
 import orjson
@@ -141,7 +141,7 @@ class EncoderProcess:
         return not self._closed and self._clock() >= self._retry_at
 
     async def encode(
-        self, slices: list[Buffer], events: int, ticket: int | None = None, spool_to: Path | None = None
+        self, slices: Sequence[Buffer], events: int, ticket: int | None = None, spool_to: Path | None = None
     ) -> Reply:
         """Rows of the `events` events in `slices` (runs of serialised groups), in order and joined, with
         their count, the number that failed and the first failure's type. With `spool_to`, the
@@ -161,7 +161,7 @@ class EncoderProcess:
             raise EncoderUnavailable("the encoder process is gone, with the deliveries it had")
         return (await self._request(ABANDON if abandon else COLLECT, 0, wait, [], 0)).settlements
 
-    async def _request(self, kind: int, ticket: int, wait: float, slices: list[Buffer], events: int) -> Reply:
+    async def _request(self, kind: int, ticket: int, wait: float, slices: Sequence[Buffer], events: int) -> Reply:
         if self._closed:
             raise EncoderUnavailable("closed")
         async with self._lock:
@@ -190,12 +190,12 @@ class EncoderProcess:
             # The key travels over the pipe, never on the command line, where `ps` would show it.
             _checked(await self._round_trip(CONFIGURE, 0, 0.0, [self.courier.to_json()]), 0)
 
-    async def _started_round_trip(self, kind: int, ticket: int, wait: float, slices: list[Buffer]) -> list[bytes]:
+    async def _started_round_trip(self, kind: int, ticket: int, wait: float, slices: Sequence[Buffer]) -> list[bytes]:
         if not self.running:
             await self._start()
         return await self._round_trip(kind, ticket, wait, slices)
 
-    async def _round_trip(self, kind: int, ticket: int, wait: float, slices: list[Buffer]) -> list[bytes]:
+    async def _round_trip(self, kind: int, ticket: int, wait: float, slices: Sequence[Buffer]) -> list[bytes]:
         process = self._process
         assert process is not None and process.stdin is not None and process.stdout is not None
         parts: list[Buffer] = []
@@ -346,7 +346,7 @@ def serve(environment: str, requests: IO[bytes], replies: IO[bytes]) -> None:
             courier = Courier(CourierSettings.from_json(payload[0]))
         elif kind in (ENCODE, DELIVER, SPOOL):
             spool_to = Path(payload.pop(0).decode()) if kind in (SPOOL, DELIVER) else None
-            events = [event for message in payload for event in unpack(message)]
+            events = unpack(payload)
             try:
                 lines = encoder.encode_all(events, failures)
             finally:

@@ -592,7 +592,7 @@ class Forwarder:
         lines: list[bytes] = []
         try:
             for first, last in groups.runs(SERIALISE_SLICE):
-                lines += self._encoder.encode_all(unpack(groups.slice(first, last).data), failures)
+                lines += self._encoder.encode_all(unpack(groups.slice(first, last).chunks), failures)
                 await asyncio.sleep(0)
         finally:
             self._encoder.reset()
@@ -608,7 +608,7 @@ class Forwarder:
         # those it cannot deliver (now, or when the call fails).
         spool_to = self._incoming(ticket) if ticket is not None else None
         try:
-            reply = await helper.encode([groups.data], groups.events, None if spooling else ticket, spool_to)
+            reply = await helper.encode(groups.chunks, groups.events, None if spooling else ticket, spool_to)
         except Exception as exc:
             self._helper_failed(exc)
             return None

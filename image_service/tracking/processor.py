@@ -4,22 +4,25 @@ It runs first in the chain, before the request context is merged in. It keeps th
 fields (a request's events as the dicts structlog made, their times beside them) and returns the
 event unchanged; it never raises, never awaits and does no I/O.
 
-A request's events wait in the request (`RequestEvents`) until its terminal event, then its context
-and its events are serialised together, once, onto the bounded queue of the forwarder serving it:
-the context is written once per request instead of once per event, the queue appends them to one
-buffer the garbage collector never scans, and the forwarder hands slices of it on without copying.
-Events of a request that runs long go sooner: the forwarder releases events that have waited
-`max_wait / 2` (their rows then carry the context as it was at that moment). Text events, and
-events outside any request, are serialised as they come.
+A request's events wait in the request (`RequestEvents`) until its terminal event, then go, with a
+reference to its context, onto the bounded queue of the forwarder serving it. The queue serialises
+the groups of CHUNK_GROUPS requests at a time, each context once per request instead of once per
+event, into one chunk that the garbage collector never scans and the forwarder hands on as it is.
+Rows carry a request's context as it stands when its chunk is serialised: after its terminal
+event, for all but requests that run long. Their events go sooner: the forwarder releases events
+that have waited `max_wait / 2`. Text events, and events outside any request, are queued as they
+come.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import math
 import time
 from array import array
 from bisect import bisect_right
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar
 from itertools import accumulate
 from typing import Any
@@ -31,10 +34,10 @@ from .context import current as current_context
 from .rows import TERMINAL_EVENT, TEXT_EVENT
 
 Buffer = bytes | bytearray | memoryview
-
-
-def _dumps(context: dict[str, Any] | None, events: Sequence[Mapping[str, Any]], times: list[float] | None) -> bytes:
-    return orjson.dumps([context, events] if times is None else [context, events, times], default=str)
+# Groups serialised in one orjson call. Counted, telemetry cost a cache hit ~16,000 fewer estimated
+# cycles (of ~58,000) once groups were serialised 16 at a time and kept as chunks, instead of one
+# call a group appended to one growing buffer; chunks of 8, 32 or 64 groups cost more than 16.
+CHUNK_GROUPS = 16
 
 
 def _lenient(fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -49,28 +52,29 @@ def _lenient(fields: Mapping[str, Any]) -> dict[str, Any]:
     return kept
 
 
-def unpack(data: Buffer) -> list[dict[str, Any]]:
-    """The events of serialised groups (`Groups.data`: each group followed by a comma), each with
-    its context under `_ctx` and an `event_id` that the group's bytes determine (32 hex digits):
-    rows built again from the same group (after the encoder process died, say) carry the same ids,
-    so the sink can drop the copies."""
+def unpack(chunks: Iterable[Buffer]) -> list[dict[str, Any]]:
+    """The events of serialised chunks (`Groups.chunks`: each a JSON array of groups), each with
+    its context under `_ctx` and an `event_id` that the group determines (32 hex digits): rows
+    built again from the same group (after the encoder process died, say) carry the same ids, so
+    the sink can drop the copies."""
     events: list[dict[str, Any]] = []
-    for context, members, *times in orjson.loads(b"".join((b"[", memoryview(data)[:-1], b"]"))):
-        if times:
-            for event, moment in zip(members, times[0]):
-                event["_ts"] = moment
-        request_id = context.get("request_id") if context is not None else None
-        first = members[0].get("_ts") if members else None
-        named = prefix = None
-        for index, event in enumerate(members):
-            if context is not None:
-                event["_ctx"] = context
-            owner = request_id or event.get("request_id")
-            if owner and "event_id" not in event:
-                if owner != named:
-                    named, prefix = owner, _id_prefix(owner, first, members[0].get("event"))
-                event["event_id"] = f"{prefix}{index:04x}"
-        events += members
+    for chunk in chunks:
+        for context, members, *times in orjson.loads(chunk):
+            if times:
+                for event, moment in zip(members, times[0]):
+                    event["_ts"] = moment
+            request_id = context.get("request_id") if context is not None else None
+            first = members[0].get("_ts") if members else None
+            named = prefix = None
+            for index, event in enumerate(members):
+                if context is not None:
+                    event["_ctx"] = context
+                owner = request_id or event.get("request_id")
+                if owner and "event_id" not in event:
+                    if owner != named:
+                        named, prefix = owner, _id_prefix(owner, first, members[0].get("event"))
+                    event["event_id"] = f"{prefix}{index:04x}"
+            events += members
     return events
 
 
@@ -82,25 +86,25 @@ def _id_prefix(owner: str, first: Any, name: Any) -> str:
 
 
 def _fitting(totals: list[int], first: int, limit: int) -> int:
-    """Where a run of groups from `first` ends: `totals` are the groups' running event counts, and
-    the run stays within `limit` of them, but holds at least one group, whatever its size."""
+    """Where a run of chunks from `first` ends: `totals` are the chunks' running event counts, and
+    the run stays within `limit` of them, but holds at least one chunk, whatever its size."""
     return max(bisect_right(totals, limit, first), first + 1)
 
 
 class Groups:
-    """Serialised groups, in order: `data` holds each group (`[context, [event, ...], [time, ...]]`;
-    without the times, each event carries its `_ts`) followed by a comma, the form `unpack` reads
-    and the encoder process is sent as it is. `sizes`, `counts` and `sinces` hold each group's
-    bytes, events and first event's time. Slices share the bytes they were cut from."""
+    """Serialised groups, in order, in chunks: each chunk is a JSON array of groups (`[context,
+    [event, ...], [time, ...]]`; without the times, each event carries its `_ts`), the form
+    `unpack` reads and the encoder process is sent as it is. `counts` and `sinces` hold each
+    chunk's events and its oldest event's time. Slices share the chunks they were cut from."""
 
-    __slots__ = ("counts", "data", "events", "sinces", "sizes")
+    __slots__ = ("chunks", "counts", "events", "sinces")
 
-    def __init__(self, data: Buffer, sizes: array[int], counts: array[int], sinces: array[float]) -> None:
-        self.data, self.sizes, self.counts, self.sinces = data, sizes, counts, sinces
+    def __init__(self, chunks: list[bytes], counts: array[int], sinces: array[float]) -> None:
+        self.chunks, self.counts, self.sinces = chunks, counts, sinces
         self.events = sum(counts)
 
     def __len__(self) -> int:
-        return len(self.counts)
+        return len(self.chunks)
 
     @property
     def since(self) -> float:
@@ -108,14 +112,11 @@ class Groups:
         return min(self.sinces)
 
     def slice(self, first: int, last: int) -> Groups:
-        """Groups `first` to `last - 1`, without copying their bytes."""
-        start = sum(self.sizes[:first])
-        sizes = self.sizes[first:last]
-        view = memoryview(self.data)[start:start + sum(sizes)]
-        return Groups(view, sizes, self.counts[first:last], self.sinces[first:last])
+        """Chunks `first` to `last - 1`."""
+        return Groups(self.chunks[first:last], self.counts[first:last], self.sinces[first:last])
 
     def runs(self, events: int) -> list[tuple[int, int]]:
-        """Consecutive runs (`first`, `last`) of up to `events` events each (a larger group on its own)."""
+        """Consecutive runs (`first`, `last`) of up to `events` events each (a larger chunk on its own)."""
         totals = list(accumulate(self.counts))
         runs = []
         first = done = 0
@@ -126,7 +127,7 @@ class Groups:
         return runs
 
     def without(self, runs: list[tuple[int, int]]) -> list[Groups]:
-        """The groups outside `runs` (ascending, not overlapping), as slices."""
+        """The chunks outside `runs` (ascending, not overlapping), as slices."""
         kept, first = [], 0
         for start, end in [*runs, (len(self), len(self))]:
             if start > first:
@@ -136,26 +137,33 @@ class Groups:
 
     @classmethod
     def join(cls, parts: Sequence[Groups]) -> Groups:
-        sizes, counts, sinces = array("I"), array("I"), array("d")
+        chunks: list[bytes] = []
+        counts, sinces = array("I"), array("d")
         for part in parts:
-            sizes += part.sizes
+            chunks += part.chunks
             counts += part.counts
             sinces += part.sinces
-        return cls(b"".join([part.data for part in parts]), sizes, counts, sinces)
+        return cls(chunks, counts, sinces)
 
 
 class EventQueue:
-    """A bounded FIFO of serialised groups, measured in events; the forwarder drains it.
+    """A bounded FIFO of groups of events, measured in events; the forwarder drains it.
 
-    The groups are appended to one buffer: a request leaves no object of its own behind, and taking
-    the whole queue is a swap. Per-request bytes objects, kept until their frame was delivered,
-    cost the loop more in allocation and cache misses than serialising them did."""
+    Groups wait unserialised until CHUNK_GROUPS of them are queued, then are serialised together
+    into one chunk, which the garbage collector never scans: a request leaves no object of its own
+    behind for long, and taking the queue moves chunks, not their bytes. Per-request bytes objects,
+    kept until their frame was delivered, cost the loop more in allocation and cache misses than
+    serialising them did; one buffer for the whole queue cost it as much again in copies as it grew."""
 
     def __init__(self, capacity: int) -> None:
         if capacity <= 0:
             raise ValueError(f"queue capacity must be positive, got {capacity}")
         self.capacity = capacity
         self._reset()
+        # Groups not yet serialised, their events, and the oldest of their times.
+        self._waiting: list[tuple[Any, ...]] = []
+        self._waiting_events = 0
+        self._waiting_since = math.inf
         self.events = 0
         self.enqueued = 0
         self.dropped_full = 0
@@ -168,8 +176,7 @@ class EventQueue:
         self.wake: Callable[[], object] | None = None
 
     def _reset(self) -> None:
-        self._data = bytearray()
-        self._sizes: array[int] = array("I")
+        self._chunks: list[bytes] = []
         self._counts: array[int] = array("I")
         self._sinces: array[float] = array("d")
 
@@ -184,9 +191,8 @@ class EventQueue:
     def put_group(
         self, context: dict[str, Any] | None, events: Sequence[Mapping[str, Any]], times: list[float] | None = None
     ) -> None:
-        """Events sharing one context, serialised together now, with their emission times (`times`,
-        else each event's own `_ts`). A value orjson refuses travels as its text (rows check every
-        value's type anyway); a group that still fails is counted."""
+        """Events sharing one context, with their emission times (`times`, else each event's own
+        `_ts`), serialised with the groups queued around them: the context as it stands then."""
         count = len(events)
         if self.closed:
             self.dropped_closed += count
@@ -194,41 +200,74 @@ class EventQueue:
         if self.events + count > self.capacity:
             self.dropped_full += count
             return
-        try:
-            data = _dumps(context, events, times)
-        except Exception:
-            try:
-                data = _dumps(None if context is None else _lenient(context), [_lenient(event) for event in events], times)
-            except Exception:
-                self.unserialisable += count
-                return
-        since = times[0] if times else events[0].get("_ts")
-        buffer = self._data
-        buffer += data
-        buffer += b","
-        self._sizes.append(len(data) + 1)
-        self._counts.append(count)
-        self._sinces.append(since if isinstance(since, float) else time.time())
+        waiting = self._waiting
+        if times is not None:
+            since = times[0]
+            waiting.append((context, events, times))
+        else:
+            stamp = events[0].get("_ts")
+            since = stamp if isinstance(stamp, float) else time.time()
+            waiting.append((context, events))
+        self._waiting_since = min(self._waiting_since, since)
+        self._waiting_events += count
         self.events += count
         self.enqueued += count
+        if len(waiting) >= CHUNK_GROUPS:
+            self._seal()
         wake = self.wake
         if wake is not None:
             self.wake = None
             wake()
 
+    def _seal(self, each: bool = False) -> None:
+        """Serialise the waiting groups into one chunk (`each`: one chunk a group, so that taking
+        stops on a group boundary). A value orjson refuses travels as its text (rows check every
+        value's type anyway); a group that still fails is counted."""
+        waiting, self._waiting = self._waiting, []
+        count, self._waiting_events = self._waiting_events, 0
+        since, self._waiting_since = self._waiting_since, math.inf
+        if not waiting:
+            return
+        if not each:
+            # A group orjson refuses fails the whole call: then the groups go one at a time.
+            with contextlib.suppress(Exception):
+                self._add(orjson.dumps(waiting, default=str), count, since)
+                return
+        for context, events, *times in waiting:
+            size = len(events)
+            first = times[0][0] if times else events[0].get("_ts")
+            try:
+                data = orjson.dumps([(context, events, *times)], default=str)
+            except Exception:
+                try:
+                    lenient = (None if context is None else _lenient(context), [_lenient(event) for event in events])
+                    data = orjson.dumps([(*lenient, *times)], default=str)
+                except Exception:
+                    self.unserialisable += size
+                    self.events -= size
+                    continue
+            self._add(data, size, first if isinstance(first, float) else since)
+
+    def _add(self, chunk: bytes, count: int, since: float) -> None:
+        self._chunks.append(chunk)
+        self._counts.append(count)
+        self._sinces.append(since)
+
     def oldest_ts(self) -> float | None:
-        return min(self._sinces) if self._sinces else None
+        sinces = [*self._sinces, self._waiting_since] if self._waiting else self._sinces
+        return min(sinces) if sinces else None
 
     def take(self, limit: int) -> Groups:
-        """The oldest groups, up to `limit` events (at least one group, whatever its size)."""
+        """The oldest chunks, up to `limit` events (at least one chunk, whatever its size); the
+        groups still waiting are serialised one by one, so taking them stops on a group boundary."""
+        self._seal(each=True)
         if self.events <= limit:
-            taken = Groups(self._data, self._sizes, self._counts, self._sinces)
+            taken = Groups(self._chunks, self._counts, self._sinces)
             self._reset()
         else:
             last = _fitting(list(accumulate(self._counts)), 0, limit)
-            size = sum(self._sizes[:last])
-            taken = Groups(self._data[:size], self._sizes[:last], self._counts[:last], self._sinces[:last])
-            del self._data[:size], self._sizes[:last], self._counts[:last], self._sinces[:last]
+            taken = Groups(self._chunks[:last], self._counts[:last], self._sinces[:last])
+            del self._chunks[:last], self._counts[:last], self._sinces[:last]
         self.events -= taken.events
         return taken
 
@@ -236,10 +275,9 @@ class EventQueue:
         """Return taken groups to the front of the queue, in their order."""
         if not parts:
             return
-        back = Groups.join([*parts, Groups(self._data, self._sizes, self._counts, self._sinces)])
-        self._data = bytearray(back.data)
-        self._sizes, self._counts, self._sinces = back.sizes, back.counts, back.sinces
-        self.events = back.events
+        back = Groups.join([*parts, Groups(self._chunks, self._counts, self._sinces)])
+        self._chunks, self._counts, self._sinces = back.chunks, back.counts, back.sinces
+        self.events += sum(part.events for part in parts)
 
     def release_older_than(self, moment: float) -> None:
         """Queue the waiting events of requests whose first event was emitted before `moment`."""
