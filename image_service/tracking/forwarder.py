@@ -403,9 +403,11 @@ class Forwarder:
         if self._in_hand:
             return False
         settings = self.settings
-        # A frame's worth at a time: under load, fewer round trips to the helper (each costs the
-        # loop ~0.25 ms); a quieter server waits at most max_wait / 2, as any batch does.
-        enough = min(max(settings.encoder_process_min_events, FRAME_EVENTS), settings.batch_rows, queue.capacity)
+        # A frame's worth at a time (a larger one when the helper keeps the rows): under load, fewer
+        # round trips to the helper (each costs the loop ~0.25 ms); a quieter server waits at most
+        # max_wait / 2, as any batch does.
+        frame = KEPT_FRAME_EVENTS if self._spooling() or self._courier_may_deliver() else FRAME_EVENTS
+        enough = min(max(settings.encoder_process_min_events, frame), settings.batch_rows, queue.capacity)
         return len(queue) >= enough or time.time() - (queue.oldest_ts() or 0.0) >= settings.max_wait * FRESH_FRACTION
 
     async def _absorb(self) -> None:
@@ -561,9 +563,7 @@ class Forwarder:
             # With the breaker open, or probing the sink with one call, or the sink failing since its
             # last success, these rows are bound for the spool: the helper writes them there, and the
             # forwarder's own calls drain them in order once the sink takes rows again.
-            spooling = not self._stopping and (
-                self.breaker.state is not BreakerState.CLOSED or not self._courier_trusted
-            )
+            spooling = self._spooling()
             kept = spooling or self._courier_may_deliver()
             for first, last in groups.runs(KEPT_FRAME_EVENTS if kept else FRAME_EVENTS):
                 if not helper.available:
@@ -626,6 +626,9 @@ class Forwarder:
 
     def _incoming(self, ticket: int) -> Path:
         return self.spool.incoming / f"{os.getpid()}-{ticket}{SUFFIX}"
+
+    def _spooling(self) -> bool:
+        return not self._stopping and (self.breaker.state is not BreakerState.CLOSED or not self._courier_trusted)
 
     def _courier_may_deliver(self) -> bool:
         helper = self.encoder_process
