@@ -2,8 +2,8 @@
 callgrind, which counts the instructions its event-loop thread executes and simulates its caches.
 
 The throughput comparison (`bench tracking`) times servers on a shared two-core machine whose speed
-drifts, over tens of seconds, by as much as telemetry costs. Counted, the same code gives the same
-figures run after run (0.2 % apart here), so a few per cent can be read, and a change measured.
+drifts, over tens of seconds, by as much as telemetry costs. Counted, the same code gives figures
+~0.3 % apart run after run here, so a few per cent can be read, and a change measured.
 Estimated cycles are cachegrind's classic model: one an instruction, ten a first-level miss, a
 hundred a last-level miss, the last level set to this machine's 2 MB second-level cache. A model,
 not the hardware: no branch prediction, no overlap of misses. The figure compared with the
@@ -160,7 +160,7 @@ def main() -> None:
         servers = scaled(sink_variants(stack))
         # One server at a time. Its encoder process and the stand-in sinks run at idle priority:
         # with two counted servers filling both cores they starved, and the loop of a server
-        # counted up to 100 last-level misses a request where one alone counts 22 to 26.
+        # counted up to 100 last-level misses a request where one alone counts 24 to 49.
         counts = {
             name: measure(env, Path(tmp) / str(index), SETTLED.get(name))
             for index, (name, env) in enumerate(servers.items())
