@@ -143,7 +143,7 @@ class EncoderProcess:
     async def encode(
         self, slices: Sequence[Buffer], events: int, ticket: int | None = None, spool_to: Path | None = None
     ) -> Reply:
-        """Rows of the `events` events in `slices` (runs of serialised groups), in order and joined, with
+        """Rows of the `events` events in `slices` (chunks of serialised groups), in order and joined, with
         their count, the number that failed and the first failure's type. With `spool_to`, the
         helper writes them to that file (`Reply.spooled`); with a `ticket` as well (and a courier),
         it delivers them itself (`Reply.delivered`) and writes to the file only what it cannot
