@@ -27,7 +27,7 @@ import aiohttp
 
 from image_service.testing import free_port
 
-from .bench_tracking import OFF, PATH, TOKEN, sink_variants
+from .bench_tracking import DOWN, OFF, PATH, SLOW, TOKEN, sink_variants
 from .harness import ROOT, wait_listening
 
 WARM_UP = 400
@@ -40,7 +40,7 @@ SLOWDOWN = 50.0
 # The last-level cache simulated: this machine's second level (2 MB a core, 16-way, 64-byte lines).
 LAST_LEVEL = "--LL=2097152,16,64"
 # The breaker state a failing sink's telemetry settles in, before the counters start.
-SETTLED = {"sink down": "open", "sink answers after 6 s": "open"}
+SETTLED = {DOWN: "open", SLOW: "open"}
 SETTLE_SECONDS = 600
 EVENTS = ("Ir", "Dr", "Dw", "I1mr", "D1mr", "D1mw", "ILmr", "DLmr", "DLmw")
 

@@ -27,6 +27,9 @@ from .harness import fetch, paired_runs, server, signal_server, switched_load, w
 PATH = "/prompt/a%20red%20fox?width=512&height=384&seed=7"
 TOKEN = "bench-token"
 OFF = "tracking off"
+# The failing sinks' variants, by name (`bench cycles` waits for their breakers to open).
+DOWN = "sink down"
+SLOW = "sink answers after 6 s"
 # Servers per variant: the same code in two processes differs by up to ~10 % here.
 INSTANCES = 2
 # Paired rounds of the one-connection table.
@@ -225,8 +228,8 @@ def sink_variants(stack: contextlib.ExitStack) -> dict[str, dict[str, str]]:
     return {
         OFF: {"IMAGE_SERVICE_TRACKING__ENABLED": "false"},
         "tracking on": {"TINYBIRD_API_URL": sink},
-        "sink down": {"TINYBIRD_API_URL": f"http://127.0.0.1:{free_port()}"},
-        "sink answers after 6 s": {"TINYBIRD_API_URL": slow_sink},
+        DOWN: {"TINYBIRD_API_URL": f"http://127.0.0.1:{free_port()}"},
+        SLOW: {"TINYBIRD_API_URL": slow_sink},
     }
 
 
