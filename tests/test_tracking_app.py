@@ -142,6 +142,27 @@ async def test_private_prompts_tokens_and_ips_appear_in_no_row_and_no_log(
     assert (client.app[TRACKING].forwarder.stats.encoded_elsewhere > 0) is (min_events == 1)
 
 
+async def test_a_quieter_log_level_hides_lines_but_loses_no_row(
+    make_client: ClientFactory, events_api: tuple[EventsAPI, str], capfd: Any
+) -> None:
+    """Operators turn logs down to warnings; telemetry must not go quiet with them."""
+    api, url = events_api
+    configure_logging("json", "warning")
+    try:
+        client = await make_client(make_settings(tracking=tracking_to(url)))
+        miss = await client.get(FOX)
+        hit = await client.get(FOX)
+        await flushed(client)
+        structlog.get_logger("image_service.test").warning("operator.visible")
+        flush_logs()
+    finally:
+        structlog.reset_defaults()
+    logs = capfd.readouterr().out
+    rows = by_request(api.rows)
+    assert len(rows[miss.headers["X-Request-Id"]]) == 5 and len(rows[hit.headers["X-Request-Id"]]) == 3
+    assert '"event":"operator.visible"' in logs and "request.completed" not in logs
+
+
 async def test_text_completions_share_the_processor_and_forwarder(
     make_client: ClientFactory, events_api: tuple[EventsAPI, str]
 ) -> None:

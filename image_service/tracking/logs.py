@@ -4,6 +4,10 @@ Chain: telemetry processor (sees every event, with a reference to its request's 
 filter → request context merged in → level, timestamp → renderer: events that are not rendered
 never pay for the merge. Stage events are rendered only at debug level; the terminal `request.completed` event is
 rendered at info, so production logs carry one line per request while every stage reaches telemetry.
+
+The log level decides what is rendered, never what telemetry sees: structlog's own level filter
+(which drops a call before any processor runs) stops at info, the level of stage events, and a
+higher configured level is applied after telemetry (`BelowLevelFilter`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 
 import orjson
 import structlog
+from structlog.stdlib import NAME_TO_LEVEL
 from structlog.typing import EventDict, Processor, WrappedLogger
 
 from .context import merge_request_context
@@ -40,6 +45,19 @@ class StageEventFilter:
 
     def __call__(self, logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
         if not self._show_stages and "stage" in event_dict and event_dict.get("event") != TERMINAL_EVENT:
+            raise structlog.DropEvent
+        return event_dict
+
+
+class BelowLevelFilter:
+    """Drops, from the rendered output only, events below a level above info."""
+
+    def __init__(self, level: str) -> None:
+        threshold = LEVELS[level]
+        self._hidden = frozenset(name for name, value in NAME_TO_LEVEL.items() if value < threshold)
+
+    def __call__(self, logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+        if method_name in self._hidden:
             raise structlog.DropEvent
         return event_dict
 
@@ -110,7 +128,10 @@ def flush_logs() -> None:
 
 def processors(level: str = "info") -> list[Processor]:
     """The chain up to (not including) rendering; tests capture after it."""
-    return [TELEMETRY, StageEventFilter(level), merge_request_context]
+    chain: list[Processor] = [TELEMETRY, StageEventFilter(level)]
+    if LEVELS[level] > logging.INFO:
+        chain.append(BelowLevelFilter(level))
+    return [*chain, merge_request_context]
 
 
 def configure_logging(log_format: str = "console", level: str = "info", *, cache_loggers: bool = False) -> None:
@@ -130,7 +151,7 @@ def configure_logging(log_format: str = "console", level: str = "info", *, cache
     factory: Any = lambda *args: output  # noqa: E731
     structlog.configure(
         processors=chain,
-        wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
+        wrapper_class=structlog.make_filtering_bound_logger(min(LEVELS[level], logging.INFO)),
         logger_factory=factory,
         cache_logger_on_first_use=cache_loggers,
     )
