@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import sys
+import threading
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -176,6 +178,33 @@ async def test_text_completions_share_the_processor_and_forwarder(
     assert (row["model"], row["provider"], row["cost"], row["prompt_tokens"], row["completion_tokens"]) == (
         "openai-large", "azure", 0.0021, 120, 48)
     assert (row["user"], row["tier"], row["call_type"], row["duration"]) == ("u-1", "seed", "completion", 840)
+
+
+async def test_text_completions_from_worker_threads_arrive_once_each(
+    make_client: ClientFactory, events_api: tuple[EventsAPI, str]
+) -> None:
+    """A text service may record from its worker threads while the loop serves images."""
+    api, url = events_api
+    client = await make_client(make_settings(tracking=tracking_to(url)))
+    per_thread, threads = 1500, 4
+
+    def record(thread: int) -> None:
+        for index in range(per_thread):
+            record_text_completion(model="openai", request_id=f"text-{thread}-{index}", duration_ms=1.0)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as CPython can: races show at once
+    try:
+        workers = [threading.Thread(target=record, args=(thread,)) for thread in range(threads)]
+        for worker in workers:
+            worker.start()
+        while any(worker.is_alive() for worker in workers):
+            assert (await client.get(FOX)).status == 200
+    finally:
+        sys.setswitchinterval(interval)
+    await flushed(client)
+    ids = [row["id"] for row in api.rows if row["service_type"] == "text"]
+    assert len(ids) == len(set(ids)) == per_thread * threads
 
 
 async def test_without_an_api_key_rows_go_to_the_local_file(make_client: ClientFactory, tmp_path: Path) -> None:

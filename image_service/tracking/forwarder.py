@@ -202,6 +202,7 @@ class Forwarder:
         await self._in_io(self.spool.open)
         self._task = asyncio.create_task(self._run(), name="telemetry-forwarder")
         self._guard = asyncio.create_task(self._guard_queue(), name="telemetry-queue-guard")
+        self.queue.serve_loop(asyncio.get_running_loop())
         TELEMETRY.default = self.queue
 
     def start_helper(self) -> None:

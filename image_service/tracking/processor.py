@@ -16,6 +16,7 @@ come.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import math
@@ -25,6 +26,7 @@ from bisect import bisect_right
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar
 from itertools import accumulate
+from threading import get_ident
 from typing import Any
 
 import orjson
@@ -174,6 +176,14 @@ class EventQueue:
         self.open: set[RequestEvents] = set()
         # Set by an idle forwarder: called (once) with the next group.
         self.wake: Callable[[], object] | None = None
+        # The loop that drains the queue, and its thread: groups from other threads are handed to it.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: int | None = None
+
+    def serve_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Only `loop`'s thread touches the queue from now on: a group put from another thread (a
+        text service's worker thread, say) is handed over with `call_soon_threadsafe`."""
+        self._loop, self._thread = loop, get_ident()
 
     def _reset(self) -> None:
         self._chunks: list[bytes] = []
@@ -193,6 +203,8 @@ class EventQueue:
     ) -> None:
         """Events sharing one context, with their emission times (`times`, else each event's own
         `_ts`), serialised with the groups queued around them: the context as it stands then."""
+        if get_ident() != self._thread and self._hand_over(context, events, times):
+            return
         count = len(events)
         if self.closed:
             self.dropped_closed += count
@@ -219,6 +231,20 @@ class EventQueue:
         if wake is not None:
             self.wake = None
             wake()
+
+    def _hand_over(
+        self, context: dict[str, Any] | None, events: Sequence[Mapping[str, Any]], times: list[float] | None
+    ) -> bool:
+        """Put the group from the loop's thread, if there is one: the queue's lists are not safe
+        to change from two threads (rows were lost and sent twice). False: put it here."""
+        loop = self._loop
+        if loop is None:
+            return False
+        try:
+            loop.call_soon_threadsafe(self.put_group, context, events, times)
+        except RuntimeError:  # the loop closed: so did the forwarder
+            self.dropped_closed += len(events)
+        return True
 
     def _seal(self, each: bool = False) -> None:
         """Serialise the waiting groups into one chunk (`each`: one chunk a group, so that taking
