@@ -202,9 +202,8 @@ class EventQueue:
         self, context: dict[str, Any] | None, events: Sequence[Mapping[str, Any]], times: list[float] | None = None
     ) -> None:
         """Events sharing one context, with their emission times (`times`, else each event's own
-        `_ts`), serialised with the groups queued around them: the context as it stands then."""
-        if get_ident() != self._thread and self._hand_over(context, events, times):
-            return
+        `_ts`), serialised with the groups queued around them: the context as it stands then. On
+        the loop's thread only (`put_group_from_any_thread` elsewhere)."""
         count = len(events)
         if self.closed:
             self.dropped_closed += count
@@ -232,19 +231,18 @@ class EventQueue:
             self.wake = None
             wake()
 
-    def _hand_over(
-        self, context: dict[str, Any] | None, events: Sequence[Mapping[str, Any]], times: list[float] | None
-    ) -> bool:
-        """Put the group from the loop's thread, if there is one: the queue's lists are not safe
-        to change from two threads (rows were lost and sent twice). False: put it here."""
+    def put_group_from_any_thread(self, context: dict[str, Any] | None, events: Sequence[Mapping[str, Any]]) -> None:
+        """`put_group`, handed to the loop's thread when called from another: the queue's lists are
+        not safe to change from two threads (rows were lost, others sent twice). Text events and
+        events outside requests come this way; a request's events are put on the loop, unchecked."""
         loop = self._loop
-        if loop is None:
-            return False
+        if loop is None or get_ident() == self._thread:
+            self.put_group(context, events)
+            return
         try:
-            loop.call_soon_threadsafe(self.put_group, context, events, times)
+            loop.call_soon_threadsafe(self.put_group, context, events)
         except RuntimeError:  # the loop closed: so did the forwarder
             self.dropped_closed += len(events)
-        return True
 
     def _seal(self, each: bool = False) -> None:
         """Serialise the waiting groups into one chunk (`each`: one chunk a group, so that taking
@@ -363,11 +361,13 @@ class TelemetryProcessor:
                 queue = self.default
                 if queue is not None:
                     text = event_dict.get("event") == TEXT_EVENT
-                    queue.put_group(None if text else current_context(), [{**event_dict, "_ts": time.time()}])
+                    queue.put_group_from_any_thread(
+                        None if text else current_context(), [{**event_dict, "_ts": time.time()}]
+                    )
                 return event_dict
             name = event_dict.get("event")
             if name == TEXT_EVENT:
-                request.queue.put_group(None, [{**event_dict, "_ts": time.time()}])
+                request.queue.put_group_from_any_thread(None, [{**event_dict, "_ts": time.time()}])
                 return event_dict
             # The processor's hot path, once per stage event of every request: inline, not methods.
             now = time.time()
