@@ -195,8 +195,8 @@ def normalise_referrer(value: str | None) -> str | None:
         host = urlsplit(text if "://" in text else f"//{text}").hostname
     except ValueError:
         return None
-    if not host or len(host) > MAX_HOST_LENGTH:
-        return None
+    if not host or len(host) > MAX_HOST_LENGTH or not host.isprintable():
+        return None  # isprintable: a byte that is not UTF-8 arrives as a lone surrogate
     return host.lower().rstrip(".")
 
 

@@ -165,6 +165,43 @@ async def test_a_quieter_log_level_hides_lines_but_loses_no_row(
     assert '"event":"operator.visible"' in logs and "request.completed" not in logs
 
 
+@pytest.mark.parametrize("log_format", ["json", "console"])
+async def test_a_referer_that_is_not_utf8_neither_fails_the_request_nor_loses_its_rows(
+    make_client: ClientFactory, events_api: tuple[EventsAPI, str], capfd: Any, log_format: str
+) -> None:
+    """Header bytes that are not UTF-8 reach the app as lone surrogates, which no JSON encoder takes."""
+    api, url = events_api
+    configure_logging(log_format, "info")
+    try:
+        client = await make_client(make_settings(tracking=tracking_to(url)))
+        reader, writer = await asyncio.open_connection(client.host, client.port)
+        writer.write(f"GET {FOX} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n".encode()
+                     + b"Referer: https://ex\xffample.com/page\r\nOrigin: https://\xfe.example\r\n\r\n")
+        head = (await reader.read()).split(b"\r\n\r\n", 1)[0].decode()
+        writer.close()
+        await flushed(client)
+        flush_logs()
+    finally:
+        structlog.reset_defaults()
+    assert head.startswith("HTTP/1.1 200")
+    (request_id,) = re.findall(r"X-Request-Id: (\w+)", head)
+    rows = by_request(api.rows)[request_id]
+    assert len(rows) == 5 and {row["referrer"] for row in rows} == {None}
+    assert request_id in capfd.readouterr().out
+
+
+@pytest.mark.parametrize("log_format", ["json", "console"])
+def test_a_log_call_never_raises_on_text_no_encoder_takes(capfd: Any, log_format: str) -> None:
+    configure_logging(log_format, "info")
+    try:
+        structlog.get_logger("image_service.test").warning("odd.header", value="ex\udcffample")
+        flush_logs()
+    finally:
+        structlog.reset_defaults()
+    out = capfd.readouterr().out
+    assert "odd.header" in out and "ex\\udcffample" in out.replace("\\\\", "\\")  # JSON escapes the backslash
+
+
 async def test_text_completions_share_the_processor_and_forwarder(
     make_client: ClientFactory, events_api: tuple[EventsAPI, str]
 ) -> None:

@@ -107,6 +107,25 @@ async def test_an_idle_forwarder_rests_and_its_queues_first_event_wakes_it(
     await until(lambda: len(api.rows) == 100, seconds=1.5)
 
 
+async def test_an_event_that_cannot_be_serialised_is_counted_and_the_rest_still_arrive(
+    make_forwarder: Make, events_api: tuple[EventsAPI, str]
+) -> None:
+    class Unprintable:
+        def __str__(self) -> str:
+            raise RuntimeError("no text either")
+
+    api, _ = events_api
+    forwarder = make_forwarder()
+    await forwarder.start()
+    with capture_logs() as logs:
+        forwarder.queue.put({**event(0), "width": Unprintable()})
+        await until(lambda: forwarder.queue.unserialisable == 1)
+        forwarder.queue.put(event(1))
+        await until(lambda: len(api.rows) == 1)
+    assert received(api) == {"ev-000001"}
+    assert not [entry for entry in logs if entry["event"] == "telemetry.worker_error"]
+
+
 async def test_thirty_percent_injected_failures_lose_nothing(make_forwarder: Make, events_api: tuple[EventsAPI, str]) -> None:
     """429s, 5xx, resets and timeouts are retried until every row is in."""
     api, _ = events_api

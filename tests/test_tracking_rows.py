@@ -177,14 +177,17 @@ class TestProcessor:
         assert first == again and len(set(first)) == 9
 
     def test_a_value_orjson_refuses_travels_as_text_and_loses_no_event(self) -> None:
+        """An integer past 64 bits, a key that is not text, a lone surrogate (a header byte that is
+        not UTF-8, as aiohttp decodes it)."""
         queue = EventQueue(10)
-        queue.put_group({"request_id": "c" * 32, 3: "three"}, [
+        queue.put_group({"request_id": "c" * 32, 3: "three", "referrer": "ex\udcffample"}, [
             {"event": "request.received", "_ts": 1.0},
-            {"event": "cache.lookup", "width": 2**70, "_ts": 2.0},
+            {"event": "cache.lookup", "width": 2**70, "_ts": 2.0, "k\udcfe": 1},
         ])
         assert (len(queue), queue.unserialisable) == (2, 0)
         received, lookup = queued(queue)
-        assert lookup["width"] == str(2**70) and received["_ctx"] == {"request_id": "c" * 32, "3": "three"}
+        assert lookup["width"] == str(2**70) and lookup["k\\udcfe"] == 1
+        assert received["_ctx"] == {"request_id": "c" * 32, "3": "three", "referrer": "ex\\udcffample"}
 
     def test_ignores_ordinary_log_lines(self) -> None:
         processor, queue = TelemetryProcessor(), EventQueue(10)

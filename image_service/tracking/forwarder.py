@@ -427,6 +427,8 @@ class Forwarder:
         if not self._worth_absorbing():
             return
         groups = queue.take(self.settings.batch_rows)
+        if not groups.chunks:
+            return  # what waited could not be serialised: it is counted, and there is nothing to send
         oldest = groups.since
         # Another absorb may be encoding older events right now: the batch's age is the oldest's.
         self._pending_since = min(self._pending_since, oldest) if self._pending or self._in_hand else oldest

@@ -26,7 +26,7 @@ from structlog.stdlib import NAME_TO_LEVEL
 from structlog.typing import EventDict, Processor, WrappedLogger
 
 from .context import merge_request_context
-from .processor import TELEMETRY
+from .processor import TELEMETRY, lenient
 from .rows import TERMINAL_EVENT, SecondFormatter
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
@@ -70,7 +70,11 @@ def drop_internal_keys(logger: WrappedLogger, method_name: str, event_dict: Even
 
 
 def _orjson_dumps(data: Any, **_: Any) -> bytes:
-    return orjson.dumps(data, default=str)
+    """A log call never raises into its request: a value orjson refuses is logged as its text."""
+    try:
+        return orjson.dumps(data, default=str)
+    except orjson.JSONEncodeError:
+        return orjson.dumps(lenient(data), default=str)
 
 
 _iso_time = SecondFormatter("%Y-%m-%dT%H:%M:%S", "Z")
@@ -96,7 +100,8 @@ class BufferedLineLogger:
         atexit.register(self.flush)
 
     def msg(self, message: bytes | str) -> None:
-        self._out.write((message.encode() if isinstance(message, str) else message) + b"\n")
+        text = message.encode(errors="backslashreplace") if isinstance(message, str) else message
+        self._out.write(text + b"\n")
 
     debug = info = warning = warn = error = critical = exception = log = failure = fatal = msg
 

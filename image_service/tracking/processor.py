@@ -42,15 +42,22 @@ Buffer = bytes | bytearray | memoryview
 CHUNK_GROUPS = 16
 
 
-def _lenient(fields: Mapping[str, Any]) -> dict[str, Any]:
-    """`fields` with every value orjson refuses (an integer past 64 bits, a cycle) as its text."""
+def printable(value: Any) -> str:
+    """`value` as text any encoder accepts: lone surrogates (the undecodable bytes of a header, kept
+    by aiohttp's surrogateescape) become backslash escapes."""
+    return str(value).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def lenient(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """`fields` with every key as text and every value orjson refuses (an integer past 64 bits, a
+    cycle, a lone surrogate) as its printable text."""
     kept = {}
     for key, value in fields.items():
         try:
             orjson.dumps(value, default=str)
         except Exception:
-            value = str(value)
-        kept[str(key)] = value
+            value = printable(value)
+        kept[printable(key)] = value
     return kept
 
 
@@ -265,8 +272,8 @@ class EventQueue:
                 data = orjson.dumps([(context, events, *times)], default=str)
             except Exception:
                 try:
-                    lenient = (None if context is None else _lenient(context), [_lenient(event) for event in events])
-                    data = orjson.dumps([(*lenient, *times)], default=str)
+                    kept = (None if context is None else lenient(context), [lenient(event) for event in events])
+                    data = orjson.dumps([(*kept, *times)], default=str)
                 except Exception:
                     self.unserialisable += size
                     self.events -= size
