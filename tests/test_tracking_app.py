@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import sys
 import threading
@@ -15,7 +16,7 @@ import pytest
 import structlog
 
 from image_service.app import TRACKING
-from image_service.tracking import COLUMNS, configure_logging, flush_logs, record_text_completion
+from image_service.tracking import COLUMNS, Tracking, configure_logging, flush_logs, record_text_completion
 
 from .conftest import ClientFactory, make_settings, tracking_to
 from .events_api import EventsAPI, Fault
@@ -242,6 +243,24 @@ async def test_text_completions_from_worker_threads_arrive_once_each(
     await flushed(client)
     ids = [row["id"] for row in api.rows if row["service_type"] == "text"]
     assert len(ids) == len(set(ids)) == per_thread * threads
+
+
+async def test_a_text_service_with_its_own_quiet_logging_records_its_completions(
+    events_api: tuple[EventsAPI, str],
+) -> None:
+    """The README's recipe in a process whose structlog is its own: no telemetry processor in the
+    chain, and a level that drops info calls."""
+    api, url = events_api
+    structlog.configure(processors=[structlog.processors.JSONRenderer()],
+                        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    try:
+        async with Tracking(make_settings(tracking=tracking_to(url)).tracking) as tracking:
+            record_text_completion(model="openai", provider="azure", prompt_tokens=12, duration_ms=300.0)
+            assert await tracking.forwarder.flush(timeout=10)
+    finally:
+        structlog.reset_defaults()
+    (row,) = api.rows
+    assert (row["service_type"], row["model"], row["provider"], row["prompt_tokens"]) == ("text", "openai", "azure", 12)
 
 
 async def test_without_an_api_key_rows_go_to_the_local_file(make_client: ClientFactory, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import time
 import structlog
 
 from .context import request_ids
+from .processor import TELEMETRY
 from .rows import TEXT_EVENT
 
 log = structlog.get_logger("image_service.tracking.text")
@@ -34,15 +35,19 @@ def record_text_completion(
     exception: str | None = None,
     log_event_type: str = "completion",
 ) -> None:
-    """Record one text completion; returns at once (the row is built and sent in the background)."""
+    """Record one text completion; returns at once (the row is built and sent in the background).
+
+    It hands the event to the telemetry processor itself, whatever the process's structlog
+    configuration (a text service has its own, perhaps without the processor or at a level that
+    drops info); the debug log line carries the same fields."""
     now = time.time()
-    log.info(
-        TEXT_EVENT,
-        stage="text",
-        request_id=request_id or request_ids.next(),
-        request_start=start_time if start_time is not None else now - duration_ms / 1000,
-        model=model, provider=provider, cost=cost, prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens, cached_tokens=cached_tokens, duration_ms=duration_ms,
-        user=user, username=username, tier=tier, status=status, http_status=http_status,
-        exception=exception, log_event_type=log_event_type,
-    )
+    fields = {
+        "request_id": request_id or request_ids.next(),
+        "request_start": start_time if start_time is not None else now - duration_ms / 1000,
+        "model": model, "provider": provider, "cost": cost, "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens, "cached_tokens": cached_tokens, "duration_ms": duration_ms,
+        "user": user, "username": username, "tier": tier, "status": status, "http_status": http_status,
+        "exception": exception, "log_event_type": log_event_type,
+    }
+    TELEMETRY(None, "info", {"event": TEXT_EVENT, "stage": "text", **fields})
+    log.debug(TEXT_EVENT, **fields)
