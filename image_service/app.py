@@ -179,7 +179,7 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
     headers["X-Request-Id"] = request_id
     headers["traceparent"] = f"00-{trace_id}-{span_id}-01"
     duration_ms = round((time.perf_counter() - start) * 1000, 3)
-    if route in TRACKED_ROUTES:
+    if route in TRACKED_ROUTES and request.method != "OPTIONS":  # a CORS preflight is not an image request
         log.info(
             "request.completed", stage="response", status=response.status, error=error, duration_ms=duration_ms,
             **crash,

@@ -303,11 +303,17 @@ async def test_requests_never_wait_on_a_hanging_sink(make_client: ClientFactory,
 async def test_health_checks_and_metrics_scrapes_are_not_telemetry_rows(
     make_client: ClientFactory, events_api: tuple[EventsAPI, str]
 ) -> None:
-    """Operational routes are logged but never inflate request volume; an unknown path still counts."""
+    """Operational routes and CORS preflights are logged but never inflate request volume (a
+    browser sending a token preflights every image); an unknown path still counts."""
     api, url = events_api
     client = await make_client(make_settings(tracking=tracking_to(url)))
     for path in ("/health", "/metrics", "/models", "/openapi.json"):
         await client.get(path)
+    preflight = {"Origin": "https://site.example", "Access-Control-Request-Method": "GET",
+                 "Access-Control-Request-Headers": "authorization"}
+    for path in ("/prompt/a%20fox", "/health"):
+        answer = await client.options(path, headers=preflight)
+        assert answer.status == 204 and "GET" in answer.headers["Access-Control-Allow-Methods"]
     missing = await client.get("/no-such-route")
     await flushed(client)
     assert {row["id"] for row in api.rows} == {missing.headers["X-Request-Id"]}
