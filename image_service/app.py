@@ -162,6 +162,11 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
             response: web.StreamResponse = web.Response(status=204)
         else:
             response = await handler(request)
+    except asyncio.CancelledError:
+        # Shutdown gave up waiting for it (server.shutdown_timeout): no response will be sent, but
+        # its rows still end with a terminal one, as the server's failure to answer.
+        _completed(request.method, route, start, 503, "cancelled", {})
+        raise
     except ServiceError as exc:
         error = exc.code
         response = error_response(request, exc.status, exc.code, exc.message, **exc.details)
@@ -178,15 +183,17 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
     headers.extend(CORS_HEADERS)
     headers["X-Request-Id"] = request_id
     headers["traceparent"] = f"00-{trace_id}-{span_id}-01"
-    duration_ms = round((time.perf_counter() - start) * 1000, 3)
-    if route in TRACKED_ROUTES and request.method != "OPTIONS":  # a CORS preflight is not an image request
-        log.info(
-            "request.completed", stage="response", status=response.status, error=error, duration_ms=duration_ms,
-            **crash,
-        )
-    else:
-        log.info("request.completed", status=response.status, error=error, duration_ms=duration_ms)
+    _completed(request.method, route, start, response.status, error, crash)
     return response
+
+
+def _completed(method: str, route: str, start: float, status: int, error: str | None, crash: dict[str, str]) -> None:
+    """The terminal event: a row for image requests, a log line only for the others."""
+    duration_ms = round((time.perf_counter() - start) * 1000, 3)
+    if route in TRACKED_ROUTES and method != "OPTIONS":  # a CORS preflight is not an image request
+        log.info("request.completed", stage="response", status=status, error=error, duration_ms=duration_ms, **crash)
+    else:
+        log.info("request.completed", status=status, error=error, duration_ms=duration_ms)
 
 
 @asynccontextmanager

@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import orjson
+import pytest
 
 from image_service.testing import free_port
 
@@ -51,6 +52,33 @@ async def test_sigterm_flushes_the_last_requests_rows(events_api: tuple[EventsAP
     assert code == 0
     assert {r["id"] for r in api.rows if r["event"] == "request.completed"} == set(ids)
     assert len(api.rows) == 15
+
+
+async def test_a_request_cut_short_by_shutdown_still_ends_with_a_terminal_row(
+    events_api: tuple[EventsAPI, str], tmp_path: Path
+) -> None:
+    """SIGTERM waits server.shutdown_timeout for requests in flight; one still queued behind its
+    tier's interval then is cancelled, and its rows say it was not answered."""
+    api, url = events_api
+    loop = asyncio.get_running_loop()
+    process, port = await loop.run_in_executor(
+        None, lambda: start_server(tmp_path, url, IMAGE_SERVICE_SERVER__SHUTDOWN_TIMEOUT="1")
+    )
+    try:
+        first = await loop.run_in_executor(None, get, port, "/prompt/first?width=32&height=32")
+        queued = loop.run_in_executor(None, get, port, "/prompt/second?width=32&height=32")
+        await asyncio.sleep(0.5)  # the anonymous tier makes the second wait ~5 s for its slot
+        process.send_signal(signal.SIGTERM)
+        assert await loop.run_in_executor(None, process.wait, 30) == 0
+        with pytest.raises(OSError):
+            await queued
+    finally:
+        process.kill()
+        process.communicate()
+    terminals = {row["id"]: row for row in api.rows if row["event"] == "request.completed"}
+    (cut,) = set(terminals) - {first}
+    assert (terminals[cut]["http_status"], terminals[cut]["error"], terminals[cut]["status"]) == (503, "cancelled", "error")
+    assert [row["event"] for row in api.rows if row["id"] == cut] == ["request.received", "cache.lookup", "request.completed"]
 
 
 async def test_sigterm_with_the_sink_down_spools_to_disk_and_replay_sends_it(
