@@ -112,6 +112,7 @@ COMMANDS = {
 def _run_service(settings: Settings, *, reuse_port: bool) -> None:
     """The whole service in this process until SIGTERM; a worker shares its port with its siblings."""
     from .app import create_app
+    from .params import longest_request_line
     from .tracking import configure_logging
 
     configure_logging(settings.server.log_format, settings.server.log_level, cache_loggers=True)
@@ -123,6 +124,7 @@ def _run_service(settings: Settings, *, reuse_port: bool) -> None:
         port=settings.server.port,
         shutdown_timeout=settings.server.shutdown_timeout,
         access_log=None,
+        max_line_size=longest_request_line(settings.server.max_prompt_length),
         reuse_port=reuse_port or None,
         print=None if reuse_port else lambda message: print(message, file=sys.stderr),
     )

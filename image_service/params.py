@@ -27,6 +27,10 @@ DEFAULT_NEGATIVE_PROMPT = "worst quality, blurry"
 MAX_NEGATIVE_PROMPT_LENGTH = 1000
 MAX_IMAGE_URLS = 4
 MAX_IMAGE_URL_LENGTH = 2048
+# Bytes one character can take in a URL: four of UTF-8, each percent-encoded as three.
+URL_BYTES_PER_CHARACTER = 12
+# aiohttp's default limit of a request line, left for the path's other parts and parameters.
+REQUEST_LINE_REST = 8190
 # The longest side any request may have after the area clamp, whatever the aspect ratio.
 MAX_SIDE_RATIO = 2
 JPEG_QUALITY = {"low": 70, "medium": 85, "high": 92, "hd": 95}
@@ -157,6 +161,14 @@ def _parse_images(value: str | None) -> tuple[str, ...]:
         if len(url) > MAX_IMAGE_URL_LENGTH or not url.lower().startswith(("http://", "https://")):
             raise BadRequest("image must be http(s) URLs separated by '|'")
     return urls
+
+
+def longest_request_line(max_prompt_length: int) -> int:
+    """Bytes in the request line of the longest valid request. The HTTP parser must accept it:
+    at aiohttp's default (8,190 bytes, ~900 percent-encoded CJK characters) a legal prompt in a
+    non-Latin script was refused before the service saw it, with no row and no JSON error."""
+    text = (max_prompt_length + MAX_NEGATIVE_PROMPT_LENGTH) * URL_BYTES_PER_CHARACTER
+    return text + MAX_IMAGE_URLS * MAX_IMAGE_URL_LENGTH * 3 + REQUEST_LINE_REST
 
 
 def parse_params(

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -79,6 +80,52 @@ async def test_a_request_cut_short_by_shutdown_still_ends_with_a_terminal_row(
     (cut,) = set(terminals) - {first}
     assert (terminals[cut]["http_status"], terminals[cut]["error"], terminals[cut]["status"]) == (503, "cancelled", "error")
     assert [row["event"] for row in api.rows if row["id"] == cut] == ["request.received", "cache.lookup", "request.completed"]
+
+
+async def test_a_long_prompt_in_a_non_latin_script_is_served_and_tracked(
+    events_api: tuple[EventsAPI, str], tmp_path: Path
+) -> None:
+    """1,000 CJK characters are a legal prompt (the limit is 2,000) and 9,000 bytes percent-encoded:
+    past the 8,190 bytes aiohttp's parser takes by default."""
+    api, url = events_api
+    loop = asyncio.get_running_loop()
+    process, port = await loop.run_in_executor(None, start_server, tmp_path, url)
+    try:
+        path = "/prompt/" + urllib.parse.quote("猫" * 1000) + "?width=32&height=32"
+        request_id = await loop.run_in_executor(None, get, port, path)
+        process.send_signal(signal.SIGTERM)
+        assert await loop.run_in_executor(None, process.wait, 30) == 0
+    finally:
+        process.kill()
+        process.communicate()
+    (terminal,) = [row for row in api.rows if row["id"] == request_id and row["event"] == "request.completed"]
+    assert terminal["http_status"] == 200 and terminal["prompt"].startswith("猫猫猫")
+
+
+async def test_a_request_the_http_parser_refuses_is_logged_without_its_secrets(
+    events_api: tuple[EventsAPI, str], tmp_path: Path
+) -> None:
+    """aiohttp answers 400 itself to a request line it cannot parse; its own log would quote the
+    line (prompt, token) and the client's address."""
+    _, url = events_api
+    loop = asyncio.get_running_loop()
+    process, port = await loop.run_in_executor(None, start_server, tmp_path, url)
+    try:
+        # From an address of its own: the server's banner names 127.0.0.1.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0))
+        writer.write(b"GET /prompt/my secret plan?private=true&token=sk_live_0123456789 HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = await reader.read()
+        writer.close()
+        process.send_signal(signal.SIGTERM)
+        assert await loop.run_in_executor(None, process.wait, 30) == 0
+    finally:
+        process.kill()
+        out, err = process.communicate()
+    assert answer.split(b"\r\n", 1)[0].split()[1] == b"400"
+    logs = (out + err).decode()
+    assert '"event":"http.server_error"' in logs
+    for secret in ("secret plan", "sk_live", "127.0.0.2"):
+        assert secret not in logs, secret
 
 
 async def test_sigterm_with_the_sink_down_spools_to_disk_and_replay_sends_it(

@@ -62,6 +62,32 @@ class BelowLevelFilter:
         return event_dict
 
 
+class AiohttpErrors(logging.Handler):
+    """aiohttp's own error log (a request it could not parse, a failure outside any handler) as one
+    structured line, without the record's arguments or traceback: they quote the request line (a
+    private prompt, a token) and name the client's address."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._log = structlog.get_logger("aiohttp.server")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        error = record.exc_info[1] if record.exc_info else None
+        # A message with arguments is a template ("Error handling request from %s"); one without
+        # may have been formatted with what it reports.
+        self._log.log(
+            record.levelno, "http.server_error", message=str(record.msg) if record.args else None,
+            error=type(error).__name__ if error is not None else None,
+        )
+
+
+def _route_aiohttp_errors(level: str) -> None:
+    server = logging.getLogger("aiohttp.server")
+    server.handlers = [AiohttpErrors()]
+    server.setLevel(LEVELS[level])
+    server.propagate = False
+
+
 def drop_internal_keys(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
     """Bookkeeping fields of the request context are for rows, not for log lines."""
     for key in _INTERNAL_KEYS:
@@ -152,6 +178,7 @@ def configure_logging(log_format: str = "console", level: str = "info", *, cache
         chain += [structlog.processors.format_exc_info, structlog.processors.JSONRenderer(serializer=_orjson_dumps)]
     else:
         chain.append(structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty()))
+    _route_aiohttp_errors(level)
     output = _buffered_logger(sys.stdout.fileno())
     factory: Any = lambda *args: output  # noqa: E731
     structlog.configure(
