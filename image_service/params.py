@@ -33,6 +33,9 @@ URL_BYTES_PER_CHARACTER = 12
 REQUEST_LINE_REST = 8190
 # The longest side any request may have after the area clamp, whatever the aspect ratio.
 MAX_SIDE_RATIO = 2
+# Larger requested sides are refused, not clamped: the clamp's float arithmetic overflows past
+# ~1e308 (a 500), and no client means a side of two billion pixels.
+MAX_REQUESTED_SIDE = 2**31 - 1
 JPEG_QUALITY = {"low": 70, "medium": 85, "high": 92, "hd": 95}
 DEFAULT_QUALITY = "medium"
 
@@ -148,6 +151,8 @@ def _parse_side(name: str, value: str | None, default: int) -> int:
     side = _parse_int(name, value)
     if side <= 0:
         raise BadRequest(f"{name} must be a positive integer, got {side}")
+    if side > MAX_REQUESTED_SIDE:
+        raise BadRequest(f"{name} must be at most {MAX_REQUESTED_SIDE}, got {value.strip()[:20]}...")
     return side
 
 

@@ -92,6 +92,8 @@ class TestSizes:
         ({"image": "file:///etc/passwd"}, "image must be http(s)"),
         ({"image": "|".join(f"http://x/{i}" for i in range(5))}, "at most 4"),
         ({"width": "9" * 5000}, "width must be an integer"),
+        ({"width": "1" + "0" * 4000}, "width must be at most 2147483647"),
+        ({"height": "3e9"}, "height must be at most 2147483647"),
     ],
 )
 def test_garbage_values_are_rejected_with_a_message_naming_the_parameter(query: dict[str, str], message: str) -> None:
