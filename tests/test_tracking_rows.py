@@ -7,6 +7,7 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -87,6 +88,15 @@ class TestRows:
         assert (row["service_type"], row["call_type"], row["log_event_type"]) == ("text", "completion", "completion")
         assert (row["prompt_tokens"], row["completion_tokens"], row["cached_tokens"], row["cost"]) == (12, 30, 4, 0.002)
         assert row["prompt"] is None and row["width"] is None
+
+    @pytest.mark.parametrize(("given", "expected"), [
+        ({}, "success"), ({"http_status": 200}, "success"), ({"http_status": 429}, "rejected"),
+        ({"http_status": 502}, "error"), ({"http_status": 502, "status": "timeout"}, "timeout"),
+    ])
+    def test_a_text_rows_status_follows_its_http_status_unless_given(self, given: dict[str, Any], expected: str) -> None:
+        """A failed completion must count in the error rate, as a failed image does."""
+        row = build_row({"event": "text.completion", "stage": "text", "_ts": time.time(), "model": "gpt-x", **given})
+        assert row["status"] == expected
 
 
 @pytest.mark.parametrize(

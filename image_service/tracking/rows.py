@@ -207,7 +207,7 @@ def _event_columns(get: Any, environment: str, metadata: str | None = None) -> d
     duration_ms = float(duration_ms) if isinstance(duration_ms, (int, float)) and duration_ms > 0 else 0.0
     if text:
         log_event_type = str(get("log_event_type") or "completion")
-        status = str(get("status") or "success")
+        status = str(get("status") or _status_word(http_status, name))
     elif name == TERMINAL_EVENT:
         log_event_type = _terminal_type(http_status or 0, get("cache_status"))
         status = _status_word(http_status, name)

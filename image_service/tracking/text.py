@@ -30,12 +30,14 @@ def record_text_completion(
     user: str | None = None,
     username: str | None = None,
     tier: str | None = None,
-    status: str = "success",
+    status: str | None = None,
     http_status: int | None = None,
     exception: str | None = None,
     log_event_type: str = "completion",
 ) -> None:
     """Record one text completion; returns at once (the row is built and sent in the background).
+    Without `status`, the row's status follows `http_status` as an image row's does (`success`,
+    `rejected` for 4xx, `error` for 5xx).
 
     It hands the event to the telemetry processor itself, whatever the process's structlog
     configuration (a text service has its own, perhaps without the processor or at a level that
