@@ -7,6 +7,7 @@ errors into JSON, adds CORS and tracing headers, and emits the terminal `request
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 import time
@@ -220,7 +221,16 @@ def _content_disposition(params: ImageParams) -> str:
 async def image_handler(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     start = time.perf_counter()
-    params, key = request.app[PARSER].parse(request.match_info.get("prompt", ""), request.query, request.query_string)
+    parser = request.app[PARSER]
+    try:
+        params, key = parser.parse(request.match_info.get("prompt", ""), request.query, request.query_string)
+    except ServiceError as exc:
+        # A request refused for its parameters still counts against its model, user and tier; the
+        # parameters' error is the answer even when the token is bad too.
+        bind(model=parser.known_model(request.query))
+        with contextlib.suppress(ServiceError):
+            bind(**(await request.app[AUTHENTICATOR].identify(request)).bindings())
+        raise exc
     request[PARAMS] = params
     bind(
         model=params.model, prompt=params.public_prompt, width=params.width, height=params.height,

@@ -245,6 +245,12 @@ class ParamsParser:
         self._memo: dict[tuple[str, str], tuple[ImageParams, str]] = {}
         self._memo_size = memo_size
 
+    def known_model(self, query: Mapping[str, str]) -> str | None:
+        """The model a request names (or the default), if it exists: a request refused for another
+        parameter still counts against it."""
+        model = (query.get("model") or self._default_model).strip()
+        return model if model in self._models else None
+
     def parse(self, raw_prompt: str, query: Mapping[str, str], query_string: str) -> tuple[ImageParams, str]:
         """Validated parameters and their cache key; raises BadRequest like `parse_params`."""
         memo_key = (raw_prompt, query_string)

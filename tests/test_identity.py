@@ -93,6 +93,18 @@ class TestTokenSources:
         (event,) = [e for e in logs if e["event"] == "request.completed"]
         assert (event["status"], event["error"], event["referrer"]) == (401, "invalid_token", "app.example")
 
+    async def test_a_request_refused_for_its_parameters_still_counts_against_its_user_and_model(
+        self, token_client: Any
+    ) -> None:
+        """The tier split and per-model figures include rejected requests: a 400 row is not anonymous."""
+        status, event = await terminal_event(
+            token_client, "/prompt/fox?width=wide&model=procedural", headers={"Authorization": f"Bearer {OTHER}"})
+        assert status == 400 and (event["user"], event["tier"], event["model"]) == ("u-2", "seed", "procedural")
+        status, event = await terminal_event(token_client, "/prompt/fox?model=nope", headers={"Authorization": f"Bearer {OTHER}"})
+        assert status == 400 and (event["tier"], event["model"]) == ("seed", None)
+        status, event = await terminal_event(token_client, "/prompt/fox?width=wide&token=bogus")
+        assert status == 400 and event.get("tier", "anonymous") == "anonymous"  # the row's default
+
     async def test_valid_token_never_reaches_the_logs(self, token_client: Any) -> None:
         with capture_logs() as logs:
             await token_client.get(FOX, headers={"Authorization": f"Bearer {GOOD}"})
