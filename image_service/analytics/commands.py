@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,23 @@ def add_commands(commands: Any) -> None:
     check.add_argument("--max-error-rate", dest="max_error_rate")
     check.add_argument("--max-p95-ms", dest="max_p95_ms")
     check.add_argument("--factor")
+    check.add_argument("--min-error-rate", dest="min_error_rate")
+    check.add_argument("--min-p95-rise-ms", dest="min_p95_rise_ms")
     check.add_argument("--min-requests", dest="min_requests")
+    check.add_argument("--since", help="report windows from this time on, 'YYYY-MM-DD HH:MM:SS' UTC (default: the "
+                       "previous window: a job run once a window reports each anomaly once or twice, not all day)")
     check.add_argument("--webhook", help="POST a JSON payload here when something fired")
+
+
+def previous_window(bucket: str, now: datetime) -> str:
+    """The start of the window before the one `now` is in, as the pipes take times."""
+    step = {"minute": timedelta(minutes=1), "hour": timedelta(hours=1), "day": timedelta(days=1)}[bucket]
+    current = now.replace(second=0, microsecond=0)
+    if bucket != "minute":
+        current = current.replace(minute=0)
+    if bucket == "day":
+        current = current.replace(hour=0)
+    return (current - step).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _params(args: argparse.Namespace, *extra: str) -> dict[str, str]:
@@ -66,7 +82,10 @@ async def _stats(args: argparse.Namespace) -> int:
 
 async def _alerts(args: argparse.Namespace) -> int:
     settings = load_settings(args.config, {"tracking": {"local_path": str(args.events)}} if args.events else None)
-    params = _params(args, "max_error_rate", "max_p95_ms", "factor", "min_requests")
+    if args.since is None:
+        args.since = previous_window(args.bucket, datetime.now(UTC))
+    params = _params(args, "since", "max_error_rate", "max_p95_ms", "factor", "min_error_rate", "min_p95_rise_ms",
+                     "min_requests")
     source = make_source(settings, choice=args.source)
     try:
         fired = (await source.run("anomalies", params))["data"]

@@ -32,7 +32,11 @@ DASHBOARD_PIPES = (
 _DATETIME = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}$")
 _NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 _NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
-PARAMETERS = ("start", "end", "bucket", "service_type", "model", "max_error_rate", "max_p95_ms", "factor", "min_requests")
+PARAMETERS = (
+    "start", "end", "since", "bucket", "service_type", "model", "max_error_rate", "max_p95_ms", "factor",
+    "min_error_rate", "min_p95_rise_ms", "min_requests",
+)
+NUMBERS = ("max_error_rate", "max_p95_ms", "factor", "min_error_rate", "min_p95_rise_ms", "min_requests")
 
 
 def check_params(params: Mapping[str, Any]) -> dict[str, str]:
@@ -46,11 +50,11 @@ def check_params(params: Mapping[str, Any]) -> dict[str, str]:
             raise ValueError(f"unknown parameter {key!r} (known: {', '.join(PARAMETERS)})")
         if key == "bucket" and text not in BUCKETS:
             raise ValueError("bucket must be minute, hour or day")
-        if key in ("start", "end") and not _DATETIME.match(text):
+        if key in ("start", "end", "since") and not _DATETIME.match(text):
             raise ValueError(f"{key} must be 'YYYY-MM-DD HH:MM:SS' (UTC)")
         if key in ("service_type", "model") and not _NAME.match(text):
             raise ValueError(f"{key} must be a plain name")
-        if key in ("max_error_rate", "max_p95_ms", "factor", "min_requests") and not _NUMBER.match(text):
+        if key in NUMBERS and not _NUMBER.match(text):
             raise ValueError(f"{key} must be a number")
         checked[key] = text
     return checked

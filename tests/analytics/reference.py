@@ -110,7 +110,8 @@ def content_violations(rows: list[Row], params: dict[str, str]) -> dict[tuple[An
 
 def latency_percentiles(rows: list[Row], params: dict[str, str]) -> dict[tuple[Any, ...], dict[str, Any]]:
     out = {}
-    for key, g in grouped(requests(rows, params), params, ("service_type", "model"), "hour").items():
+    answered = [r for r in requests(rows, params) if r["status"] != "rejected"]
+    for key, g in grouped(answered, params, ("service_type", "model"), "hour").items():
         values = [r["duration_ms"] for r in g]
         out[key] = {"requests": len(g), "p50_ms": quantile(values, 0.5), "p95_ms": quantile(values, 0.95),
                     "p99_ms": quantile(values, 0.99), "avg_ms": sum(values) / len(values)}
@@ -121,28 +122,34 @@ def anomalies(rows: list[Row], params: dict[str, str]) -> dict[tuple[Any, ...], 
     max_error_rate = float(params.get("max_error_rate", 0.05))
     max_p95 = float(params.get("max_p95_ms", 10000))
     factor = float(params.get("factor", 3))
+    min_error_rate = float(params.get("min_error_rate", 0.01))
+    min_rise = float(params.get("min_p95_rise_ms", 500))
     min_requests = int(params.get("min_requests", 10))
-    series: dict[tuple[str, str], list[tuple[str, int, int, float]]] = defaultdict(list)
+    series: dict[tuple[str, str], list[tuple[str, int, int, float | None]]] = defaultdict(list)
     for (t, service, model), g in sorted(grouped(requests(rows, params), params, ("service_type", "model"), "minute").items()):
         errors = count(g, lambda r: r["status"] == "error")
-        series[(service, model)].append((t, len(g), errors, quantile([r["duration_ms"] for r in g], 0.95)))
+        answered = [r["duration_ms"] for r in g if r["status"] != "rejected"]
+        series[(service, model)].append((t, len(g), errors, quantile(answered, 0.95) if answered else None))
     out = {}
     for (service, model), windows in series.items():
         for index, (t, total, errors, p95) in enumerate(windows):
             previous = windows[max(0, index - 12):index]
             rate = errors / total
             base_rate = sum(w[2] / w[1] for w in previous) / len(previous) if previous else None
-            base_p95 = sum(w[3] for w in previous) / len(previous) if previous else None
+            p95s = [w[3] for w in previous if w[3] is not None]
+            base_p95 = sum(p95s) / len(p95s) if p95s else None
             reasons = []
             if rate > max_error_rate:
                 reasons.append("error_rate_above_threshold")
-            if p95 > max_p95:
+            if p95 is not None and p95 > max_p95:
                 reasons.append("p95_above_threshold")
-            if len(previous) >= 3 and errors > 0 and base_rate is not None and rate > factor * base_rate:
+            if (len(previous) >= 3 and errors > 0 and rate > min_error_rate and base_rate is not None
+                    and rate > factor * base_rate):
                 reasons.append("error_rate_above_baseline")
-            if len(previous) >= 3 and base_p95 is not None and p95 > factor * base_p95:
+            if (len(p95s) >= 3 and p95 is not None and base_p95 is not None and p95 > factor * base_p95
+                    and p95 - base_p95 > min_rise):
                 reasons.append("p95_above_baseline")
-            if total >= min_requests and reasons:
+            if total >= min_requests and reasons and t >= params.get("since", ""):
                 out[(t, service, model)] = {"requests": total, "errors": errors, "error_rate": rate, "p95_ms": p95,
                                             "baseline_error_rate": base_rate, "baseline_p95_ms": base_p95,
                                             "reasons": reasons}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +14,14 @@ import orjson
 import pytest
 from aiohttp import web
 
+from image_service.analytics.commands import previous_window
 from image_service.analytics.engine import LocalEngine
 from image_service.cli import main
+from image_service.tracking.rows import build_row
 
 from . import reference
+
+EVER = "2000-01-01 00:00:00"
 
 
 @pytest.fixture
@@ -115,7 +121,7 @@ async def test_alerts_check_posts_what_fired_to_the_webhook_and_exits_1(
     app.router.add_post("/hook", hook)
     server = await aiohttp_server(app)
     args = ["alerts", "check", "--events", str(events), "--min-requests", "1", "--max-error-rate", "0.1",
-            "--webhook", str(server.make_url("/hook"))]
+            "--since", EVER, "--webhook", str(server.make_url("/hook"))]
     assert await asyncio.to_thread(main, args) == 1
     expected = reference.anomalies(traffic, {"min_requests": "1", "max_error_rate": "0.1"})
     assert expected, "the traffic has error rates above 10%"
@@ -124,6 +130,28 @@ async def test_alerts_check_posts_what_fired_to_the_webhook_and_exits_1(
     assert {(a["t"], a["service_type"], a["model"]) for a in payload["anomalies"]} == set(expected)
     assert "error_rate_above_threshold" in payload["text"]
     assert "fired" in capsys.readouterr().out
+
+
+async def test_alerts_check_reports_an_anomaly_once_not_all_day(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Run from cron once a window, it reports the latest windows; an old bad minute stays in the
+    past (`--since` asks for it)."""
+    monkeypatch.delenv("TINYBIRD_READ_TOKEN", raising=False)
+    start = (int(time.time()) // 60 - 30) * 60
+    rows = [build_row({"event": "request.completed", "stage": "response", "status": 502, "_ts": start + i,
+                       "request_start": start + i, "duration_ms": 10.0, "model": "flux"}) for i in range(20)]
+    events = tmp_path / "events.ndjson"
+    events.write_bytes(b"".join(orjson.dumps(row) + b"\n" for row in rows))
+    assert await asyncio.to_thread(main, ["alerts", "check", "--events", str(events)]) == 0
+    assert "no anomalies" in capsys.readouterr().out
+    assert await asyncio.to_thread(main, ["alerts", "check", "--events", str(events), "--since", EVER]) == 1
+
+
+def test_the_previous_window_is_where_a_check_starts_reporting() -> None:
+    now = datetime(2026, 3, 1, 0, 0, 30, tzinfo=UTC)
+    assert [previous_window(bucket, now) for bucket in ("minute", "hour", "day")] == [
+        "2026-02-28 23:59:00", "2026-02-28 23:00:00", "2026-02-28 00:00:00"]
 
 
 async def test_alerts_check_is_quiet_and_exits_0_below_thresholds(

@@ -65,6 +65,8 @@ def _param_sets() -> list[dict[str, str]]:
         {"bucket": "minute", "start": _at(now - 45 * 60), "end": _at(now - 19 * 60)},
         {"bucket": "minute", "max_error_rate": "0.2", "max_p95_ms": "500", "factor": "2.5", "min_requests": "3"},
         {"bucket": "minute", "min_requests": "1", "max_error_rate": "0", "service_type": "image"},
+        {"bucket": "minute", "min_error_rate": "0.5", "min_p95_rise_ms": "5000", "min_requests": "1"},
+        {"bucket": "minute", "since": _at(now - 25 * 60), "min_requests": "1", "max_error_rate": "0"},
     ]
 
 
@@ -143,6 +145,60 @@ def test_the_bad_minute_is_reported_as_an_anomaly(loaded: LocalEngine) -> None:
     (fired,) = data
     assert fired["errors"] == 4 and fired["requests"] == 12
     assert set(fired["reasons"]) == {"error_rate_above_threshold", "error_rate_above_baseline", "p95_above_baseline"}
+
+
+def _minute_rows(minute: int, durations: list[float], statuses: list[int]) -> list[dict[str, Any]]:
+    """One minute of 'flux' terminal rows, `minute` minutes after a base 30 minutes ago."""
+    base = (int(time.time()) // 60 - 30 + minute) * 60
+    return [build_row({
+        "event": "request.completed", "stage": "response", "status": status,
+        "_ts": base + i * 50 / len(durations) + duration / 1000, "request_start": base + i * 50 / len(durations),
+        "duration_ms": duration, "model": "flux", "cache_status": "miss",
+    }) for i, (duration, status) in enumerate(zip(durations, statuses, strict=True))]
+
+
+def _run_on(engine: LocalEngine, rows: list[dict[str, Any]], restore: list[dict[str, Any]], pipe: str,
+            params: dict[str, str]) -> list[dict[str, Any]]:
+    engine.truncate()
+    engine.insert_rows(rows)
+    try:
+        return engine.run_pipe(pipe, params)["data"]
+    finally:
+        engine.truncate()
+        engine.insert_rows(restore)
+
+
+def test_a_flood_of_rejections_does_not_hide_a_slow_service(loaded: LocalEngine, rows: list[dict[str, Any]]) -> None:
+    """429s answer in a millisecond; the p95 that matters is the answered requests' 15 s."""
+    minute = _minute_rows(0, [2000.0] * 45 + [15000.0] * 5 + [1.0] * 50, [200] * 50 + [429] * 50)
+    (latency,) = _run_on(loaded, minute, rows, "latency_percentiles", {"bucket": "minute"})
+    assert latency["requests"] == 50 and latency["p95_ms"] >= 14000
+    (fired,) = _run_on(loaded, minute, rows, "anomalies", {"max_p95_ms": "10000"})
+    assert fired["reasons"] == ["p95_above_threshold"] and fired["requests"] == 100
+
+
+def test_healthy_traffic_over_a_spotless_baseline_raises_no_alert(loaded: LocalEngine, rows: list[dict[str, Any]]) -> None:
+    """A first error in a thousand, or p95 moving from 0.3 ms to 5 ms, is a multiple of its
+    baseline and nothing an operator should be woken for."""
+    quiet = [row for m in range(12) for row in _minute_rows(m, [0.3] * 200, [200] * 200)]
+    busier = _minute_rows(12, [0.3] * 900 + [5.0] * 100, [200] * 999 + [502])
+    assert _run_on(loaded, quiet + busier, rows, "anomalies", {}) == []
+    worse = _minute_rows(12, [0.3] * 900 + [900.0] * 100, [200] * 950 + [502] * 50)
+    (fired,) = _run_on(loaded, quiet + worse, rows, "anomalies", {})
+    assert set(fired["reasons"]) == {"error_rate_above_baseline", "p95_above_baseline"}
+
+
+def test_daily_windows_have_the_days_they_need_for_a_baseline(loaded: LocalEngine, rows: list[dict[str, Any]]) -> None:
+    """With bucket=day the default range reaches back far enough for three preceding days."""
+    days = []
+    for day in range(6, -1, -1):
+        start = int(time.time()) - day * 86400 - 60
+        days += [build_row({
+            "event": "request.completed", "stage": "response", "status": 502 if day == 0 and i < 3 else 200,
+            "_ts": start + i, "request_start": start + i, "duration_ms": 100.0, "model": "flux",
+        }) for i in range(20)]
+    (fired,) = _run_on(loaded, days, rows, "anomalies", {"bucket": "day"})
+    assert "error_rate_above_baseline" in fired["reasons"]
 
 
 def test_an_unknown_bucket_is_refused(loaded: LocalEngine) -> None:
