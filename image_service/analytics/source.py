@@ -12,6 +12,7 @@ import os
 import re
 import threading
 from collections.abc import Mapping
+from datetime import datetime
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,14 +30,27 @@ DASHBOARD_PIPES = (
     "request_volume", "error_rates", "cache_hit_rate", "tier_distribution", "content_violations",
     "latency_percentiles", "anomalies",
 )
-_DATETIME = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}$")
-_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
-_NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
+_DATETIME = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}")
+_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+_NUMBER = re.compile(r"-?\d+(\.\d+)?")
+INT32_MAX = 2**31 - 1
 PARAMETERS = (
     "start", "end", "since", "bucket", "service_type", "model", "max_error_rate", "max_p95_ms", "factor",
     "min_error_rate", "min_p95_rise_ms", "min_requests",
 )
 NUMBERS = ("max_error_rate", "max_p95_ms", "factor", "min_error_rate", "min_p95_rise_ms", "min_requests")
+
+
+def _is_time(text: str) -> bool:
+    """A real moment, not just its shape: the pipes' DateTime() refuses month 13, and the source
+    would answer that as unavailable rather than as the client's mistake."""
+    if not _DATETIME.fullmatch(text):
+        return False
+    try:
+        datetime.strptime(text, "%Y-%m-%d %H:%M:%S")
+    except ValueError:
+        return False
+    return True
 
 
 def check_params(params: Mapping[str, Any]) -> dict[str, str]:
@@ -50,12 +64,14 @@ def check_params(params: Mapping[str, Any]) -> dict[str, str]:
             raise ValueError(f"unknown parameter {key!r} (known: {', '.join(PARAMETERS)})")
         if key == "bucket" and text not in BUCKETS:
             raise ValueError("bucket must be minute, hour or day")
-        if key in ("start", "end", "since") and not _DATETIME.match(text):
+        if key in ("start", "end", "since") and not _is_time(text):
             raise ValueError(f"{key} must be 'YYYY-MM-DD HH:MM:SS' (UTC)")
-        if key in ("service_type", "model") and not _NAME.match(text):
+        if key in ("service_type", "model") and not _NAME.fullmatch(text):
             raise ValueError(f"{key} must be a plain name")
-        if key in NUMBERS and not _NUMBER.match(text):
+        if key in NUMBERS and not _NUMBER.fullmatch(text):
             raise ValueError(f"{key} must be a number")
+        if key == "min_requests" and not (text.isdigit() and int(text) <= INT32_MAX):
+            raise ValueError(f"min_requests must be a whole number from 0 to {INT32_MAX}")
         checked[key] = text
     return checked
 

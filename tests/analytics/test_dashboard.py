@@ -48,10 +48,20 @@ async def test_dashboard_data_answers_every_pipe_from_the_local_sink(busy_client
     assert {column["name"] for column in body["pipes"]["latency_percentiles"]["meta"]} >= {"p50_ms", "p95_ms", "p99_ms"}
 
 
-async def test_dashboard_data_refuses_bad_parameters_with_a_json_error(busy_client: TestClient[Any, Any]) -> None:
-    reply = await busy_client.get("/dashboard/data?bucket=fortnight")
+@pytest.mark.parametrize(("query", "named"), [
+    ("bucket=fortnight", "bucket"),
+    ("start=2025-13-45%2099:99:99", "start"),  # the right shape, no such moment
+    ("end=0000-00-00%2000:00:00", "end"),
+    ("start=2025-01-01%2000:00:00%0A", "start"),
+    ("min_requests=999999999999999999999999999999", "min_requests"),
+])
+async def test_dashboard_data_refuses_bad_parameters_with_a_json_error(
+    busy_client: TestClient[Any, Any], query: str, named: str
+) -> None:
+    """The client's mistake is a 400 naming the parameter, not the source's 502."""
+    reply = await busy_client.get(f"/dashboard/data?{query}")
     body = await reply.json()
-    assert reply.status == 400 and body["error"] == "bad_request" and "bucket" in body["message"]
+    assert reply.status == 400 and body["error"] == "bad_request" and named in body["message"]
 
 
 async def test_every_chart_renders_with_data_in_chromium(busy_client: TestClient[Any, Any]) -> None:
