@@ -223,7 +223,7 @@ async def image_handler(request: web.Request) -> web.Response:
     start = time.perf_counter()
     parser = request.app[PARSER]
     try:
-        params, key = parser.parse(request.match_info.get("prompt", ""), request.query, request.query_string)
+        params, key = parser.parse(request.match_info.get("prompt", ""), request.query, request.rel_url.raw_query_string)
     except ServiceError as exc:
         # A request refused for its parameters still counts against its model, user and tier; the
         # parameters' error is the answer even when the token is bad too.
@@ -312,6 +312,8 @@ async def register_worker_handler(request: web.Request) -> web.Response:
         body = orjson.loads(await request.read())
     except orjson.JSONDecodeError:
         raise BadRequest("registration body must be JSON {url, type}") from None
+    except web.RequestPayloadError:
+        raise BadRequest("registration body could not be read (is it valid for its Content-Encoding?)") from None
     worker = registry.register(body)
     log.info("worker.registered", worker=worker.url, type=worker.type, concurrency=worker.concurrency)
     return json_response({"registered": worker.url, "type": worker.type, "concurrency": worker.concurrency})

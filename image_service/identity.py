@@ -31,6 +31,7 @@ from aiohttp import web
 from .config import TIER_ORDER, ConfigError
 from .errors import AuthUnavailable, InvalidToken
 from .tracking import bind
+from .tracking.processor import printable
 from .queues import Clock, MonotonicClock
 
 log = structlog.get_logger("image_service.identity")
@@ -40,6 +41,12 @@ MAX_HOST_LENGTH = 253
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _plausible(token: str) -> bool:
+    """Tokens are short printable ASCII: anything else (a control character, a byte that is not
+    UTF-8) cannot be one, and would break a header to the token service or the digest."""
+    return len(token) <= MAX_TOKEN_LENGTH and token.isascii() and token.isprintable()
 
 
 def token_digest(token: str) -> str:
@@ -240,7 +247,7 @@ class ClientAddress:
         for hop in reversed([hop for hop in hops if hop]):
             address = _address(hop)
             if not self._is_trusted(address):
-                return str(address) if address is not None else hop[:64]
+                return str(address) if address is not None else printable(hop[:64])
         return peer
 
 
@@ -257,7 +264,7 @@ class Authenticator:
         bind(referrer=referrer or "")
         token = request_token(request)
         if token is not None:
-            account = await self._validator.validate(token) if len(token) <= MAX_TOKEN_LENGTH else None
+            account = await self._validator.validate(token) if _plausible(token) else None
             if account is None:
                 raise InvalidToken("the token is not valid; omit it to be served as anonymous")
             return Identity(account.tier, account.user_id, account.username, referrer)

@@ -252,7 +252,9 @@ class ParamsParser:
         return model if model in self._models else None
 
     def parse(self, raw_prompt: str, query: Mapping[str, str], query_string: str) -> tuple[ImageParams, str]:
-        """Validated parameters and their cache key; raises BadRequest like `parse_params`."""
+        """Validated parameters and their cache key; raises BadRequest like `parse_params`.
+        `query_string` keys the memo: the raw one, as sent (decoded, `a=x%26y` and `a=x%2526y`
+        read alike, and the second request was served the first one's parameters)."""
         memo_key = (raw_prompt, query_string)
         found = self._memo.get(memo_key)
         if found is not None:

@@ -51,6 +51,16 @@ class TestImage:
         assert "secret" not in str(response.headers)
         assert response.headers["Cache-Control"].startswith("private")
 
+    async def test_parameters_that_differ_only_in_their_escapes_are_different_images(self, client) -> None:
+        """`cats%26dogs` is "cats&dogs"; `cats%2526dogs` is "cats%26dogs": not the same request."""
+        comments = []
+        for value in ("cats%26dogs", "cats%2526dogs"):
+            response = await client.get(f"/prompt/fox?width=64&height=64&negative_prompt={value}")
+            assert response.headers["X-Cache"] == "MISS"
+            exif = Image.open(io.BytesIO(await response.read())).getexif().get_ifd(EXIF_IFD)[EXIF_USER_COMMENT]
+            comments.append(orjson.loads(exif[len(USER_COMMENT_ASCII):])["negative_prompt"])
+        assert comments == ["cats&dogs", "cats%26dogs"]
+
     async def test_second_identical_request_is_a_hit_with_identical_bytes(self, client) -> None:
         """The cache serves the very bytes the first request produced."""
         first = await client.get(FOX)

@@ -105,6 +105,14 @@ class TestTokenSources:
         status, event = await terminal_event(token_client, "/prompt/fox?width=wide&token=bogus")
         assert status == 400 and event.get("tier", "anonymous") == "anonymous"  # the row's default
 
+    async def test_a_token_with_a_byte_that_is_not_utf8_is_401(self, token_client: Any) -> None:
+        reader, writer = await asyncio.open_connection(token_client.host, token_client.port)
+        writer.write(f"GET {FOX} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n".encode()
+                     + b"Authorization: Bearer ab\xffcd\r\n\r\n")
+        answer = await reader.read()
+        writer.close()
+        assert answer.split(b"\r\n", 1)[0].split()[1] == b"401" and b"invalid_token" in answer
+
     async def test_valid_token_never_reaches_the_logs(self, token_client: Any) -> None:
         with capture_logs() as logs:
             await token_client.get(FOX, headers={"Authorization": f"Bearer {GOOD}"})
@@ -242,6 +250,10 @@ class TestHttpValidator:
         status, event = await terminal_event(client, FOX, headers={"Authorization": f"Bearer {GOOD}"})
         assert (status, event["tier"], event["username"]) == (200, "nectar", "carol")
         assert (await client.get(f"{FOX}&token=bad")).status == 401
+        asked = service.calls
+        for token in ("a%0D%0AX:1", "a%00b"):  # no token has these; no header could carry them
+            assert (await client.get(f"{FOX}&token={token}")).status == 401
+        assert service.calls == asked
         service.status = 500
         response = await client.get(f"{FOX}&token=another")
         assert response.status == 503 and (await response.json())["error"] == "auth_unavailable"
@@ -267,3 +279,13 @@ class TestClientAddress:
 
     def test_trusted_proxy_without_header_is_the_peer(self) -> None:
         assert ClientAddress(["10.0.0.0/8"])(request_from("10.0.0.5")) == "10.0.0.5"
+
+    async def test_a_forwarded_hop_with_a_byte_that_is_not_utf8_is_served(self, make_client: ClientFactory) -> None:
+        """Through a trusted proxy the hop names the client's queue; what uses it must not break."""
+        client = await make_client(make_settings(access={"trusted_proxies": ["127.0.0.1"]}))
+        reader, writer = await asyncio.open_connection(client.host, client.port)
+        writer.write(f"GET {FOX} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n".encode()
+                     + b"X-Forwarded-For: 1.2.3.4, ab\xffcd\r\n\r\n")
+        answer = await reader.read()
+        writer.close()
+        assert answer.split(b"\r\n", 1)[0].split()[1] == b"200"

@@ -58,9 +58,13 @@ class Worker:
 
 
 def _is_http_url(text: str) -> bool:
+    """http(s) with a host and no credentials: the URL is logged and listed, and a worker
+    authenticates to us, not we to it."""
     try:
         parsed = URL(text)
-        return parsed.scheme in ("http", "https") and bool(parsed.host) and parsed.port is not None
+        host = parsed.host
+        return (parsed.scheme in ("http", "https") and bool(host and host.isprintable())
+                and parsed.port is not None and parsed.user is None and parsed.password is None)
     except ValueError:
         return False
 
@@ -83,7 +87,8 @@ class WorkerRegistry:
         if not header:
             raise Unauthorized("worker registration needs the header `Authorization: Bearer <secret>`")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._secret.encode()):
+        given = token.strip().encode("utf-8", "surrogateescape")  # undecodable bytes are simply wrong
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given, self._secret.encode()):
             raise Forbidden("the worker secret is wrong")
 
     def register(self, body: Any) -> Worker:
@@ -92,7 +97,7 @@ class WorkerRegistry:
             raise BadRequest("registration body must be a JSON object {url, type}")
         url, kind, concurrency = body.get("url"), body.get("type"), body.get("concurrency", self._settings.concurrency)
         if not isinstance(url, str) or len(url) > MAX_URL_LENGTH or not _is_http_url(url):
-            raise BadRequest("registration `url` must be an http(s) URL")
+            raise BadRequest("registration `url` must be an http(s) URL without credentials")
         if not isinstance(kind, str) or not 0 < len(kind) <= MAX_TYPE_LENGTH:
             raise BadRequest(f"registration `type` must be a non-empty string of at most {MAX_TYPE_LENGTH} characters")
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or not 1 <= concurrency <= 256:

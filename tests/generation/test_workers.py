@@ -81,10 +81,18 @@ class TestRegistration:
         assert response.status == 403 and "disabled" in (await response.json())["message"]
 
     @pytest.mark.parametrize("body", [b"not json", b'{"type": "flux"}', b'{"url": "ftp://x", "type": "flux"}',
-                                      b'{"url": "http://127.0.0.1:9", "type": ""}', b"[1]"])
+                                      b'{"url": "http://127.0.0.1:9", "type": ""}', b"[1]",
+                                      b'{"url": "http://user:pw@127.0.0.1:9", "type": "flux"}'])
     async def test_malformed_registration_is_400(self, make_client: ClientFactory, body: bytes) -> None:
+        """Credentials in a worker URL are refused too: the URL is logged and listed."""
         client = await make_client(worker_settings())
         response = await client.post("/register", data=body, headers=AUTH)
+        assert response.status == 400 and (await response.json())["error"] == "bad_request"
+
+    @pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+    async def test_a_body_that_does_not_decode_is_400(self, make_client: ClientFactory, encoding: str) -> None:
+        client = await make_client(worker_settings())
+        response = await client.post("/register", data=b"not compressed", headers={**AUTH, "Content-Encoding": encoding})
         assert response.status == 400 and (await response.json())["error"] == "bad_request"
 
 
@@ -96,6 +104,8 @@ class TestRegistry:
             registry.authorize(None)
         with pytest.raises(Forbidden):
             registry.authorize(f"Basic {SECRET}")
+        with pytest.raises(Forbidden):  # a header byte that is not UTF-8, as aiohttp decodes it
+            registry.authorize("Bearer worker-\udcffsecret")
 
     async def test_worker_goes_inactive_after_the_heartbeat_timeout(self) -> None:
         """Silent for more than 45 s: no more requests; a heartbeat brings it back."""
