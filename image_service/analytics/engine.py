@@ -11,12 +11,13 @@ through one lock (chdb's sessions are not safe to use from several threads at on
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 
@@ -46,6 +47,18 @@ def compose(nodes: Sequence[tuple[str, str]], table: str) -> str:
     return "WITH " + ",\n".join(ctes) + "\n" + nodes[-1][1]
 
 
+def _ends_a_line(handle: BinaryIO, offset: int) -> bool:
+    handle.seek(offset - 1)
+    return handle.read(1) == b"\n"
+
+
+def _is_object(line: bytes) -> bool:
+    try:
+        return isinstance(orjson.loads(line), dict)
+    except orjson.JSONDecodeError:
+        return False
+
+
 class LocalEngine:
     """The project's datasource and pipes on embedded ClickHouse."""
 
@@ -57,7 +70,7 @@ class LocalEngine:
         self.database = f"analytics_{secrets.token_hex(6)}"
         self.table = f"{self.database}.{self.datasource.name}"
         self._session = session.Session()
-        self._loaded: tuple[Path, int, int] | None = None
+        self._loaded: tuple[Path, tuple[int, int], int] | None = None
         self.execute(f"CREATE DATABASE {self.database}")
         self.execute(self.datasource.create_table(self.table))
 
@@ -82,28 +95,41 @@ class LocalEngine:
         self._loaded = None
 
     def load_file(self, path: Path) -> None:
-        """Bring the table up to date with the local sink's file, reading only what was appended."""
+        """Bring the table up to date with the local sink's file, reading only what was appended.
+        A file that is not the one read before (rotated: another inode, shorter, or not ending a
+        line where reading stopped) is read again from the start."""
         try:
-            size = path.stat().st_size
+            stat = path.stat()
+            size, identity = stat.st_size, (stat.st_dev, stat.st_ino)
         except FileNotFoundError:
-            size = 0
+            size, identity = 0, (0, 0)
         previous = self._loaded
-        offset = previous[2] if previous is not None and previous[0] == path and previous[1] <= size else 0
-        if offset == 0 and previous is not None:
-            self.truncate()
-        if size == offset:
-            self._loaded = (path, size, offset)
-            return
-        with path.open("rb") as handle:
-            handle.seek(offset)
-            while chunk := handle.read(CHUNK_BYTES):
-                complete = chunk[: chunk.rfind(b"\n") + 1]
-                if not complete:
-                    break
-                self.insert(complete, strict=False)
-                offset += len(complete)
+        offset = 0
+        if previous is not None and previous[0] == path and previous[1] == identity and previous[2] <= size:
+            offset = previous[2]
+        with path.open("rb") if size else contextlib.nullcontext() as handle:
+            if handle is not None and offset and not _ends_a_line(handle, offset):
+                offset = 0
+            if offset == 0 and previous is not None:
+                self.truncate()
+            if handle is not None and size > offset:
                 handle.seek(offset)
-        self._loaded = (path, size, offset)
+                while chunk := handle.read(CHUNK_BYTES):
+                    complete = chunk[: chunk.rfind(b"\n") + 1]
+                    if not complete:
+                        break
+                    self._insert_lines(complete)
+                    offset += len(complete)
+                    handle.seek(offset)
+        self._loaded = (path, identity, offset)
+
+    def _insert_lines(self, ndjson: bytes) -> None:
+        """A torn line (a crash mid-write) costs only itself: ClickHouse's own error skipping takes
+        the next row with it, so the lines are checked here, and only when the insert fails."""
+        try:
+            self.insert(ndjson, strict=False)
+        except AnalyticsError:
+            self.insert(b"".join(line + b"\n" for line in ndjson.splitlines() if _is_object(line)), strict=False)
 
     def pipe_sql(self, name: str, params: Mapping[str, Any] | None = None) -> str:
         pipe = self.pipes.get(name)

@@ -190,3 +190,52 @@ async def test_concurrent_pipes_on_a_fresh_local_source_all_see_the_rows(events:
             finally:
                 await source.close()
             assert [bool(answers[pipe]["data"]) for pipe in pipes] == [True] * len(pipes)
+
+
+def _terminal_rows(count: int, model: str) -> bytes:
+    start = time.time() - 120
+    return b"".join(orjson.dumps(build_row({
+        "event": "request.completed", "stage": "response", "status": 200, "_ts": start + i,
+        "request_start": start + i, "duration_ms": 5.0, "model": model,
+    })) + b"\n" for i in range(count))
+
+
+def _requests_by_model(engine: LocalEngine, path: Path) -> dict[str, int]:
+    engine.load_file(path)
+    data = engine.run_pipe("request_volume", {"bucket": "day"})["data"]
+    volume = sum(row["requests"] for row in data)
+    models = engine.query(f"SELECT model, count() AS n FROM {engine.table} GROUP BY model")["data"]
+    assert volume == sum(row["n"] for row in models)
+    return {row["model"]: row["n"] for row in models}
+
+
+def test_a_rotated_sink_file_is_read_again_from_its_start(engine: LocalEngine, tmp_path: Path) -> None:
+    """The dashboard's source reads only what was appended; after a rotation (a new file in the
+    same place, even a larger one) that would start mid-line or skip rows."""
+    engine.truncate()
+    path = tmp_path / "events.ndjson"
+    try:
+        path.write_bytes(_terminal_rows(40, "old"))
+        assert _requests_by_model(engine, path) == {"old": 40}
+        path.rename(tmp_path / "events.ndjson.1")
+        path.write_bytes(_terminal_rows(60, "new"))
+        assert _requests_by_model(engine, path) == {"new": 60}
+        path.write_bytes(_terminal_rows(70, "same-inode"))  # truncated and rewritten in place
+        assert _requests_by_model(engine, path) == {"same-inode": 70}
+        with path.open("ab") as handle:
+            handle.write(_terminal_rows(5, "appended"))
+        assert _requests_by_model(engine, path) == {"same-inode": 70, "appended": 5}
+    finally:
+        engine.truncate()
+
+
+def test_a_torn_line_costs_only_itself(engine: LocalEngine, tmp_path: Path) -> None:
+    """A crash mid-write leaves half a line; the rows around it still count."""
+    engine.truncate()
+    lines = _terminal_rows(5, "flux").splitlines()
+    path = tmp_path / "events.ndjson"
+    path.write_bytes(b"\n".join([*lines[:2], lines[2][:40], *lines[3:]]) + b"\n")
+    try:
+        assert _requests_by_model(engine, path) == {"flux": 4}
+    finally:
+        engine.truncate()
