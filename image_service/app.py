@@ -95,13 +95,25 @@ def json_response(data: Any, status: int = 200, headers: Mapping[str, str] | Non
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json", headers=headers)
 
 
+ECHO_PARAMETERS = 32
+ECHO_CHARS = 200
+
+
 def _request_parameters(request: web.Request) -> dict[str, Any]:
     params: ImageParams | None = request.get(PARAMS)
     if params is not None:
         return params.public_dict()
-    echoed = {k: v for k, v in request.query.items() if k.lower() not in SECRET_PARAMS}
+    # What the parser read: a repeated parameter's first value. Bounded: an error body must not
+    # grow with whatever a client appends.
+    echoed: dict[str, Any] = {}
+    for key in request.query:
+        if key.lower() in SECRET_PARAMS or key[:ECHO_CHARS] in echoed:
+            continue
+        if len(echoed) == ECHO_PARAMETERS:
+            break
+        echoed[key[:ECHO_CHARS]] = request.query[key][:ECHO_CHARS]
     if "prompt" in request.match_info and "private" not in {k.lower() for k in request.query}:
-        echoed["prompt"] = request.match_info["prompt"][:200]
+        echoed["prompt"] = request.match_info["prompt"][:ECHO_CHARS]
     return echoed
 
 
