@@ -38,6 +38,8 @@ def image_url(params: ImageParams) -> str:
         query["quality"] = params.quality
     if params.negative_prompt != DEFAULT_NEGATIVE_PROMPT:
         query["negative_prompt"] = params.negative_prompt
+    if params.image:
+        query["image"] = "|".join(params.image)
     return f"/prompt/{quote(params.prompt, safe='')}?{urlencode(query)}"
 
 

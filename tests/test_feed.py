@@ -6,6 +6,7 @@ import asyncio
 import socket
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, unquote
 
 import orjson
 import pytest
@@ -40,6 +41,21 @@ class TestFeedItem:
         item = feed_item(params({"width": "64", "height": "48", "seed": "9", "nologo": "true"}), {})
         assert item is not None and item["prompt"] == "a red fox"
         assert item["imageURL"] == "/prompt/a%20red%20fox?model=procedural&width=64&height=48&seed=9&nologo=true"
+
+
+    @pytest.mark.parametrize("query", [
+        {"seed": "5"}, {"seed": "5", "quality": "hd", "enhance": "true"},
+        {"seed": "5", "negative_prompt": "cats&dogs", "image": "https://a.example/x.png|https://b.example/y.jpg"},
+    ])
+    def test_the_feed_link_asks_for_the_very_image_it_lists(self, query: dict[str, str]) -> None:
+        """Following imageURL is a cache hit: every parameter that changes the bytes is in it."""
+        original = params(query)
+        item = feed_item(original, {})
+        assert item is not None
+        path, _, raw_query = item["imageURL"].partition("?")
+        again = parse_params(unquote(path.removeprefix("/prompt/")), dict(parse_qsl(raw_query)), SETTINGS.models,
+                             "procedural", 2000)
+        assert again.cache_key() == original.cache_key()
 
 
 class TestFeedBuffers:
