@@ -187,9 +187,9 @@ class HttpTokenValidator:
 
 def request_token(request: web.BaseRequest) -> str | None:
     """The bearer header wins over `?token=`: it is the deliberate choice and stays out of URLs."""
-    scheme, _, credentials = request.headers.get("Authorization", "").strip().partition(" ")
-    if scheme.lower() == "bearer" and credentials.strip():
-        return credentials.strip()
+    parts = request.headers.get("Authorization", "").split(maxsplit=1)  # any whitespace: "Bearer\tx" too
+    if len(parts) == 2 and parts[0].lower() == "bearer":
+        return parts[1].strip()
     return request.query.get("token", "").strip() or None
 
 

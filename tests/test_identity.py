@@ -62,6 +62,12 @@ class TestTokenSources:
         assert status == 200
         assert (event["user"], event["username"], event["tier"]) == ("u-1", "alice", "flower")
 
+    async def test_a_bearer_token_after_a_tab_is_still_the_token(self, token_client: Any) -> None:
+        status, event = await terminal_event(token_client, FOX, headers={"Authorization": f"Bearer\t{GOOD}"})
+        assert status == 200 and event["user"] == "u-1"
+        status, _ = await terminal_event(token_client, FOX, headers={"Authorization": "Bearer\tbogus"})
+        assert status == 401
+
     async def test_query_token_identifies_the_user(self, token_client: Any) -> None:
         status, event = await terminal_event(token_client, f"{FOX}&token={OTHER}")
         assert status == 200 and (event["user"], event["tier"]) == ("u-2", "seed")
