@@ -77,7 +77,7 @@ def serve(args: argparse.Namespace) -> int:
         for key, value in (("host", args.host), ("port", args.port), ("log_format", args.log_format))
         if value is not None
     }
-    settings = load_settings(args.config, {"server": server} if server else None)
+    settings = load_settings(args.config, command_line={"server": server} if server else None)
     if args.workers > 1:
         return _supervise(settings, args.workers)
     _run_service(settings, reuse_port=False)
@@ -205,5 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except ConfigError as exc:
+        print(f"image-service: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a port in use, a host that does not resolve, a spool path that is a file
         print(f"image-service: {exc}", file=sys.stderr)
         return 2

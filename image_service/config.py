@@ -11,17 +11,21 @@ import ipaddress
 import os
 import re
 import tomllib
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
 
 CONFIG_DIR = Path(os.environ.get("IMAGE_SERVICE_CONFIG_DIR", Path(__file__).resolve().parent.parent / "config"))
 DEFAULT_FILES = ("defaults.toml", "models.toml", "tiers.toml", "access.toml", "moderation.toml")
 # The seed's variable names, honoured as they are (IMAGE_SERVICE_TRACKING__* still wins).
 SEED_ENV = {"TINYBIRD_API_URL": "api_url", "TINYBIRD_API_KEY": "api_key"}
+# The flags of the command being run, for the settings source that ranks above the environment.
+_COMMAND_LINE: ContextVar[dict[str, Any]] = ContextVar("image_service_command_line", default={})
 # Credentials in a URL (redis://user:password@host) are never echoed in an error message.
 _USERINFO = re.compile(r"//[^/@]*@")
 
@@ -391,8 +395,9 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Environment first: it overrides whatever the files (passed as init values) say.
-        return (env_settings, init_settings)
+        # The command line first, then the environment, then whatever the files (passed as init
+        # values) say: a flag typed for this run beats an exported variable.
+        return (InitSettingsSource(settings_cls, init_kwargs=_COMMAND_LINE.get()), env_settings, init_settings)
 
 
 def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -411,8 +416,10 @@ def _read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(handle)
     except FileNotFoundError:
         raise ConfigError(f"configuration file not found: {path}") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"configuration file {path} cannot be read: {exc.strerror or exc}") from None
 
 
 def _describe(error: ValidationError) -> str:
@@ -426,11 +433,14 @@ def _describe(error: ValidationError) -> str:
     return "; ".join(lines)
 
 
-def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+def load_settings(
+    path: Path | None = None, overrides: dict[str, Any] | None = None, command_line: dict[str, Any] | None = None
+) -> Settings:
     """Build settings from the defaults, an optional file, the environment and explicit overrides.
 
     `overrides` (a nested dict, used by tests and embedding code) wins over the files but not over
-    the environment, exactly like a `--config` file.
+    the environment, exactly like a `--config` file. `command_line` (flags such as `--port`) wins
+    over everything.
     """
     data: dict[str, Any] = {}
     for name in DEFAULT_FILES:
@@ -442,7 +452,12 @@ def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = N
         data = _deep_merge(data, {"tracking": seed_env})
     if overrides:
         data = _deep_merge(data, overrides)
+    token = _COMMAND_LINE.set(command_line or {})
     try:
         return Settings(**data)
     except ValidationError as exc:
         raise ConfigError(f"invalid configuration: {_describe(exc)}") from None
+    except SettingsError as exc:  # an environment variable that is not the JSON a list or table needs
+        raise ConfigError(f"invalid configuration: {exc} (lists and tables take JSON)") from None
+    finally:
+        _COMMAND_LINE.reset(token)

@@ -31,13 +31,15 @@ def wait_until_listening(port: int, process: subprocess.Popen[bytes], deadline: 
 
 
 def test_serve_answers_and_exits_cleanly_on_sigterm(tmp_path: Path) -> None:
-    """`python -m image_service serve` serves a JPEG, then SIGTERM ends it with status 0."""
+    """`python -m image_service serve` serves a JPEG, then SIGTERM ends it with status 0. Its flags
+    beat exported variables (a shell that loaded config/.env.example has a port of 8080)."""
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "image_service", "serve", "--host", "127.0.0.1", "--port", str(port),
          "--log-format", "json"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env={**os.environ, "IMAGE_SERVICE_SERVER__LOG_LEVEL": "info"},
+        env={**os.environ, "IMAGE_SERVICE_SERVER__LOG_LEVEL": "info", "IMAGE_SERVICE_SERVER__PORT": str(free_port()),
+             "IMAGE_SERVICE_SERVER__HOST": "127.0.0.2"},
     )
     try:
         wait_until_listening(port, process)
@@ -142,3 +144,15 @@ def test_a_dead_worker_stops_the_others_and_the_supervisor_exits_1(tmp_path: Pat
         process.kill()
     assert process.returncode == 1
     assert b"exited with status -9" in stderr and not Path(f"/proc/{survivor}").exists()
+
+
+def test_a_port_in_use_is_a_message_not_a_traceback(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "image_service", "serve", "--port", str(port)], cwd=tmp_path,
+            capture_output=True, text=True, timeout=60, env={**os.environ, "IMAGE_SERVICE_MODERATION__IMAGE": "none"},
+        )
+    assert done.returncode == 2 and "address already in use" in done.stderr and "Traceback" not in done.stderr

@@ -66,6 +66,18 @@ def test_missing_or_broken_file_is_a_clear_error(tmp_path: Path) -> None:
     broken.write_text("[cache\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_settings(broken)
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load_settings(tmp_path)
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes(b"[server]\nhost = '\xe9'\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(latin)
+
+
+def test_a_list_variable_that_is_not_json_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMAGE_SERVICE_ACCESS__TRUSTED_PROXIES", "10.0.0.1")
+    with pytest.raises(ConfigError, match="access.*JSON"):
+        load_settings()
 
 
 def test_env_example_documents_every_setting() -> None:
@@ -75,6 +87,21 @@ def test_env_example_documents_every_setting() -> None:
     for section in ("server", "generation", "cache", "tracking"):
         for key in type(getattr(settings, section)).model_fields:
             assert f"IMAGE_SERVICE_{section.upper()}__{key.upper()}" in example
+
+
+def test_a_copy_of_env_example_with_the_tinybird_key_filled_in_ships_to_tinybird(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What a newcomer does: copy the file, fill in TINYBIRD_API_KEY and TINYBIRD_API_URL, load it."""
+    example = (Path(__file__).parent.parent / "config" / ".env.example").read_text()
+    for line in example.splitlines():
+        name, equals, value = line.partition("=")
+        if equals and not line.startswith("#"):
+            monkeypatch.setenv(name, value.strip("'"))
+    monkeypatch.setenv("TINYBIRD_API_KEY", "p.filled-in")
+    monkeypatch.setenv("TINYBIRD_API_URL", "https://api.us-east.tinybird.co")
+    tracking = load_settings().tracking
+    assert (tracking.api_key.get_secret_value(), tracking.api_url) == ("p.filled-in", "https://api.us-east.tinybird.co")
 
 
 def test_env_example_documents_access_tiers_enhance_and_feed_settings() -> None:

@@ -64,8 +64,12 @@ def _params(args: argparse.Namespace, *extra: str) -> dict[str, str]:
     return check_params({key: getattr(args, key) for key in keys})
 
 
+def _events_flag(args: argparse.Namespace) -> dict[str, Any] | None:
+    return {"tracking": {"local_path": str(args.events)}} if args.events else None
+
+
 async def _stats(args: argparse.Namespace) -> int:
-    settings = load_settings(args.config, {"tracking": {"local_path": str(args.events)}} if args.events else None)
+    settings = load_settings(args.config, command_line=_events_flag(args))
     params = _params(args)
     source = make_source(settings, choice=args.source)
     try:
@@ -81,7 +85,7 @@ async def _stats(args: argparse.Namespace) -> int:
 
 
 async def _alerts(args: argparse.Namespace) -> int:
-    settings = load_settings(args.config, {"tracking": {"local_path": str(args.events)}} if args.events else None)
+    settings = load_settings(args.config, command_line=_events_flag(args))
     if args.since is None:
         args.since = previous_window(args.bucket, datetime.now(UTC))
     params = _params(args, "since", "max_error_rate", "max_p95_ms", "factor", "min_error_rate", "min_p95_rise_ms",

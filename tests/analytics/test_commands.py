@@ -67,7 +67,11 @@ def _cli(*args: str) -> tuple[int, str, str]:
     return done.returncode, done.stdout, done.stderr
 
 
-def test_stats_prints_every_pipe_from_the_local_sink(events: Path, traffic: list[dict[str, Any]]) -> None:
+def test_stats_prints_every_pipe_from_the_local_sink(
+    events: Path, traffic: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--events names the file, whatever the environment's tracking.local_path says."""
+    monkeypatch.setenv("IMAGE_SERVICE_TRACKING__LOCAL_PATH", str(events.with_name("elsewhere.ndjson")))
     code, out, err = _cli("stats", "--events", str(events), "--bucket", "day")
     assert code == 0, err
     for pipe in ("request_volume", "error_rates", "cache_hit_rate", "tier_distribution", "content_violations",
