@@ -14,6 +14,7 @@ before the workers start, the supervisor hands them what a run with another work
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import multiprocessing
 import multiprocessing.connection
@@ -118,6 +119,7 @@ def _run_service(settings: Settings, *, reuse_port: bool) -> None:
     configure_logging(settings.server.log_format, settings.server.log_level, cache_loggers=True)
     app = create_app(settings)
     app.on_startup.append(_freeze_startup_heap)
+    app.on_shutdown.insert(0, _absorb_further_signals)
     web.run_app(
         app,
         host=settings.server.host,
@@ -128,6 +130,19 @@ def _run_service(settings: Settings, *, reuse_port: bool) -> None:
         reuse_port=reuse_port or None,
         print=None if reuse_port else lambda message: print(message, file=sys.stderr),
     )
+
+
+async def _absorb_further_signals(app: web.Application) -> None:
+    """Shutdown has begun: a second SIGTERM or SIGINT would abort it, cutting off the requests it
+    waits for and the telemetry it flushes. A stop sent to a process group (Ctrl-C, systemd) reaches
+    each worker, and then the supervisor forwards its own; SIGKILL still ends a stuck process."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, _stopping_already)
+
+
+def _stopping_already() -> None:
+    print("image-service: already stopping; waiting for requests in flight (SIGKILL aborts)", file=sys.stderr)
 
 
 async def _freeze_startup_heap(app: web.Application) -> None:

@@ -128,6 +128,29 @@ async def test_a_request_the_http_parser_refuses_is_logged_without_its_secrets(
         assert secret not in logs, secret
 
 
+async def test_a_second_sigterm_does_not_cut_short_the_first_ones_shutdown(
+    events_api: tuple[EventsAPI, str], tmp_path: Path
+) -> None:
+    """A stop sent to a process group reaches a worker twice (its own, then the supervisor's):
+    the request in flight still gets its answer and its rows."""
+    api, url = events_api
+    loop = asyncio.get_running_loop()
+    process, port = await loop.run_in_executor(None, start_server, tmp_path, url)
+    try:
+        await loop.run_in_executor(None, get, port, "/prompt/first?width=32&height=32")
+        queued = loop.run_in_executor(None, get, port, "/prompt/second?width=32&height=32")
+        await asyncio.sleep(0.5)  # the anonymous tier holds the second ~5 s for its slot
+        process.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)
+        process.send_signal(signal.SIGTERM)
+        second = await queued
+        assert await loop.run_in_executor(None, process.wait, 30) == 0
+    finally:
+        process.kill()
+        process.communicate()
+    assert [row["http_status"] for row in api.rows if row["id"] == second and row["event"] == "request.completed"] == [200]
+
+
 async def test_sigterm_with_the_sink_down_spools_to_disk_and_replay_sends_it(
     events_api: tuple[EventsAPI, str], tmp_path: Path
 ) -> None:
