@@ -35,7 +35,7 @@ def _draw_logo(image: Image.Image) -> None:
 
 
 def user_comment(params: ImageParams) -> bytes:
-    text = orjson.dumps(params.public_dict())
+    text = orjson.dumps(params.exif_dict())
     if text.isascii():
         return USER_COMMENT_ASCII + text
     return USER_COMMENT_UNICODE + text.decode().encode("utf-16-be")

@@ -91,6 +91,15 @@ class ImageParams:
             data["prompt"] = "[PRIVATE]"
         return data
 
+    def exif_dict(self) -> dict[str, Any]:
+        """What EXIF says made the image: only what the cache key covers, since every request with
+        the same key is served these bytes (`nologo` true when nologo or nofeed asked for no logo;
+        not the policies `safe` and `nofeed`)."""
+        data = self.public_dict()
+        data["nologo"] = not self.shows_logo
+        del data["safe"], data["nofeed"]
+        return data
+
     def slug(self) -> str:
         return _SLUG_DROP.sub("-", self.prompt[:100].lower()).strip("-") or "image"
 

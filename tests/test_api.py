@@ -43,6 +43,18 @@ class TestImage:
         data = orjson.loads(comment[len(USER_COMMENT_ASCII):])
         assert data["prompt"] == "a red fox" and (data["width"], data["height"], data["seed"]) == (512, 384, 7)
 
+    async def test_exif_of_a_cache_hit_is_true_of_the_request_it_answers(self, client) -> None:
+        """Requests sharing a cache key share the bytes, EXIF included: it holds only what the key
+        covers, not the first request's policies."""
+        comments = []
+        for query in ("nologo=true", "nofeed=true&safe=true"):
+            response = await client.get(f"/prompt/a%20fox%20exif?width=64&height=64&{query}")
+            exif = Image.open(io.BytesIO(await response.read())).getexif().get_ifd(EXIF_IFD)[EXIF_USER_COMMENT]
+            comments.append((response.headers["X-Cache"], orjson.loads(exif[len(USER_COMMENT_ASCII):])))
+        (_, first), (cache, second) = comments
+        assert cache == "HIT" and first == second and second["nologo"] is True
+        assert "safe" not in second and "nofeed" not in second
+
     async def test_private_prompt_stays_out_of_exif_and_filename(self, client) -> None:
         """A private prompt appears nowhere in what is served."""
         response = await client.get("/prompt/my%20secret%20plan?private=true&width=64&height=64")
