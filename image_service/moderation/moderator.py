@@ -17,11 +17,14 @@ from PIL import Image
 
 from ..config import ModerationSettings
 from ..generation import GeneratedImage
+from ..generation.base import FLAG_NSFW
 from ..params import ImageParams
 from .classifiers import Classifiers, Findings
 from .verdict import Moderator, PassThroughModerator, Verdict
 
 CHILD_FACE = "child_face"
+# The label of an image the backend's own safety checker flagged.
+BACKEND_NSFW = "backend_nsfw"
 
 
 class Analyser(Protocol):
@@ -43,10 +46,13 @@ class Thresholds:
         )
 
 
-def judge(findings: Findings, thresholds: Thresholds) -> Verdict:
-    """Mature when any listed class reaches its threshold; child when any face is likely under 18."""
+def judge(findings: Findings, thresholds: Thresholds, backend_flags: Mapping[str, float] | None = None) -> Verdict:
+    """Mature when any listed class reaches its threshold, or when the backend's own safety checker
+    flagged the image (a GPU worker's `has_nsfw_concept`); child when any face is likely under 18."""
     mature = [d for d in findings.detections if d.label in thresholds.mature]
     fired = sorted({d.label for d in mature if d.score >= thresholds.mature[d.label]})
+    if (backend_flags or {}).get(FLAG_NSFW, 0.0) >= 1.0:
+        fired.append(BACKEND_NSFW)
     minor_score = max((face.minor_probability for face in findings.faces), default=0.0)
     is_child = minor_score >= thresholds.minor_probability
     return Verdict.scored(
@@ -72,7 +78,8 @@ class ClassifierModerator:
         findings = await asyncio.get_running_loop().run_in_executor(
             self._executor, self._analyser.analyse, generated.image
         )
-        return judge(findings, self._thresholds).timed((time.perf_counter() - start) * 1000)
+        verdict = judge(findings, self._thresholds, generated.backend_flags)
+        return verdict.timed((time.perf_counter() - start) * 1000)
 
     async def close(self) -> None:
         return None

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import io
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 from PIL import Image
 
-from image_service.app import WORKERS
-from image_service.config import WorkerSettings
+from image_service.app import FEED, WORKERS
+from image_service.config import WorkerSettings, load_settings
 from image_service.errors import Forbidden, Unauthorized
 from image_service.generation import GeneratedImage
 from image_service.generation.base import NoCapacity
 from image_service.generation.workers import WorkerRegistry
-from image_service.moderation import PassThroughModerator, Verdict
+from image_service.moderation import ClassifierModerator, Findings, PassThroughModerator, Thresholds, Verdict
 from image_service.params import ImageParams
 
 from ..conftest import ClientFactory, make_settings
@@ -24,6 +25,13 @@ from .servers import GPUWorker
 
 SECRET = "worker-secret-123"
 AUTH = {"Authorization": f"Bearer {SECRET}"}
+
+
+class NothingFound:
+    """Our classifiers, seeing nothing in the image."""
+
+    def analyse(self, image: Image.Image) -> Findings:
+        return Findings(models={"test": "1"})
 
 
 class RecordingModerator(PassThroughModerator):
@@ -163,6 +171,22 @@ class TestWorkerBackend:
         assert worker.requests == [{"prompts": ["a cat"], "width": 64, "height": 48, "seed": 5,
                                     "negative_prompt": "ugly", "steps": 6}]
         assert moderator.flags == [{"nsfw": 1.0, "concept.0": 0.12, "concept.1": -0.3}]
+
+    async def test_an_image_the_workers_checker_flags_is_treated_as_mature(
+        self, serve: Serve, make_client: ClientFactory
+    ) -> None:
+        """Where our own classifiers see nothing, the worker's has_nsfw_concept still counts: refused
+        under safe=true, otherwise served but kept out of the feed."""
+        worker = GPUWorker()
+        worker.nsfw = True
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            moderator = ClassifierModerator(NothingFound(), Thresholds.from_settings(load_settings().moderation), pool)
+            client = await make_client(worker_settings(), moderator=moderator)
+            await register(client, base_url(await serve(worker)))
+            refused = await client.get("/prompt/a%20rocket?model=flux&width=64&height=48&safe=true")
+            served = await client.get("/prompt/a%20rocket?model=flux&width=64&height=48&seed=8")
+            assert refused.status == 451 and (await refused.json())["error"] == "content_blocked"
+            assert served.status == 200 and client.app[FEED].recent == []
 
     async def test_least_busy_selection_spreads_concurrent_requests(
         self, serve: Serve, make_client: ClientFactory
