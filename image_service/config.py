@@ -24,6 +24,7 @@ CONFIG_DIR = Path(os.environ.get("IMAGE_SERVICE_CONFIG_DIR", Path(__file__).reso
 DEFAULT_FILES = ("defaults.toml", "models.toml", "tiers.toml", "access.toml", "moderation.toml")
 # The seed's variable names, honoured as they are (IMAGE_SERVICE_TRACKING__* still wins).
 SEED_ENV = {"TINYBIRD_API_URL": "api_url", "TINYBIRD_API_KEY": "api_key"}
+ENV_PREFIX = "IMAGE_SERVICE_"
 # The flags of the command being run, for the settings source that ranks above the environment.
 _COMMAND_LINE: ContextVar[dict[str, Any]] = ContextVar("image_service_command_line", default={})
 # Credentials in a URL (redis://user:password@host) are never echoed in an error message.
@@ -101,6 +102,17 @@ class ModelSettings(_Section):
         return self
 
 
+def _http_url(value: str, allow_empty: bool = False) -> str:
+    """An http(s) URL with a host, checked at start: a URL without its scheme otherwise fails only
+    later, on every call, as a client error the operator has to trace back here."""
+    if allow_empty and not value:
+        return value
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http(s) URL such as https://host")
+    return value
+
+
 class TrackingSettings(_Section):
     """Telemetry to Tinybird; `api_url`/`api_key` also come from TINYBIRD_API_URL / TINYBIRD_API_KEY."""
 
@@ -127,6 +139,8 @@ class TrackingSettings(_Section):
     encoder_process: bool = True
     encoder_process_min_events: int = Field(128, ge=1)
     encoder_process_delivers: bool = True
+
+    _api_url = field_validator("api_url")(_http_url)
 
     @model_validator(mode="after")
     def _batch_fits_queue(self) -> TrackingSettings:
@@ -229,6 +243,7 @@ class AccessSettings(_Section):
     validator_timeout: float = Field(2.0, gt=0, le=60)
     validator_cache_ttl: float = Field(300.0, ge=0)
     validator_cache_size: int = Field(10_000, ge=1)
+    _validator_url = field_validator("validator_url")(lambda value: _http_url(value, allow_empty=True))
     # Peers whose X-Forwarded-For is believed (addresses or CIDR networks).
     trusted_proxies: tuple[str, ...] = ()
     # Referrer domain (and its subdomains) → tier, for requests without a token.
@@ -259,6 +274,7 @@ class EnhanceSettings(_Section):
     model: str = ""
     api_key: SecretStr = SecretStr("")
     timeout: float = Field(5.0, gt=0, le=60)
+    _base_url = field_validator("base_url")(lambda value: _http_url(value, allow_empty=True))
     system_prompt: str = (
         "Rewrite the user's image prompt into one vivid, detailed image description. "
         "Answer with the description only."
@@ -342,7 +358,7 @@ class Settings(BaseSettings):
     """The whole configuration; one frozen object shared by every stage."""
 
     model_config = SettingsConfigDict(
-        env_prefix="IMAGE_SERVICE_", env_nested_delimiter="__", extra="forbid", frozen=True
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", frozen=True
     )
 
     server: ServerSettings = ServerSettings()
@@ -433,6 +449,18 @@ def _describe(error: ValidationError) -> str:
     return "; ".join(lines)
 
 
+def _check_sections_named_by_environment() -> None:
+    """A misspelt section (IMAGE_SERVICE_CAHCE__BACKEND) would be ignored without a word, where a
+    misspelt key is refused: refuse it too."""
+    for name in os.environ:
+        if name.startswith(ENV_PREFIX) and "__" in name:
+            section = name[len(ENV_PREFIX):].split("__", 1)[0].lower()
+            if section not in Settings.model_fields:
+                raise ConfigError(
+                    f"{name} names no configuration section {section!r} (sections: {', '.join(Settings.model_fields)})"
+                )
+
+
 def load_settings(
     path: Path | None = None, overrides: dict[str, Any] | None = None, command_line: dict[str, Any] | None = None
 ) -> Settings:
@@ -452,6 +480,7 @@ def load_settings(
         data = _deep_merge(data, {"tracking": seed_env})
     if overrides:
         data = _deep_merge(data, overrides)
+    _check_sections_named_by_environment()
     token = _COMMAND_LINE.set(command_line or {})
     try:
         return Settings(**data)

@@ -140,3 +140,22 @@ def test_seed_variables_configure_tinybird(monkeypatch: pytest.MonkeyPatch) -> N
     assert settings.tracking.api_key.get_secret_value() == "p.secret-append-token"
     assert "p.secret-append-token" not in repr(settings)
 
+
+def test_a_misspelt_section_in_a_variable_is_refused_like_a_misspelt_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMAGE_SERVICE_CAHCE__BACKEND", "redis")
+    with pytest.raises(ConfigError, match="IMAGE_SERVICE_CAHCE__BACKEND names no configuration section 'cahce'"):
+        load_settings()
+
+
+@pytest.mark.parametrize(("variable", "value"), [
+    ("TINYBIRD_API_URL", "127.0.0.1:7181"), ("IMAGE_SERVICE_ACCESS__VALIDATOR_URL", "auth.internal/check"),
+    ("IMAGE_SERVICE_ENHANCE__BASE_URL", "not a url"),
+])
+def test_a_service_url_without_its_scheme_is_refused_at_start(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    """Accepted, it would fail only later, on every call, as a client error."""
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError, match="must be an http\\(s\\) URL"):
+        load_settings()
+
