@@ -88,11 +88,16 @@ def serve(args: argparse.Namespace) -> int:
 def events_replay(args: argparse.Namespace) -> int:
     import asyncio
 
-    from .tracking.replay import replay
+    from .tracking.replay import holds_segments, replay
+    from .tracking.spool import PREFIX, SUFFIX
 
     settings = load_settings(args.config)
     if not args.path.exists():
         print(f"image-service: {args.path} does not exist", file=sys.stderr)
+        return 2
+    if args.path.is_dir() and not holds_segments(args.path):
+        print(f"image-service: {args.path} holds no spool segments ({PREFIX}*{SUFFIX}): nothing to replay",
+              file=sys.stderr)
         return 2
     if not settings.tracking.api_key.get_secret_value():
         print("image-service: set TINYBIRD_API_KEY (and TINYBIRD_API_URL) to replay into Tinybird", file=sys.stderr)

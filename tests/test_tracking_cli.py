@@ -185,18 +185,36 @@ async def test_sigterm_with_the_sink_down_spools_to_disk_and_replay_sends_it(
     assert list(spool.iterdir()) == []
 
 
-async def test_replay_of_a_local_ndjson_file_leaves_the_file(events_api: tuple[EventsAPI, str], tmp_path: Path) -> None:
-    api, url = events_api
-    source = tmp_path / "events.ndjson"
-    source.write_bytes(b"".join(orjson.dumps({"event_id": f"e{n}", "n": n}) + b"\n" for n in range(7)))
+async def _replay(path: Path, url: str, cwd: Path) -> tuple[int, str, str]:
     result = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "image_service", "events", "replay", str(source), cwd=tmp_path,
+        sys.executable, "-m", "image_service", "events", "replay", str(path), cwd=cwd,
         env={**os.environ, "TINYBIRD_API_URL": url, "TINYBIRD_API_KEY": "test-token"},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
-    out, _ = await result.communicate()
-    assert result.returncode == 0 and [r["n"] for r in api.rows] == list(range(7))
-    assert source.read_bytes().count(b"\n") == 7
+    out, err = await result.communicate()
+    assert result.returncode is not None
+    return result.returncode, out.decode(), err.decode()
+
+
+async def test_replay_of_a_local_ndjson_file_leaves_the_file(events_api: tuple[EventsAPI, str], tmp_path: Path) -> None:
+    """Rows only: blank lines and a line torn by a crash are skipped and counted, not sent."""
+    api, url = events_api
+    source = tmp_path / "events.ndjson"
+    rows = [orjson.dumps({"event_id": f"e{n}", "n": n}) for n in range(7)]
+    source.write_bytes(b"\n".join([*rows[:3], b"", *rows[3:], b"", rows[0][:9]]))
+    code, out, _ = await _replay(source, url, tmp_path)
+    assert code == 0 and [r["n"] for r in api.rows] == list(range(7))
+    assert "replayed 7 rows" in out and "3 lines skipped" in out
+    assert source.read_bytes().count(b"\n") == 9
+
+
+async def test_replay_of_a_directory_that_is_not_a_spool_says_so(events_api: tuple[EventsAPI, str], tmp_path: Path) -> None:
+    """var/ holds events.ndjson and spool/: pointing at it is a mistake, not a complete replay."""
+    _, url = events_api
+    (tmp_path / "var" / "spool").mkdir(parents=True)
+    (tmp_path / "var" / "events.ndjson").write_text("{}\n")
+    code, _, err = await _replay(tmp_path / "var", url, tmp_path)
+    assert code == 2 and "holds no spool segments" in err
 
 
 async def test_replay_without_a_key_explains_what_is_missing(tmp_path: Path) -> None:

@@ -8,15 +8,16 @@ file is copied into a temporary spool first and left untouched.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+import orjson
 
 from ..config import TrackingSettings
 from .forwarder import BreakerState, Forwarder
 from .service import make_sink
-from .spool import PREFIX, SUFFIX, Spool
+from .spool import PREFIX, SUFFIX, WORKER, Spool
 
 POLL = 0.05
 
@@ -27,14 +28,43 @@ class ReplayReport:
     quarantined: int
     dropped: int
     remaining_bytes: int
+    skipped_lines: int = 0
 
     @property
     def complete(self) -> bool:
         return self.remaining_bytes == 0 and self.dropped == 0
 
     def summary(self) -> str:
-        state = "complete" if self.complete else f"incomplete: {self.remaining_bytes} bytes not delivered"
-        return f"replayed {self.sent} rows ({self.quarantined} quarantined, {self.dropped} dropped); {state}"
+        state = (
+            "complete" if self.complete
+            else f"incomplete: {self.remaining_bytes} bytes not delivered (replaying again is safe: the pipes "
+            "count each event_id once)"
+        )
+        skipped = f"; {self.skipped_lines} lines skipped (blank, torn or not a JSON row)" if self.skipped_lines else ""
+        return f"replayed {self.sent} rows ({self.quarantined} quarantined, {self.dropped} dropped){skipped}; {state}"
+
+
+def holds_segments(directory: Path) -> bool:
+    """Whether `directory` is a spool with something in it (its own segments or its workers')."""
+    return any(directory.glob(f"{PREFIX}*{SUFFIX}")) or any(directory.glob(f"{WORKER}*/*{SUFFIX}"))
+
+
+def _copy_rows(source: Path, segment: Path) -> int:
+    """Copy the lines of `source` that are JSON objects (rows) into `segment`; the others (blank
+    lines, a line torn by a crash) would reach Tinybird only to be quarantined. Returns how many
+    lines were skipped."""
+    skipped = 0
+    with source.open("rb") as lines, segment.open("wb") as out:
+        for line in lines:
+            try:
+                row = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                row = None
+            if isinstance(row, dict):
+                out.write(line if line.endswith(b"\n") else line + b"\n")
+            else:
+                skipped += 1
+    return skipped
 
 
 async def _drain(settings: TrackingSettings, directory: Path) -> ReplayReport:
@@ -55,5 +85,6 @@ async def replay(settings: TrackingSettings, path: Path) -> ReplayReport:
     if path.is_dir():
         return await _drain(settings, path)
     with tempfile.TemporaryDirectory(prefix="image-service-replay-") as tmp:
-        shutil.copyfile(path, Path(tmp) / f"{PREFIX}{1:012d}{SUFFIX}")
-        return await _drain(settings, Path(tmp))
+        skipped = await asyncio.to_thread(_copy_rows, path, Path(tmp) / f"{PREFIX}{1:012d}{SUFFIX}")
+        report = await _drain(settings, Path(tmp))
+        return replace(report, skipped_lines=skipped)
