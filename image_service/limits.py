@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -103,6 +104,8 @@ class _KeyState:
 
 # The in-memory table is swept of idle keys whenever it reaches this size (or twice its last size).
 MIN_SWEEP_KEYS = 1024
+# Releases kept for retry after Redis failed them; past this, the oldest wait out their slot_ttl.
+UNRELEASED_SLOTS = 10_000
 
 
 class InMemoryLimiter:
@@ -169,6 +172,9 @@ class RedisLimiter:
         self._acquire = link.client.register_script(ACQUIRE_SCRIPT)
         self._release = link.client.register_script(RELEASE_SCRIPT)
         self._fallback = InMemoryLimiter()
+        # Slots whose release Redis did not take (a stall, an outage): released once it answers,
+        # instead of blocking their client until slot_ttl (two minutes by default).
+        self._unreleased: deque[tuple[str, str]] = deque(maxlen=UNRELEASED_SLOTS)
 
     def _keys(self, key: str) -> list[str]:
         # A digest, so Redis holds no client address; the hash tag keeps both keys in one Cluster slot.
@@ -176,6 +182,8 @@ class RedisLimiter:
         return [f"{self._prefix}{{{digest}}}:slots", f"{self._prefix}{{{digest}}}:last"]
 
     async def acquire(self, key: str, limit: SlotLimit) -> Grant:
+        if self._unreleased:
+            await self._release_pending()
         token = uuid.uuid4().hex
         args: list[int | str] = [
             limit.max_active, round(limit.min_interval * 1000), max(1, round(limit.slot_ttl * 1000)), token,
@@ -200,9 +208,23 @@ class RedisLimiter:
             await self._fallback.release(key, token)
             return
         try:
-            await self._link.call(lambda: self._release(keys=self._keys(key)[:1], args=[token]))
+            await self._release_in_redis(key, token)
         except RedisUnavailable:
-            pass  # the slot frees itself after its slot_ttl
+            self._unreleased.append((key, token))
+
+    async def _release_in_redis(self, key: str, token: str) -> None:
+        await self._link.call(lambda: self._release(keys=self._keys(key)[:1], args=[token]))
+
+    async def _release_pending(self) -> None:
+        """Release what an earlier outage left held, oldest first, until Redis fails again."""
+        while self._unreleased:
+            key, token = self._unreleased[0]
+            try:
+                await self._release_in_redis(key, token)
+            except RedisUnavailable:
+                return
+            if self._unreleased and self._unreleased[0] == (key, token):
+                self._unreleased.popleft()
 
     async def close(self) -> None:
         """The link belongs to the cache, which closes it."""

@@ -119,6 +119,26 @@ async def test_redis_limits_are_shared_and_fall_back_to_memory_while_redis_is_do
             await link.close()
 
 
+async def test_a_slot_whose_release_redis_missed_is_freed_once_redis_answers(redis_server: RedisServer) -> None:
+    """A stall while a generation ends must not hold its client's slot for the slot's whole TTL."""
+    link = RedisLink(connect(redis_server.url, 0.2), 0.2, 0.05)
+    limiter = RedisLimiter(link, "test:")
+    try:
+        limit = SlotLimit(max_active=1, slot_ttl=120)
+        held = await limiter.acquire("client", limit)
+        assert held.acquired and held.shared and held.token is not None
+        redis_server.pause()
+        try:
+            await limiter.release("client", held.token)
+        finally:
+            redis_server.resume()
+        await asyncio.sleep(0.1)  # the link's backoff
+        again = await limiter.acquire("client", limit)
+        assert again.acquired and again.shared
+    finally:
+        await link.close()
+
+
 def test_bad_limits_fail_when_built() -> None:
     with pytest.raises(ValueError, match="max_active"):
         SlotLimit(max_active=0)
