@@ -236,13 +236,13 @@ async def image_handler(request: web.Request) -> web.Response:
     parser = request.app[PARSER]
     try:
         params, key = parser.parse(request.match_info.get("prompt", ""), request.query, request.rel_url.raw_query_string)
-    except ServiceError as exc:
+    except ServiceError:
         # A request refused for its parameters still counts against its model, user and tier; the
         # parameters' error is the answer even when the token is bad too.
         bind(model=parser.known_model(request.query))
         with contextlib.suppress(ServiceError):
             bind(**(await request.app[AUTHENTICATOR].identify(request)).bindings())
-        raise exc
+        raise
     request[PARAMS] = params
     bind(
         model=params.model, prompt=params.public_prompt, width=params.width, height=params.height,

@@ -86,8 +86,6 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def events_replay(args: argparse.Namespace) -> int:
-    import asyncio
-
     from .tracking.replay import holds_segments, replay
     from .tracking.spool import PREFIX, SUFFIX
 

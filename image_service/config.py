@@ -26,7 +26,7 @@ DEFAULT_FILES = ("defaults.toml", "models.toml", "tiers.toml", "access.toml", "m
 SEED_ENV = {"TINYBIRD_API_URL": "api_url", "TINYBIRD_API_KEY": "api_key"}
 ENV_PREFIX = "IMAGE_SERVICE_"
 # The flags of the command being run, for the settings source that ranks above the environment.
-_COMMAND_LINE: ContextVar[dict[str, Any]] = ContextVar("image_service_command_line", default={})
+_COMMAND_LINE: ContextVar[dict[str, Any] | None] = ContextVar("image_service_command_line", default=None)
 # Credentials in a URL (redis://user:password@host) are never echoed in an error message.
 _USERINFO = re.compile(r"//[^/@]*@")
 
@@ -102,15 +102,18 @@ class ModelSettings(_Section):
         return self
 
 
-def _http_url(value: str, allow_empty: bool = False) -> str:
+def _http_url(value: str) -> str:
     """An http(s) URL with a host, checked at start: a URL without its scheme otherwise fails only
     later, on every call, as a client error the operator has to trace back here."""
-    if allow_empty and not value:
-        return value
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("must be an http(s) URL such as https://host")
     return value
+
+
+def _optional_http_url(value: str) -> str:
+    """`_http_url`, or empty: the feature it names is off."""
+    return _http_url(value) if value else value
 
 
 class TrackingSettings(_Section):
@@ -243,11 +246,12 @@ class AccessSettings(_Section):
     validator_timeout: float = Field(2.0, gt=0, le=60)
     validator_cache_ttl: float = Field(300.0, ge=0)
     validator_cache_size: int = Field(10_000, ge=1)
-    _validator_url = field_validator("validator_url")(lambda value: _http_url(value, allow_empty=True))
     # Peers whose X-Forwarded-For is believed (addresses or CIDR networks).
     trusted_proxies: tuple[str, ...] = ()
     # Referrer domain (and its subdomains) → tier, for requests without a token.
     referrers: dict[str, str] = {}
+
+    _validator_url = field_validator("validator_url")(_optional_http_url)
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -274,7 +278,6 @@ class EnhanceSettings(_Section):
     model: str = ""
     api_key: SecretStr = SecretStr("")
     timeout: float = Field(5.0, gt=0, le=60)
-    _base_url = field_validator("base_url")(lambda value: _http_url(value, allow_empty=True))
     system_prompt: str = (
         "Rewrite the user's image prompt into one vivid, detailed image description. "
         "Answer with the description only."
@@ -282,6 +285,8 @@ class EnhanceSettings(_Section):
     # Referrer domains whose prompts are rewritten with `transform_template` (was_transformed).
     transform_referrers: tuple[str, ...] = ()
     transform_template: str = "{prompt}"
+
+    _base_url = field_validator("base_url")(_optional_http_url)
 
     @field_validator("transform_template")
     @classmethod
@@ -413,7 +418,7 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The command line first, then the environment, then whatever the files (passed as init
         # values) say: a flag typed for this run beats an exported variable.
-        return (InitSettingsSource(settings_cls, init_kwargs=_COMMAND_LINE.get()), env_settings, init_settings)
+        return (InitSettingsSource(settings_cls, init_kwargs=_COMMAND_LINE.get() or {}), env_settings, init_settings)
 
 
 def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -481,7 +486,7 @@ def load_settings(
     if overrides:
         data = _deep_merge(data, overrides)
     _check_sections_named_by_environment()
-    token = _COMMAND_LINE.set(command_line or {})
+    token = _COMMAND_LINE.set(command_line)
     try:
         return Settings(**data)
     except ValidationError as exc:

@@ -161,7 +161,8 @@ def _parse_side(name: str, value: str | None, default: int) -> int:
     if side <= 0:
         raise BadRequest(f"{name} must be a positive integer, got {side}")
     if side > MAX_REQUESTED_SIDE:
-        raise BadRequest(f"{name} must be at most {MAX_REQUESTED_SIDE}, got {value.strip()[:20]}...")
+        given = value.strip()
+        raise BadRequest(f"{name} must be at most {MAX_REQUESTED_SIDE}, got {given[:20]}{'...' if len(given) > 20 else ''}")
     return side
 
 
@@ -185,6 +186,10 @@ def longest_request_line(max_prompt_length: int) -> int:
     return text + MAX_IMAGE_URLS * MAX_IMAGE_URL_LENGTH * 3 + REQUEST_LINE_REST
 
 
+def requested_model(query: Mapping[str, str], default_model: str) -> str:
+    return (query.get("model") or default_model).strip()
+
+
 def parse_params(
     raw_prompt: str,
     query: Mapping[str, str],
@@ -200,7 +205,7 @@ def parse_params(
             limit=max_prompt_length,
         )
 
-    model = (query.get("model") or default_model).strip()
+    model = requested_model(query, default_model)
     if model not in models:
         raise UnknownModel(
             f"unknown model {model[:60]!r}; valid models: {', '.join(sorted(models))}",
@@ -257,7 +262,7 @@ class ParamsParser:
     def known_model(self, query: Mapping[str, str]) -> str | None:
         """The model a request names (or the default), if it exists: a request refused for another
         parameter still counts against it."""
-        model = (query.get("model") or self._default_model).strip()
+        model = requested_model(query, self._default_model)
         return model if model in self._models else None
 
     def parse(self, raw_prompt: str, query: Mapping[str, str], query_string: str) -> tuple[ImageParams, str]:

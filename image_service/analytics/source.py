@@ -12,8 +12,8 @@ import os
 import re
 import threading
 from collections.abc import Mapping
-from datetime import datetime
 from concurrent.futures import Executor
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
