@@ -195,7 +195,8 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
     headers = response.headers
     headers.extend(CORS_HEADERS)
     headers["X-Request-Id"] = request_id
-    headers["traceparent"] = f"00-{trace_id}-{span_id}-01"
+    # The caller's trace flags go on (its sampling decision is not ours to change); a new trace is sampled.
+    headers["traceparent"] = f"00-{trace_id}-{span_id}-{parent[2] if parent else '01'}"
     _completed(request.method, route, start, response.status, error, crash)
     return response
 

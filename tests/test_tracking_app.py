@@ -116,6 +116,8 @@ async def test_incoming_traceparent_is_recorded_and_continued(make_client: Clien
     rows = by_request(api.rows)[response.headers["X-Request-Id"]]
     assert {r["trace_id"] for r in rows} == {trace}
     assert orjson.loads(rows[-1]["proxy_metadata"])["parent_span_id"] == "00f067aa0ba902b7"
+    unsampled = await client.get(FOX, headers={"traceparent": f"00-{trace}-00f067aa0ba902b7-00"})
+    assert unsampled.headers["traceparent"].endswith("-00")  # the caller's sampling decision goes on
 
 
 @ENCODING_PATHS

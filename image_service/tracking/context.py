@@ -38,14 +38,14 @@ class _RequestIds:
 request_ids = _RequestIds()
 
 
-def parse_traceparent(header: str | None) -> tuple[str, str] | None:
-    """Return (trace_id, parent_span_id) of a valid W3C traceparent, else None."""
+def parse_traceparent(header: str | None) -> tuple[str, str, str] | None:
+    """Return (trace_id, parent_span_id, trace_flags) of a valid W3C traceparent, else None."""
     if not header:
         return None
     match = _TRACEPARENT.match(header.strip().lower())
     if match is None or match.group(1) == "0" * 32 or match.group(2) == "0" * 16:
         return None
-    return match.group(1), match.group(2)
+    return match.group(1), match.group(2), match.group(3)
 
 
 def new_request(**fields: Any) -> dict[str, Any]:
