@@ -86,14 +86,14 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def events_replay(args: argparse.Namespace) -> int:
-    from .tracking.replay import holds_segments, replay
-    from .tracking.spool import PREFIX, SUFFIX
+    from .tracking.replay import replay
+    from .tracking.spool import PREFIX, SUFFIX, holds_rows
 
     settings = load_settings(args.config)
     if not args.path.exists():
         print(f"image-service: {args.path} does not exist", file=sys.stderr)
         return 2
-    if args.path.is_dir() and not holds_segments(args.path):
+    if args.path.is_dir() and not holds_rows(args.path):
         print(f"image-service: {args.path} holds no spool segments ({PREFIX}*{SUFFIX}): nothing to replay",
               file=sys.stderr)
         return 2

@@ -217,6 +217,19 @@ async def test_replay_of_a_directory_that_is_not_a_spool_says_so(events_api: tup
     assert code == 2 and "holds no spool segments" in err
 
 
+async def test_replay_takes_a_spool_whose_rows_wait_in_its_incoming_directory(
+    events_api: tuple[EventsAPI, str], tmp_path: Path
+) -> None:
+    """Rows an encoder process wrote but its forwarder never adopted are the spool's too."""
+    api, url = events_api
+    incoming = tmp_path / "spool" / "worker-0" / "incoming"
+    incoming.mkdir(parents=True)
+    (incoming / "frame-1.ndjson").write_bytes(b"".join(orjson.dumps({"event_id": f"e{n}"}) + b"\n" for n in range(2)))
+    code, out, err = await _replay(tmp_path / "spool", url, tmp_path)
+    assert code == 0, err
+    assert "replayed 2 rows" in out and {r["event_id"] for r in api.rows} == {"e0", "e1"}
+
+
 async def test_replay_without_a_key_explains_what_is_missing(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TINYBIRD_")}
     (tmp_path / "x.ndjson").write_text("{}\n")

@@ -21,6 +21,7 @@ from typing import Any, BinaryIO
 
 import orjson
 
+from ..tracking.rows import is_row_line
 from .datafile import PROJECT_DIR, Datasource, Pipe, datasource, endpoint_pipes
 from .template import TemplateError, render
 
@@ -50,13 +51,6 @@ def compose(nodes: Sequence[tuple[str, str]], table: str) -> str:
 def _ends_a_line(handle: BinaryIO, offset: int) -> bool:
     handle.seek(offset - 1)
     return handle.read(1) == b"\n"
-
-
-def _is_object(line: bytes) -> bool:
-    try:
-        return isinstance(orjson.loads(line), dict)
-    except orjson.JSONDecodeError:
-        return False
 
 
 class LocalEngine:
@@ -129,7 +123,7 @@ class LocalEngine:
         try:
             self.insert(ndjson, strict=False)
         except AnalyticsError:
-            self.insert(b"".join(line + b"\n" for line in ndjson.splitlines() if _is_object(line)), strict=False)
+            self.insert(b"".join(line + b"\n" for line in ndjson.splitlines() if is_row_line(line)), strict=False)
 
     def pipe_sql(self, name: str, params: Mapping[str, Any] | None = None) -> str:
         pipe = self.pipes.get(name)

@@ -12,12 +12,11 @@ import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import orjson
-
 from ..config import TrackingSettings
 from .forwarder import BreakerState, Forwarder
+from .rows import is_row_line
 from .service import make_sink
-from .spool import PREFIX, SUFFIX, WORKER, Spool
+from .spool import PREFIX, SUFFIX, Spool
 
 POLL = 0.05
 
@@ -44,11 +43,6 @@ class ReplayReport:
         return f"replayed {self.sent} rows ({self.quarantined} quarantined, {self.dropped} dropped){skipped}; {state}"
 
 
-def holds_segments(directory: Path) -> bool:
-    """Whether `directory` is a spool with something in it (its own segments or its workers')."""
-    return any(directory.glob(f"{PREFIX}*{SUFFIX}")) or any(directory.glob(f"{WORKER}*/*{SUFFIX}"))
-
-
 def _copy_rows(source: Path, segment: Path) -> int:
     """Copy the lines of `source` that are JSON objects (rows) into `segment`; the others (blank
     lines, a line torn by a crash) would reach Tinybird only to be quarantined. Returns how many
@@ -56,11 +50,7 @@ def _copy_rows(source: Path, segment: Path) -> int:
     skipped = 0
     with source.open("rb") as lines, segment.open("wb") as out:
         for line in lines:
-            try:
-                row = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                row = None
-            if isinstance(row, dict):
+            if is_row_line(line):
                 out.write(line if line.endswith(b"\n") else line + b"\n")
             else:
                 skipped += 1

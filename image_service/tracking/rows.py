@@ -282,6 +282,14 @@ def _request_columns(get: Any, text: bool) -> dict[str, Any]:
     }
 
 
+def is_row_line(line: bytes) -> bool:
+    """Whether an NDJSON line holds a row at all (a JSON object): not blank, not torn by a crash."""
+    try:
+        return isinstance(orjson.loads(line), dict)
+    except orjson.JSONDecodeError:
+        return False
+
+
 def build_row(event: dict[str, Any], environment: str = "development") -> dict[str, Any]:
     """The row for one self-contained event (a text completion, or an event with its context merged in)."""
     get = event.get

@@ -255,6 +255,16 @@ def share_out(directory: Path, workers: int) -> None:
             gather([path], owner)
 
 
+def holds_rows(directory: Path) -> bool:
+    """Whether `directory` is a spool with rows where `Spool.open` looks for them: its segments, its
+    incoming files, and the same in the spools of its workers."""
+    for spool in [directory, *directory.glob(f"{WORKER}*")]:
+        files = [*spool.glob(f"{PREFIX}*{SUFFIX}"), *(spool / INCOMING).glob(f"*{SUFFIX}")]
+        if any(path.stat().st_size for path in files):
+            return True
+    return False
+
+
 def gather(sources: list[Path], into: Path, remove: bool = True) -> None:
     """Move the rows of spools no process serves any more into `into`'s incoming directory, where
     `Spool.open` adopts them as segments. Order across spools does not matter: each row has its
