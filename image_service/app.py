@@ -171,7 +171,7 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
     error: str | None = None
     crash: dict[str, str] = {}
     try:
-        if request.method == "OPTIONS":
+        if request.method == "OPTIONS" and not _not_found(request):
             response: web.StreamResponse = web.Response(status=204)
         else:
             response = await handler(request)
@@ -199,6 +199,11 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
     headers["traceparent"] = f"00-{trace_id}-{span_id}-{parent[2] if parent else '01'}"
     _completed(request.method, route, start, response.status, error, crash)
     return response
+
+
+def _not_found(request: web.Request) -> bool:
+    """No route has this path (a preflight to it is a 404 too; a path with other methods is not)."""
+    return isinstance(getattr(request.match_info, "http_exception", None), web.HTTPNotFound)
 
 
 def _completed(method: str, route: str, start: float, status: int, error: str | None, crash: dict[str, str]) -> None:
@@ -392,7 +397,7 @@ async def tracking_ctx(app: web.Application) -> AsyncIterator[None]:
 async def feed_handler(request: web.Request) -> web.StreamResponse:
     """Server-Sent Events: the recent public items, then live ones, with heartbeat comments."""
     feed, settings = request.app[FEED], request.app[SETTINGS].feed
-    subscription = feed.subscribe()
+    subscription = feed.subscribe(request.app[CLIENT_ADDRESS](request))
     response = web.StreamResponse(headers={
         "Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no",
         "X-Request-Id": request[REQUEST_ID], **CORS_HEADERS,
@@ -478,7 +483,7 @@ def create_app(
 
     async def access_ctx(app: web.Application) -> AsyncIterator[None]:
         app[AUTHENTICATOR] = Authenticator(_token_validator(settings, app_clock), settings.access.referrers)
-        app[CLIENT_ADDRESS] = ClientAddress(settings.access.trusted_proxies)
+        app[CLIENT_ADDRESS] = ClientAddress(settings.access.trusted_proxies, settings.access.ipv6_prefix)
         if limiter is not None:
             app[LIMITER] = limiter
         else:

@@ -248,6 +248,8 @@ class AccessSettings(_Section):
     validator_cache_size: int = Field(10_000, ge=1)
     # Peers whose X-Forwarded-For is believed (addresses or CIDR networks).
     trusted_proxies: tuple[str, ...] = ()
+    # Bits of an IPv6 client address that name the client (its queue, its blocks, its feed streams).
+    ipv6_prefix: int = Field(64, ge=1, le=128)
     # Referrer domain (and its subdomains) → tier, for requests without a token.
     referrers: dict[str, str] = {}
 
@@ -302,6 +304,8 @@ class FeedSettings(_Section):
     # Items buffered per subscriber; a subscriber that falls further behind is dropped.
     subscriber_buffer: int = Field(64, ge=1, le=10_000)
     max_subscribers: int = Field(1000, ge=1)
+    # Streams one client (address, or IPv6 network) may hold at once; more get 429.
+    max_subscribers_per_client: int = Field(10, ge=1)
     # Seconds between SSE comment lines that keep proxies from closing an idle stream.
     heartbeat: float = Field(15.0, gt=0)
     # Seconds one write to a subscriber may take before it is dropped.

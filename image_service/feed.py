@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -19,7 +19,7 @@ from urllib.parse import quote, urlencode
 import orjson
 
 from .config import FeedSettings
-from .errors import FeedFull
+from .errors import FeedFull, TooManyRequests
 from .params import DEFAULT_NEGATIVE_PROMPT, DEFAULT_QUALITY, ImageParams
 
 HEARTBEAT = b": heartbeat\n\n"
@@ -69,8 +69,10 @@ class Subscription:
 
     _END: Any = object()
 
-    def __init__(self, feed: Feed, size: int, replay: list[dict[str, Any]]) -> None:
+    def __init__(self, feed: Feed, size: int, replay: list[dict[str, Any]], client: str | None = None) -> None:
         self._feed = feed
+        # Whose stream this is, until it is closed (then None: it counts for nobody).
+        self.client = client
         self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=size)
         self.dropped = False
         for item in replay[-size:]:
@@ -114,6 +116,8 @@ class Feed:
         self._settings = settings
         self._recent: deque[dict[str, Any]] = deque(maxlen=settings.replay)
         self._subscribers: set[Subscription] = set()
+        # Open streams by client, while their handlers run (a dropped subscriber's until it closes).
+        self._streams: Counter[str] = Counter()
         self._closed = False
         self.dropped = 0
 
@@ -134,15 +138,30 @@ class Feed:
                 self._subscribers.discard(subscription)
                 self.dropped += 1
 
-    def subscribe(self) -> Subscription:
+    def subscribe(self, client: str | None = None) -> Subscription:
+        """A stream for `client` (its address), within the feed's room and the client's share of it:
+        one client could otherwise hold every place."""
         if self._closed or len(self._subscribers) >= self._settings.max_subscribers:
             raise FeedFull("the live feed has no room for another subscriber; retry later")
-        subscription = Subscription(self, self._settings.subscriber_buffer, list(self._recent))
+        held = self._streams[client] if client is not None else 0
+        if held >= self._settings.max_subscribers_per_client:
+            raise TooManyRequests(
+                f"this client already has {held} live feed streams open; close one first",
+                retry_after=self._settings.heartbeat,
+            )
+        subscription = Subscription(self, self._settings.subscriber_buffer, list(self._recent), client)
         self._subscribers.add(subscription)
+        if client is not None:
+            self._streams[client] += 1
         return subscription
 
     def _unsubscribe(self, subscription: Subscription) -> None:
         self._subscribers.discard(subscription)
+        client, subscription.client = subscription.client, None
+        if client is not None:
+            self._streams[client] -= 1
+            if not self._streams[client]:
+                del self._streams[client]
 
     def close(self) -> None:
         """End every stream (at shutdown, so open feeds do not hold it up)."""

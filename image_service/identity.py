@@ -7,7 +7,9 @@ tier}`, memoised). Unlike the origin, an invalid token is refused (401) instead 
 anonymous. The token itself is never logged, stored in clear or echoed.
 
 The client address used for queueing is the peer, or — only when the peer is a trusted proxy —
-the right-most address of `X-Forwarded-For` that is not itself a trusted proxy.
+the right-most address of `X-Forwarded-For` that is not itself a trusted proxy. An IPv6 address
+stands for its network (`access.ipv6_prefix`, /64 by default): one subscriber holds a whole /64, so
+per-address limits counted per address would let it step from one to the next.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import ipaddress
 import re
 import tomllib
 from collections import OrderedDict
+from functools import lru_cache
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -230,16 +233,34 @@ def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return None
 
 
-class ClientAddress:
-    """The client's address, believing X-Forwarded-For only when the peer is a trusted proxy."""
+@lru_cache(maxsize=4096)
+def _network_of(text: str, ipv6_prefix: int) -> str:
+    """An IPv6 address's network of `ipv6_prefix` bits (an IPv4-mapped one's IPv4 address); else `text`."""
+    address = _address(text)
+    if not isinstance(address, ipaddress.IPv6Address):
+        return text
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(ipaddress.IPv6Network((address, ipv6_prefix), strict=False))
 
-    def __init__(self, trusted_proxies: Iterable[str]) -> None:
+
+class ClientAddress:
+    """The client's address (an IPv6 one as its network), believing X-Forwarded-For only when the
+    peer is a trusted proxy."""
+
+    def __init__(self, trusted_proxies: Iterable[str], ipv6_prefix: int = 64) -> None:
         self._trusted: tuple[Network, ...] = tuple(ipaddress.ip_network(n, strict=False) for n in trusted_proxies)
+        self._ipv6_prefix = ipv6_prefix
 
     def _is_trusted(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> bool:
         return address is not None and any(address in network for network in self._trusted)
 
     def __call__(self, request: web.BaseRequest) -> str:
+        address = self._address(request)
+        # Only an IPv6 address holds a colon: an IPv4 peer, the common case, is not parsed again.
+        return _network_of(address, self._ipv6_prefix) if ":" in address else address
+
+    def _address(self, request: web.BaseRequest) -> str:
         peer = request.remote or "unknown"
         if not self._trusted or not self._is_trusted(_address(peer)):
             return peer

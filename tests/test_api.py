@@ -215,6 +215,12 @@ class TestErrors:
         assert response.status == 204
         assert "GET" in response.headers["Access-Control-Allow-Methods"]
 
+    async def test_options_to_an_unknown_path_is_not_found(self, client) -> None:
+        """A preflight is answered only where there is something to call."""
+        response = await client.options("/no-such-route", headers={"Access-Control-Request-Method": "GET"})
+        assert response.status == 404 and (await response.json())["error"] == "not_found"
+        assert (await client.options("/feed")).status == 204
+
 
 class TestMetadataRoutes:
     async def test_models_lists_names_without_caching(self, client) -> None:

@@ -85,6 +85,22 @@ class TestFeedBuffers:
             feed.subscribe()
 
 
+    def test_one_client_cannot_hold_every_place(self) -> None:
+        """Past its share a client gets 429; others still get in, and a closed stream frees a place."""
+        from image_service.errors import TooManyRequests
+
+        feed = Feed(FeedSettings(max_subscribers=10, max_subscribers_per_client=2))
+        first, _ = feed.subscribe("198.51.100.1"), feed.subscribe("198.51.100.1")
+        with pytest.raises(TooManyRequests):
+            feed.subscribe("198.51.100.1")
+        feed.subscribe("198.51.100.2")
+        first.close()
+        first.close()  # a second close frees no second place
+        feed.subscribe("198.51.100.1")
+        with pytest.raises(TooManyRequests):
+            feed.subscribe("198.51.100.1")
+
+
 async def read_events(response: Any, count: int, timeout: float = 5) -> list[dict[str, Any]]:
     """The next `count` data events of an SSE stream (comment lines skipped)."""
     events: list[dict[str, Any]] = []
@@ -131,6 +147,21 @@ class TestFeedStream:
         for secret in (TOKEN, "127.0.0.1", "198.51.100.77", "site.example", "u-7", "zoe", "secret", "quiet"):
             assert secret not in text
         response.close()
+
+    async def test_a_client_past_its_share_of_streams_gets_429(self, make_client: ClientFactory) -> None:
+        client = await make_client(make_settings(feed={"max_subscribers_per_client": 1}))
+        first = await client.get("/feed")
+        refused = await client.get("/feed")
+        assert refused.status == 429 and (await refused.json())["error"] == "too_many_requests"
+        assert int(refused.headers["Retry-After"]) > 0
+        first.close()
+        feed = client.server.app[FEED]
+        async with asyncio.timeout(5):
+            while feed.subscribers:
+                await asyncio.sleep(0.01)
+        again = await client.get("/feed")
+        assert again.status == 200
+        again.close()
 
     async def test_idle_stream_carries_heartbeats(self, make_client: ClientFactory) -> None:
         client = await make_client(make_settings(feed={"heartbeat": 0.05}))

@@ -286,6 +286,14 @@ class TestClientAddress:
     def test_trusted_proxy_without_header_is_the_peer(self) -> None:
         assert ClientAddress(["10.0.0.0/8"])(request_from("10.0.0.5")) == "10.0.0.5"
 
+    def test_an_ipv6_client_is_its_network(self) -> None:
+        """Limits and blocks follow the network a subscriber holds, not the address it picks in it."""
+        assert ClientAddress([])(request_from("2001:db8:1:2:3:4:5:6")) == "2001:db8:1:2::/64"
+        assert ClientAddress([], ipv6_prefix=48)(request_from("2001:db8:1:2::6")) == "2001:db8:1::/48"
+        assert ClientAddress([], ipv6_prefix=128)(request_from("2001:db8::6")) == "2001:db8::6/128"
+        assert ClientAddress([])(request_from("::ffff:198.51.100.7")) == "198.51.100.7"
+        assert ClientAddress(["10.0.0.0/8"])(request_from("10.0.0.1", "2001:db8:9::1")) == "2001:db8:9::/64"
+
     async def test_a_forwarded_hop_with_a_byte_that_is_not_utf8_is_served(self, make_client: ClientFactory) -> None:
         """Through a trusted proxy the hop names the client's queue; what uses it must not break."""
         client = await make_client(make_settings(access={"trusted_proxies": ["127.0.0.1"]}))

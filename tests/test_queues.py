@@ -224,6 +224,24 @@ class TestHttpQueues:
             assert (await first).status == 200
             assert (await second).status == expected
 
+    async def test_ipv6_addresses_of_one_network_share_a_queue(self, make_client: ClientFactory) -> None:
+        """A subscriber holds a whole /64: stepping to the next address in it buys no fresh queue."""
+        backend = CountingBackend()
+        settings = make_settings(tiers=tiers(), access={"trusted_proxies": ["127.0.0.1"]})
+        client = await make_client(settings, backends={"embedded": backend})
+        backend.gate.clear()
+        first = asyncio.ensure_future(client.get(SLOW, headers={"X-Forwarded-For": "2001:db8:1:2::1"}))
+        while backend.calls == 0:
+            await asyncio.sleep(0.01)
+        same_network = asyncio.ensure_future(
+            client.get("/prompt/b?width=32&height=32", headers={"X-Forwarded-For": "2001:db8:1:2:ffff::9"}))
+        other_network = asyncio.ensure_future(
+            client.get("/prompt/c?width=32&height=32", headers={"X-Forwarded-For": "2001:db8:1:3::1"}))
+        while backend.calls < 2:
+            await asyncio.sleep(0.01)
+        backend.gate.set()
+        assert [(await task).status for task in (first, same_network, other_network)] == [200, 429, 200]
+
 
 @dataclass
 class Overlap:
