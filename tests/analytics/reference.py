@@ -84,8 +84,11 @@ def cache_hit_rate(rows: list[Row], params: dict[str, str]) -> dict[tuple[Any, .
     out = {}
     for key, g in grouped(looked_up, params, ("model",), "hour").items():
         hits = count(g, lambda r: r["cache_status"] == "hit")
-        out[key] = {"lookups": len(g), "hits": hits, "misses": count(g, lambda r: r["cache_status"] == "miss"),
-                    "shared_waits": count(g, lambda r: r["cache_status"] == "shared-wait"), "hit_rate": hits / len(g)}
+        bypasses = count(g, lambda r: r["cache_status"] == "bypass")
+        lookups = len(g) - bypasses
+        out[key] = {"lookups": lookups, "hits": hits, "misses": count(g, lambda r: r["cache_status"] == "miss"),
+                    "shared_waits": count(g, lambda r: r["cache_status"] == "shared-wait"), "bypasses": bypasses,
+                    "hit_rate": hits / lookups if lookups else None}
     return out
 
 
