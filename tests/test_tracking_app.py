@@ -17,6 +17,7 @@ import structlog
 
 from image_service.app import TRACKING
 from image_service.tracking import COLUMNS, Tracking, configure_logging, flush_logs, record_text_completion
+from image_service.tracking.processor import TELEMETRY
 
 from .conftest import ClientFactory, make_settings, tracking_to
 from .events_api import EventsAPI, Fault
@@ -263,6 +264,23 @@ async def test_a_text_service_with_its_own_quiet_logging_records_its_completions
         structlog.reset_defaults()
     (row,) = api.rows
     assert (row["service_type"], row["model"], row["provider"], row["prompt_tokens"]) == ("text", "openai", "azure", 12)
+
+
+def test_a_completion_recorded_with_no_tracking_running_says_it_was_lost(
+    capfd: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Recording before `Tracking.start` (or after `close`) sends nothing: the text service's
+    developer is told, not left to find an empty datasource."""
+    monkeypatch.setattr(TELEMETRY, "unrouted_text", 0)
+    configure_logging("json", "info")
+    try:
+        for _ in range(5):
+            record_text_completion(model="openai", duration_ms=1.0)
+        flush_logs()
+    finally:
+        structlog.reset_defaults()
+    warnings = [orjson.loads(line) for line in capfd.readouterr().out.splitlines() if "not_recorded" in line]
+    assert [(w["event"], w["lost"]) for w in warnings] == [("text.completion_not_recorded", n) for n in (1, 2, 4)]
 
 
 async def test_without_an_api_key_rows_go_to_the_local_file(make_client: ClientFactory, tmp_path: Path) -> None:

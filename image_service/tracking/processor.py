@@ -354,6 +354,8 @@ class TelemetryProcessor:
     def __init__(self) -> None:
         self.default: EventQueue | None = None
         self.errors = 0
+        # Text completions recorded while no forwarder ran in the process (before Tracking.start).
+        self.unrouted_text = 0
 
     def route_current_context(self, queue: EventQueue | None) -> None:
         """Send this task's events (one request) to `queue`."""
@@ -366,11 +368,13 @@ class TelemetryProcessor:
             request = _TARGET.get()
             if request is None:
                 queue = self.default
+                text = event_dict.get("event") == TEXT_EVENT
                 if queue is not None:
-                    text = event_dict.get("event") == TEXT_EVENT
                     queue.put_group_from_any_thread(
                         None if text else current_context(), [{**event_dict, "_ts": time.time()}]
                     )
+                elif text:
+                    self.unrouted_text += 1
                 return event_dict
             name = event_dict.get("event")
             if name == TEXT_EVENT:

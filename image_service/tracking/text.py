@@ -51,5 +51,11 @@ def record_text_completion(
         "user": user, "username": username, "tier": tier, "status": status, "http_status": http_status,
         "exception": exception, "log_event_type": log_event_type,
     }
+    unrouted = TELEMETRY.unrouted_text
     TELEMETRY(None, "info", {"event": TEXT_EVENT, "stage": "text", **fields})
     log.debug(TEXT_EVENT, **fields)
+    if TELEMETRY.unrouted_text != unrouted:
+        lost = TELEMETRY.unrouted_text
+        if lost & (lost - 1) == 0:  # the 1st, 2nd, 4th, 8th...: loud at first, never a flood
+            log.warning("text.completion_not_recorded", lost=lost,
+                        reason="no Tracking runs in this process: start it before recording completions")
