@@ -241,7 +241,8 @@ async def image_handler(request: web.Request) -> web.Response:
     start = time.perf_counter()
     parser = request.app[PARSER]
     try:
-        params, key = parser.parse(request.match_info.get("prompt", ""), request.query, request.rel_url.raw_query_string)
+        url = request.rel_url
+        params, key = parser.parse(request.match_info.get("prompt", ""), request.query, url.raw_path, url.raw_query_string)
     except ServiceError:
         # A request refused for its parameters still counts against its model, user and tier; the
         # parameters' error is the answer even when the token is bad too.

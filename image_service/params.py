@@ -15,6 +15,7 @@ import unicodedata
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from .config import ModelSettings
 from .errors import BadRequest, PromptTooLong, UnknownModel
@@ -183,7 +184,7 @@ def longest_request_line(max_prompt_length: int) -> int:
     at aiohttp's default (8,190 bytes, ~900 percent-encoded CJK characters) a legal prompt in a
     non-Latin script was refused before the service saw it, with no row and no JSON error."""
     text = (max_prompt_length + MAX_NEGATIVE_PROMPT_LENGTH) * URL_BYTES_PER_CHARACTER
-    return text + MAX_IMAGE_URLS * MAX_IMAGE_URL_LENGTH * 3 + REQUEST_LINE_REST
+    return text + MAX_IMAGE_URLS * MAX_IMAGE_URL_LENGTH * URL_BYTES_PER_CHARACTER + REQUEST_LINE_REST
 
 
 def requested_model(query: Mapping[str, str], default_model: str) -> str:
@@ -244,6 +245,13 @@ def parse_params(
     )
 
 
+def _require_utf8(raw: str, part: str) -> None:
+    try:
+        unquote_to_bytes(raw).decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest(f"the {part} is not valid UTF-8 once percent-decoded") from None
+
+
 class ParamsParser:
     """`parse_params` for one configuration, memoised per (prompt, query string).
 
@@ -265,14 +273,19 @@ class ParamsParser:
         model = requested_model(query, self._default_model)
         return model if model in self._models else None
 
-    def parse(self, raw_prompt: str, query: Mapping[str, str], query_string: str) -> tuple[ImageParams, str]:
+    def parse(
+        self, raw_prompt: str, query: Mapping[str, str], raw_path: str, query_string: str
+    ) -> tuple[ImageParams, str]:
         """Validated parameters and their cache key; raises BadRequest like `parse_params`.
-        `query_string` keys the memo: the raw one, as sent (decoded, `a=x%26y` and `a=x%2526y`
-        read alike, and the second request was served the first one's parameters)."""
-        memo_key = (raw_prompt, query_string)
+        The path and query string as sent key the memo (decoded, `a=x%26y` and `a=x%2526y` read
+        alike, and the second request was served the first one's parameters), and must decode as
+        UTF-8: what does not is kept as it came (`%C3%28` in a path) or replaced (in a query)."""
+        memo_key = (raw_path, query_string)
         found = self._memo.get(memo_key)
         if found is not None:
             return found
+        _require_utf8(raw_path, "path")
+        _require_utf8(query_string, "query string")
         params = parse_params(raw_prompt, query, self._models, self._default_model, self._max_prompt_length)
         result = (params, params.cache_key())
         if "-" not in query.get("seed", ""):

@@ -73,6 +73,16 @@ class TestImage:
             comments.append(orjson.loads(exif[len(USER_COMMENT_ASCII):])["negative_prompt"])
         assert comments == ["cats&dogs", "cats%26dogs"]
 
+    async def test_a_url_that_is_not_utf8_is_refused_in_path_and_query(self, client) -> None:
+        """Undecodable escapes were served as literal text in a path, as U+FFFD in a query: a
+        different image from the one asked for, with no word said."""
+        for path in ("/prompt/%C3%28", "/prompt/%ED%A0%BD", "/prompt/fox?negative_prompt=%FF%FE"):
+            response = await client.get(path)
+            assert response.status == 400, path
+            assert "UTF-8" in (await response.json())["message"]
+        literal = await client.get("/prompt/%25C3%28?width=64&height=64")  # "%C3(" sent as text is fine
+        assert literal.status == 200
+
     async def test_second_identical_request_is_a_hit_with_identical_bytes(self, client) -> None:
         """The cache serves the very bytes the first request produced."""
         first = await client.get(FOX)

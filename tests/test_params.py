@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import math
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
 from image_service.config import load_settings
 from image_service.errors import BadRequest, PromptTooLong, UnknownModel
-from image_service.params import DEFAULT_NEGATIVE_PROMPT, ImageParams, ParamsParser, clamp_size, parse_params
+from image_service.params import (
+    DEFAULT_NEGATIVE_PROMPT,
+    MAX_IMAGE_URL_LENGTH,
+    MAX_IMAGE_URLS,
+    MAX_NEGATIVE_PROMPT_LENGTH,
+    ImageParams,
+    ParamsParser,
+    clamp_size,
+    longest_request_line,
+    parse_params,
+)
 
 SETTINGS = load_settings(overrides={"models": {"small": {"backend": "embedded", "max_side": 512, "default_side": 256}}})
 
@@ -170,30 +181,40 @@ class TestCacheKey:
         assert parse("ab", negative_prompt="c").cache_key() != parse("a", negative_prompt="bc").cache_key()
 
 
+def test_the_longest_valid_request_fits_the_http_parser_line() -> None:
+    """Every character of prompt, negative prompt and reference URLs may take 12 bytes on the wire
+    (four UTF-8 bytes, each percent-encoded): aiohttp's plain-text 400 must never meet a valid request."""
+    emoji = quote("😀")
+    images = "|".join("http://example.com/" + "😀" * (MAX_IMAGE_URL_LENGTH - 19) for _ in range(MAX_IMAGE_URLS))
+    line = (f"GET /prompt/{emoji * 2000}?negative_prompt={emoji * MAX_NEGATIVE_PROMPT_LENGTH}&image={quote(images)}"
+            "&width=1024&height=1024&seed=42&model=procedural&nologo=true&private=true&enhance=true&safe=true HTTP/1.1")
+    assert len(line) <= longest_request_line(2000)
+
+
 class TestParamsParser:
     def parser(self) -> ParamsParser:
         return ParamsParser(SETTINGS.models, SETTINGS.generation.default_model, 100)
 
     def test_repeated_url_returns_the_same_params_and_key(self) -> None:
         parser = self.parser()
-        first = parser.parse("a fox", {"width": "64"}, "width=64")
-        assert parser.parse("a fox", {"width": "64"}, "width=64") is first
+        first = parser.parse("a fox", {"width": "64"}, "/prompt/a%20fox", "width=64")
+        assert parser.parse("a fox", {"width": "64"}, "/prompt/a%20fox", "width=64") is first
         assert first[1] == first[0].cache_key()
 
     def test_random_seed_is_drawn_for_every_request(self) -> None:
         """seed=-1 must never be served from the memo."""
         parser = self.parser()
-        seeds = {parser.parse("a fox", {"seed": "-1"}, "seed=-1")[0].seed for _ in range(10)}
+        seeds = {parser.parse("a fox", {"seed": "-1"}, "/prompt/a%20fox", "seed=-1")[0].seed for _ in range(10)}
         assert len(seeds) > 1
 
     def test_bad_input_is_rejected_every_time(self) -> None:
         parser = self.parser()
         for _ in range(2):
             with pytest.raises(BadRequest):
-                parser.parse("a fox", {"width": "x"}, "width=x")
+                parser.parse("a fox", {"width": "x"}, "/prompt/a%20fox", "width=x")
 
     def test_memo_stays_bounded(self) -> None:
         parser = ParamsParser(SETTINGS.models, "procedural", 100, memo_size=8)
         for n in range(50):
-            parser.parse(f"fox {n}", {}, "")
+            parser.parse(f"fox {n}", {}, f"/prompt/fox%20{n}", "")
         assert len(parser._memo) == 8
