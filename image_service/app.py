@@ -37,7 +37,7 @@ from .moderation import ContentPolicy, Moderator, load_moderator
 from .limits import Limiter as SlotLimiter
 from .limits import build_shared_limiter
 from .openapi import openapi_document
-from .params import ImageParams, ParamsParser
+from .params import ImageParams, ParamsParser, draws_a_seed
 from .pipeline import GENERATED, Pipeline, Prepare
 from .priority import background_executor
 from .queues import Clock, Limiter, MemoryLimiter, MonotonicClock, require_tier, slot
@@ -71,6 +71,7 @@ PARAMS = web.RequestKey("params", ImageParams)
 
 IMMUTABLE = "public, max-age=31536000, immutable"
 PRIVATE_IMMUTABLE = "private, max-age=31536000, immutable"
+NO_STORE = "no-store"
 CORS_HEADERS = {
     "Access-Control-Allow-Origin": "*",
     "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
@@ -230,6 +231,13 @@ def _prepare(request: web.Request, identity: Identity, client: str) -> Prepare:
     return partial(_generation_slot, app, key, identity.tier, app[SETTINGS].tiers.limits(identity.tier))
 
 
+def _cache_control(params: ImageParams, query: Mapping[str, str]) -> str:
+    """A random seed's image is one draw: kept by a browser or CDN, `seed=-1` would stop being random."""
+    if draws_a_seed(query):
+        return NO_STORE
+    return PRIVATE_IMMUTABLE if params.private else IMMUTABLE
+
+
 @lru_cache(maxsize=4096)
 def _content_disposition(params: ImageParams) -> str:
     filename = "image.jpg" if params.private else f"{params.slug()}.jpg"
@@ -273,7 +281,7 @@ async def image_handler(request: web.Request) -> web.Response:
         body=outcome.image.body,
         headers={
             "Content-Type": outcome.image.content_type,
-            "Cache-Control": PRIVATE_IMMUTABLE if params.private else IMMUTABLE,
+            "Cache-Control": _cache_control(params, request.query),
             "Content-Disposition": _content_disposition(params),
             "X-Cache": "HIT" if outcome.cache_status == "hit" else "MISS",
         },
@@ -281,7 +289,7 @@ async def image_handler(request: web.Request) -> web.Response:
 
 
 async def models_handler(request: web.Request) -> web.Response:
-    return json_response(sorted(request.app[SETTINGS].models), headers={"Cache-Control": "no-store"})
+    return json_response(sorted(request.app[SETTINGS].models), headers={"Cache-Control": NO_STORE})
 
 
 async def about_handler(request: web.Request) -> web.Response:
@@ -300,7 +308,7 @@ async def about_handler(request: web.Request) -> web.Response:
             }
             for name, spec in sorted(models.items())
         ],
-        headers={"Cache-Control": "no-store"},
+        headers={"Cache-Control": NO_STORE},
     )
 
 
@@ -315,14 +323,14 @@ async def health_handler(request: web.Request) -> web.Response:
             "telemetry": tracking.forwarder.health() if tracking is not None else {"sink": "disabled"},
             "generation": request.app[GENERATOR].stats(),
         },
-        headers={"Cache-Control": "no-store"},
+        headers={"Cache-Control": NO_STORE},
     )
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
     tracking = request.app.get(TRACKING)
     body = render_metrics(tracking.registry) if tracking is not None else b""
-    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE, "Cache-Control": "no-store"})
+    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE, "Cache-Control": NO_STORE})
 async def register_worker_handler(request: web.Request) -> web.Response:
     """GPU workers announce themselves (and heartbeat) here, with the shared secret."""
     registry = request.app[WORKERS]
@@ -342,7 +350,7 @@ async def list_workers_handler(request: web.Request) -> web.Response:
     """Operators only (same secret): every known worker with its load."""
     registry = request.app[WORKERS]
     registry.authorize(request.headers.get("Authorization"))
-    return json_response(registry.snapshot(), headers={"Cache-Control": "no-store"})
+    return json_response(registry.snapshot(), headers={"Cache-Control": NO_STORE})
 
 
 async def openapi_handler(request: web.Request) -> web.Response:
@@ -350,7 +358,7 @@ async def openapi_handler(request: web.Request) -> web.Response:
 
 
 async def dashboard_handler(request: web.Request) -> web.Response:
-    return web.Response(body=analytics_dashboard.page(), content_type="text/html", headers={"Cache-Control": "no-store"})
+    return web.Response(body=analytics_dashboard.page(), content_type="text/html", headers={"Cache-Control": NO_STORE})
 
 
 async def dashboard_data_handler(request: web.Request) -> web.Response:
@@ -363,7 +371,7 @@ async def dashboard_data_handler(request: web.Request) -> web.Response:
         body = await analytics_dashboard.data(request.app[ANALYTICS], params)
     except AnalyticsError as exc:
         raise AnalyticsUnavailable(str(exc)) from None
-    return json_response(body, headers={"Cache-Control": "no-store"})
+    return json_response(body, headers={"Cache-Control": NO_STORE})
 
 
 async def analytics_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -400,7 +408,7 @@ async def feed_handler(request: web.Request) -> web.StreamResponse:
     feed, settings = request.app[FEED], request.app[SETTINGS].feed
     subscription = feed.subscribe(request.app[CLIENT_ADDRESS](request))
     response = web.StreamResponse(headers={
-        "Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no",
+        "Content-Type": "text/event-stream", "Cache-Control": NO_STORE, "X-Accel-Buffering": "no",
         "X-Request-Id": request[REQUEST_ID], **CORS_HEADERS,
     })
     try:

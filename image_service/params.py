@@ -155,6 +155,12 @@ def _parse_seed(value: str | None) -> int:
     return seed
 
 
+def draws_a_seed(query: Mapping[str, str]) -> bool:
+    """Whether a valid request asks for a random seed (`-1`): its image is one draw of many."""
+    value = query.get("seed")
+    return value is not None and "-" in value and _parse_int("seed", value) == -1
+
+
 def _parse_side(name: str, value: str | None, default: int) -> int:
     if value is None or not value.strip():
         return default
@@ -223,7 +229,8 @@ def parse_params(
     if quality not in JPEG_QUALITY:
         raise BadRequest(f"quality must be one of {', '.join(JPEG_QUALITY)}, got {quality[:20]!r}")
 
-    negative_prompt = normalise_prompt(query.get("negative_prompt") or DEFAULT_NEGATIVE_PROMPT)
+    # Blank is absent: a stored "" would come back from the image's own URL as the default.
+    negative_prompt = normalise_prompt(query.get("negative_prompt") or "") or DEFAULT_NEGATIVE_PROMPT
     if len(negative_prompt) > MAX_NEGATIVE_PROMPT_LENGTH:
         raise BadRequest(f"negative_prompt is longer than {MAX_NEGATIVE_PROMPT_LENGTH} characters")
 
@@ -288,7 +295,7 @@ class ParamsParser:
         _require_utf8(query_string, "query string")
         params = parse_params(raw_prompt, query, self._models, self._default_model, self._max_prompt_length)
         result = (params, params.cache_key())
-        if "-" not in query.get("seed", ""):
+        if not draws_a_seed(query):
             if len(self._memo) >= self._memo_size:
                 del self._memo[next(iter(self._memo))]
             self._memo[memo_key] = result

@@ -73,6 +73,20 @@ class TestImage:
             comments.append(orjson.loads(exif[len(USER_COMMENT_ASCII):])["negative_prompt"])
         assert comments == ["cats&dogs", "cats%26dogs"]
 
+    async def test_a_random_seed_image_is_never_kept_by_browsers_or_cdns(self, client) -> None:
+        """Each `seed=-1` request is a new draw; an immutable year-long cache would freeze the first."""
+        drawn = [await client.get("/prompt/fox?width=64&height=64&seed=-1") for _ in range(2)]
+        assert [r.headers["Cache-Control"] for r in drawn] == ["no-store", "no-store"]
+        assert await drawn[0].read() != await drawn[1].read()
+        fixed = await client.get("/prompt/fox?width=64&height=64&seed=-0")
+        assert fixed.headers["Cache-Control"] == "public, max-age=31536000, immutable"
+
+    async def test_a_blank_negative_prompt_is_the_default_one(self, client) -> None:
+        """Else the image's own URL (feed, chained instance) would name another image."""
+        blank = await client.get("/prompt/fox?width=64&height=64&negative_prompt=%20")
+        plain = await client.get("/prompt/fox?width=64&height=64")
+        assert plain.headers["X-Cache"] == "HIT" and await plain.read() == await blank.read()
+
     async def test_a_url_that_is_not_utf8_is_refused_in_path_and_query(self, client) -> None:
         """Undecodable escapes were served as literal text in a path, as U+FFFD in a query: a
         different image from the one asked for, with no word said."""
