@@ -34,8 +34,8 @@ def _draw_logo(image: Image.Image) -> None:
     draw.text((x, y), LOGO_TEXT, font=font, fill=(255, 255, 255, 190))
 
 
-def user_comment(params: ImageParams) -> bytes:
-    text = orjson.dumps(params.exif_dict())
+def user_comment(params: ImageParams, show_logo: bool) -> bytes:
+    text = orjson.dumps(params.exif_dict(show_logo))
     if text.isascii():
         return USER_COMMENT_ASCII + text
     return USER_COMMENT_UNICODE + text.decode().encode("utf-16-be")
@@ -50,7 +50,7 @@ def encode_jpeg(image: Image.Image, params: ImageParams, show_logo: bool) -> byt
         _draw_logo(image)
     exif = Image.Exif()
     exif[EXIF_MAKE] = params.model
-    exif.get_ifd(EXIF_IFD)[EXIF_USER_COMMENT] = user_comment(params)
+    exif.get_ifd(EXIF_IFD)[EXIF_USER_COMMENT] = user_comment(params, show_logo)
     out = io.BytesIO()
     image.save(out, "JPEG", quality=JPEG_QUALITY[params.quality], exif=exif)
     return out.getvalue()

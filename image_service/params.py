@@ -92,12 +92,12 @@ class ImageParams:
             data["prompt"] = "[PRIVATE]"
         return data
 
-    def exif_dict(self) -> dict[str, Any]:
+    def exif_dict(self, shows_logo: bool) -> dict[str, Any]:
         """What EXIF says made the image: only what the cache key covers, since every request with
-        the same key is served these bytes (`nologo` true when nologo or nofeed asked for no logo;
-        not the policies `safe` and `nofeed`)."""
+        the same key is served these bytes (`nologo` true when the image has no logo: nologo or
+        nofeed asked, or moderation left it off; not the policies `safe` and `nofeed`)."""
         data = self.public_dict()
-        data["nologo"] = not self.shows_logo
+        data["nologo"] = not shows_logo
         del data["safe"], data["nofeed"]
         return data
 

@@ -7,6 +7,7 @@ import io
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import orjson
 import pytest
 from PIL import Image
 
@@ -16,6 +17,7 @@ from image_service.errors import Forbidden, Unauthorized
 from image_service.generation import GeneratedImage
 from image_service.generation.base import NoCapacity
 from image_service.generation.workers import WorkerRegistry
+from image_service.imaging import EXIF_IFD, EXIF_USER_COMMENT, USER_COMMENT_ASCII
 from image_service.moderation import ClassifierModerator, Findings, PassThroughModerator, Thresholds, Verdict
 from image_service.params import ImageParams
 
@@ -176,7 +178,7 @@ class TestWorkerBackend:
         self, serve: Serve, make_client: ClientFactory
     ) -> None:
         """Where our own classifiers see nothing, the worker's has_nsfw_concept still counts: refused
-        under safe=true, otherwise served but kept out of the feed."""
+        under safe=true, otherwise served without a logo (EXIF says so) and kept out of the feed."""
         worker = GPUWorker()
         worker.nsfw = True
         with ThreadPoolExecutor(max_workers=1) as pool:
@@ -187,6 +189,8 @@ class TestWorkerBackend:
             served = await client.get("/prompt/a%20rocket?model=flux&width=64&height=48&seed=8")
             assert refused.status == 451 and (await refused.json())["error"] == "content_blocked"
             assert served.status == 200 and client.app[FEED].recent == []
+            exif = Image.open(io.BytesIO(await served.read())).getexif().get_ifd(EXIF_IFD)[EXIF_USER_COMMENT]
+            assert orjson.loads(exif[len(USER_COMMENT_ASCII):])["nologo"] is True
 
     async def test_least_busy_selection_spreads_concurrent_requests(
         self, serve: Serve, make_client: ClientFactory
