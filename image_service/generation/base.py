@@ -5,6 +5,7 @@ Backends raise `BackendError` (never the HTTP-facing errors): the `Generator` co
 to the client's 502/503/504.
 
     BackendError          502 failed or answered garbage (reason: http_status, connect, not_image, ...)
+    ├── Refused           502 refused this request (400, 413, 414, 422, 451); never trips a breaker
     ├── BackendTimeout    504 did not answer within the backend's timeout
     └── NoCapacity        503 cannot take the request now (no worker registered); never trips a breaker
 
@@ -58,6 +59,14 @@ class BackendError(Exception):
         super().__init__(message)
         self.message = message
         self.reason = reason
+
+
+class Refused(BackendError):
+    """The backend refused this one request (HTTP 400, 413, 414, 422, 451: its content policy, its
+    input limits): a trait of the request, not of the backend's health. Counted against the breaker,
+    one client's prompts would open it for everyone."""
+
+    trips_breaker = False
 
 
 class BackendTimeout(BackendError):

@@ -20,7 +20,7 @@ import orjson
 from PIL import Image, UnidentifiedImageError
 
 from ..config import BackendSettings
-from .base import BackendError, BackendTimeout, NoCapacity
+from .base import BackendError, BackendTimeout, NoCapacity, Refused
 
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP"})
 READ_CHUNK = 64 * 1024
@@ -52,9 +52,15 @@ async def mapped_errors(what: str) -> AsyncIterator[None]:
         raise BackendError(f"the connection to {what} failed ({type(exc).__name__})", "connection") from exc
 
 
+# Statuses with which a backend refuses a request for what it asks, not for its own state.
+REFUSALS = frozenset({400, 413, 414, 422, 451})
+
+
 def check_status(response: aiohttp.ClientResponse, what: str) -> None:
     if response.status == 429:
         raise NoCapacity(f"{what} is rate limiting (HTTP 429)", "rate_limited")
+    if response.status in REFUSALS:
+        raise Refused(f"{what} refused this request (HTTP {response.status})", "refused")
     if response.status >= 400:
         raise BackendError(f"{what} answered HTTP {response.status}", "http_status")
 

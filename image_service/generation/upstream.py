@@ -15,6 +15,8 @@ import os
 from concurrent.futures import Executor
 from urllib.parse import quote
 
+from yarl import URL
+
 from ..config import BackendSettings
 from ..params import ImageParams
 from .base import BackendError, GeneratedImage
@@ -53,7 +55,11 @@ class PollinationsBackend:
         return query
 
     async def generate(self, params: ImageParams) -> GeneratedImage:
-        url = f"{self._spec.base_url.rstrip('/')}/prompt/{quote(params.prompt, safe='')}"
+        segment = quote(params.prompt, safe="")
+        if not segment.strip("."):  # "." and "..": dot segments, which a URL resolves away
+            segment = segment.replace(".", "%2E")
+        # Encoded: as given, or yarl would normalise %2E back to a dot segment and drop it.
+        url = URL(f"{self._spec.base_url.rstrip('/')}/prompt/{segment}", encoded=True)
         async with mapped_errors(self._what):
             async with self._session.get(url, params=self._query(params), headers=self._headers) as response:
                 check_status(response, self._what)

@@ -17,7 +17,7 @@ import orjson
 from aiohttp import web
 from PIL import Image
 
-MODES = ("ok", "error500", "hang", "malformed", "oversized", "not_image", "wrong_size")
+MODES = ("ok", "error500", "refused", "hang", "malformed", "oversized", "not_image", "wrong_size")
 
 
 def png(width: int, height: int, colour: tuple[int, int, int] = (200, 40, 40)) -> bytes:
@@ -56,6 +56,9 @@ class FakeService:
     def failure(self) -> web.Response | None:
         if self.mode == "error500":
             return web.json_response({"error": "boom"}, status=500)
+        if self.mode == "refused":  # OpenAI's answer to a prompt its content policy refuses
+            error = {"code": "content_policy_violation", "message": "Your request was rejected", "type": "invalid_request_error"}
+            return web.json_response({"error": error}, status=400)
         if self.mode == "malformed":
             return web.Response(body=b'{"data": [{"b64_json": ', content_type="application/json")
         if self.mode == "oversized":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 from typing import Any
 
@@ -151,6 +152,25 @@ class TestBreakerInTheGenerator:
             await generator.close()
 
 
+    async def test_a_request_the_backend_refuses_does_not_open_its_breaker(
+        self, serve: Serve, make_client: ClientFactory
+    ) -> None:
+        """One client's refused prompts (a content policy's 400) must not cut the backend off for everyone."""
+        fake = OpenAIImages(mode="refused")
+        settings = make_settings(
+            backends={"openai": fast(type="openai", base_url=base_url(await serve(fake)), breaker_failures=2)},
+            models={"dalle": {"backend": "openai", "default_side": 32}},
+        )
+        client = await make_client(settings)
+        for seed in range(4):
+            refused = await client.get(f"/prompt/forbidden?model=dalle&seed={seed}")
+            assert refused.status == 502 and "refused this request (HTTP 400)" in (await refused.json())["message"]
+        fake.mode = "ok"
+        assert (await client.get("/prompt/innocent?model=dalle")).status == 200
+        health = (await (await client.get("/health")).json())["generation"]["openai"]
+        assert health["breaker"] == "closed" and health["failures"] == {"refused": 4}
+
+
 class TestTelemetry:
     async def test_backend_provider_and_cost_reach_the_terminal_event_on_miss_and_hit(
         self, serve: Serve, make_client: ClientFactory
@@ -192,6 +212,27 @@ class TestUpstreamChaining:
         assert [(e["prompt"], e["width"], e["height"], e["seed"], e["nologo"]) for e in upstream_events] == [
             ("a/b c", 64, 40, 3, True)
         ]
+
+    async def test_a_dot_segment_prompt_reaches_the_upstream_as_itself(
+        self, aiohttp_server: Any, make_client: ClientFactory
+    ) -> None:
+        """'..' in a URL path resolves away: the upstream was asked for '/' (404), the request failed,
+        and each such request counted against the breaker."""
+        upstream = await aiohttp_server(create_app(make_settings()))
+        settings = make_settings(
+            backends={"mirror": fast(type="pollinations", base_url=base_url(upstream))},
+            models={"remote": {"backend": "mirror", "backend_model": "procedural", "default_side": 32}},
+        )
+        client = await make_client(settings)
+        with capture_logs() as logs:
+            for prompt in ("..", "."):  # sent as is: an HTTP client library would resolve them too
+                reader, writer = await asyncio.open_connection(client.host, client.port)
+                writer.write(f"GET /prompt/{prompt}?model=remote HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+                status_line = (await reader.read()).split(b"\r\n", 1)[0]
+                writer.close()
+                assert status_line.split()[1] == b"200", status_line
+        upstream_prompts = [e["prompt"] for e in logs if e.get("event") == "request.received" and e.get("model") == "procedural"]
+        assert upstream_prompts == ["..", "."]
 
     @pytest.mark.parametrize(("content_type", "reason"), [("text/html", "not_image"), ("image/jpeg", "not_image")])
     async def test_non_image_answers_are_rejected(
