@@ -40,7 +40,8 @@ MAX_REQUESTED_SIDE = 2**31 - 1
 JPEG_QUALITY = {"low": 70, "medium": 85, "high": 92, "hd": 95}
 DEFAULT_QUALITY = "medium"
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Control characters that are not whitespace (whitespace ones, tabs and line breaks, become spaces).
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f]")
 _WHITESPACE = re.compile(r"\s+")
 _SLUG_DROP = re.compile(r"[^a-z0-9]+")
 
@@ -108,7 +109,7 @@ class ImageParams:
 def normalise_prompt(raw: str) -> str:
     """Strip control characters and collapse whitespace, so equal-looking prompts share a cache entry."""
     text = unicodedata.normalize("NFC", raw)
-    text = _CONTROL.sub(" ", text)
+    text = _CONTROL.sub("", text)
     return _WHITESPACE.sub(" ", text).strip()
 
 

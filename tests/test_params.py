@@ -176,6 +176,11 @@ class TestCacheKey:
         """Control characters and repeated whitespace do not create new entries."""
         assert parse(" a \x00 fox\n").cache_key() == parse("a fox").cache_key()
 
+    def test_control_characters_are_stripped_and_line_breaks_are_spaces(self) -> None:
+        """As on the origin: 'a%00b' is 'ab', not two words; a tab or line break still separates words."""
+        assert [parse(raw).prompt for raw in ("a\x00b\x7f\x9bc", "a\tb\r\nc\x85d", "\x1b[31mred")] == [
+            "abc", "a b c d", "[31mred"]
+
     def test_fields_cannot_run_into_each_other(self) -> None:
         """Length-prefixed hashing: moving text between fields changes the key."""
         assert parse("ab", negative_prompt="c").cache_key() != parse("a", negative_prompt="bc").cache_key()
