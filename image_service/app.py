@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import sys
 import time
@@ -86,8 +87,9 @@ UNMATCHED = "(unmatched)"
 # Routes whose requests are telemetry rows: image requests, and paths that matched nothing (often a
 # malformed image URL). Health checks, metrics scrapes, the dashboard and the feed are logged only.
 TRACKED_ROUTES = frozenset({"/prompt", "/prompt/{prompt}", UNMATCHED})
-# Query parameters never echoed back in an error body.
-SECRET_PARAMS = frozenset({"token", "key", "api_key", "apikey", "referrer"})
+# Query parameters an error body echoes: the API's own. Any other (`access_token`, `password`...)
+# may be a secret, and no list of secret names is ever complete.
+ECHOED_PARAMS = frozenset(field.name for field in dataclasses.fields(ImageParams)) - {"prompt"} | {"transparent"}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -96,7 +98,6 @@ def json_response(data: Any, status: int = 200, headers: Mapping[str, str] | Non
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json", headers=headers)
 
 
-ECHO_PARAMETERS = 32
 ECHO_CHARS = 200
 
 
@@ -104,15 +105,10 @@ def _request_parameters(request: web.Request) -> dict[str, Any]:
     params: ImageParams | None = request.get(PARAMS)
     if params is not None:
         return params.public_dict()
-    # What the parser read: a repeated parameter's first value. Bounded: an error body must not
-    # grow with whatever a client appends.
-    echoed: dict[str, Any] = {}
-    for key in request.query:
-        if key.lower() in SECRET_PARAMS or key[:ECHO_CHARS] in echoed:
-            continue
-        if len(echoed) == ECHO_PARAMETERS:
-            break
-        echoed[key[:ECHO_CHARS]] = request.query[key][:ECHO_CHARS]
+    # What the parser read: a repeated parameter's first value, cut short (an error body must not
+    # grow with whatever a client sends).
+    query = request.query
+    echoed: dict[str, Any] = {key: query[key][:ECHO_CHARS] for key in ECHOED_PARAMS if key in query}
     if "prompt" in request.match_info and "private" not in {k.lower() for k in request.query}:
         echoed["prompt"] = request.match_info["prompt"][:ECHO_CHARS]
     return echoed
