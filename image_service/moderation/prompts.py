@@ -1,6 +1,8 @@
 """Prompt checks before generation: normalise the text, then match word lists on word boundaries.
 
-Normalisation defeats the cheap evasions (full-width letters, accents, case, `s3xy`, `s.e.x`);
+Normalisation defeats the cheap evasions (full-width letters, accents, case, `s3xy`, `s.e.x`,
+`n a k e d`, invisible characters inside a word, Cyrillic or Greek look-alike letters, digits of
+other scripts, ages in English words, a minor term and a sexual term run together);
 matching whole words (plurals are listed, never guessed: "sexes" is not "sex") avoids the substring traps that flag
 "class", "Sussex", "document" or the German "Nudeln". The lists live in config/moderation.toml;
 a term listed under `minor_sexual` counts as both a minor and a sexual term.
@@ -18,9 +20,26 @@ from dataclasses import dataclass
 _LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s", "!": "i", "|": "i"})
 _WORD = re.compile(r"[a-zñ0-9@$!|]+")
 _HAS_LETTER = re.compile(r"[a-zñ]")
-# Single letters joined by separators: "s.e.x", "n-u-d-e", "k_i_d".
-_SPELLED = re.compile(r"(?<![a-zñ0-9])(?:[a-zñ0-9@$][.\-_*]){2,}[a-zñ0-9@$](?![a-zñ0-9])")
-_SEPARATORS = re.compile(r"[.\-_*]")
+# Single letters joined by separators: "s.e.x", "n-u-d-e", "k_i_d", "n a k e d".
+_SPELLED = re.compile(r"(?<![a-zñ0-9])(?:[a-zñ0-9@$][.\-_* ]){2,}[a-zñ0-9@$](?![a-zñ0-9])")
+_SEPARATORS = re.compile(r"[.\-_* ]")
+# Cyrillic and Greek letters that look like Latin ones (after case folding). A word written with
+# only such letters and Latin ones reads as Latin: "nаked" with a Cyrillic "а" is "naked".
+_LOOK_ALIKES = str.maketrans({
+    "а": "a", "в": "b", "е": "e", "ё": "e", "к": "k", "м": "m", "н": "h", "о": "o", "р": "p", "с": "c",
+    "т": "t", "у": "y", "х": "x", "і": "i", "ї": "i", "ј": "j", "ѕ": "s", "ԁ": "d", "һ": "h", "ԛ": "q",
+    "ԝ": "w", "α": "a", "β": "b", "ε": "e", "η": "n", "ι": "i", "κ": "k", "ν": "v", "ο": "o", "ρ": "p",
+    "τ": "t", "υ": "u", "χ": "x", "ω": "w",
+})
+_LETTERS = re.compile(r"[^\W\d_]+")
+# Ages under 18 in English words, read as digits before the age pattern runs.
+_NUMBER_WORDS = {
+    word: str(value) for value, word in enumerate(
+        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+        "seventeen".split()
+    )
+}
+_NUMBER_WORD = re.compile(rf"(?<![a-z])({'|'.join(_NUMBER_WORDS)})(?=\s*-?\s*(?:y/?o|yrs?|years?)(?![a-z]))")
 # An explicit age below 18 is a minor term in every language: "12 year old", "12yo", "12 años", "12 ans",
 # "12 jahre alt", "12-jährige", "12 anni", "12 anos".
 _AGE = re.compile(
@@ -31,10 +50,19 @@ ADULT_AGE = 18
 
 
 def fold(text: str) -> str:
-    """NFKC, accents stripped, case-folded, spelled-out words joined; digits left alone."""
+    """NFKC, invisible characters dropped, case-folded, look-alike letters read as Latin, accents
+    stripped, digits of any script as ASCII, spelled-out words joined; numbers left alone."""
     text = unicodedata.normalize("NFKC", text).casefold().replace("ß", "ss")
-    text = "".join(_base_letter(ch) for ch in text)
+    text = _LETTERS.sub(_as_latin, "".join(_base_letter(ch) for ch in text))
     return _SPELLED.sub(lambda m: _SEPARATORS.sub("", m.group()), text)
+
+
+def _as_latin(match: re.Match[str]) -> str:
+    word = match.group()
+    if word.isascii():
+        return word
+    latin = word.translate(_LOOK_ALIKES)
+    return latin if latin.isascii() else word  # a word of another script keeps its letters
 
 
 @functools.lru_cache(maxsize=4096)
@@ -42,6 +70,10 @@ def _base_letter(ch: str) -> str:
     # ñ keeps its tilde: without it "niña" would become the name "Nina".
     if ch == "ñ" or ch.isascii():
         return ch
+    if unicodedata.category(ch) == "Cf":  # zero-width space, soft hyphen, word joiner, BOM, bidi marks
+        return ""
+    if ch.isdecimal():
+        return str(unicodedata.decimal(ch))
     return "".join(c for c in unicodedata.normalize("NFKD", ch) if not unicodedata.combining(c))
 
 
@@ -96,8 +128,13 @@ class PromptChecker:
         minor_sexual: dict[str, list[str]] | None = None,
     ) -> None:
         both = [term for terms in (minor_sexual or {}).values() for term in terms]
-        self._minor = _pattern([term for terms in minor.values() for term in terms] + both)
-        self._sexual = _pattern([term for terms in sexual.values() for term in terms] + both)
+        minor_terms = [term for terms in minor.values() for term in terms] + both
+        sexual_terms = [term for terms in sexual.values() for term in terms] + both
+        self._minor = _pattern(minor_terms)
+        self._sexual = _pattern(sexual_terms)
+        # One-word terms, for words that run a minor term and a sexual term together ("nakedchild").
+        self._minor_words = _single_words(minor_terms)
+        self._sexual_words = _single_words(sexual_terms)
         self.languages = tuple(sorted(set(minor) | set(sexual)))
         self._memo: dict[str, PromptFindings] = {}
 
@@ -114,10 +151,27 @@ class PromptChecker:
     def _check(self, prompt: str) -> PromptFindings:
         folded = fold(prompt)
         text = _WORD.sub(_unleet, folded)
+        ages = _NUMBER_WORD.sub(lambda m: _NUMBER_WORDS[m.group()], folded)
+        if self._run_together(text):
+            return PromptFindings(minor=True, sexual=True)
         return PromptFindings(
-            minor=_matches(self._minor, text) or any(int(m["age"]) < ADULT_AGE for m in _AGE.finditer(folded)),
+            minor=_matches(self._minor, text) or any(int(m["age"]) < ADULT_AGE for m in _AGE.finditer(ages)),
             sexual=_matches(self._sexual, text),
         )
+
+    def _run_together(self, text: str) -> bool:
+        """Whether a word is a minor term and a sexual term written as one ("nakedchild", "kidporn")."""
+        minor, sexual = self._minor_words, self._sexual_words
+        for word in _WORD.findall(text):
+            for cut in range(2, len(word) - 1):
+                head, tail = word[:cut], word[cut:]
+                if (head in minor and tail in sexual) or (head in sexual and tail in minor):
+                    return True
+        return False
+
+
+def _single_words(terms: Iterable[str]) -> frozenset[str]:
+    return frozenset(word for word in (normalise(term) for term in terms) if word and " " not in word)
 
 
 def _matches(pattern: re.Pattern[str] | None, text: str) -> bool:
