@@ -117,6 +117,13 @@ def parse_bool(value: str | None) -> bool:
     return value is not None and value.strip().lower() == "true"
 
 
+def _asked(query: Mapping[str, str], name: str) -> bool:
+    """A privacy or safety flag fails closed: `true` under any spelling of its name, in any of its
+    repetitions. A site that appends `&private=true` or `&safe=true` to a user's URL must not be
+    undone by a `private=false` or `Safe` the user put first."""
+    return any(key.lower() == name and parse_bool(value) for key, value in query.items())
+
+
 def _parse_int(name: str, value: str) -> int:
     text = value.strip()
     try:
@@ -235,7 +242,7 @@ def parse_params(
     if len(negative_prompt) > MAX_NEGATIVE_PROMPT_LENGTH:
         raise BadRequest(f"negative_prompt is longer than {MAX_NEGATIVE_PROMPT_LENGTH} characters")
 
-    private = parse_bool(query.get("private"))
+    private = _asked(query, "private")
     return ImageParams(
         prompt=prompt,
         model=model,
@@ -245,8 +252,8 @@ def parse_params(
         nologo=parse_bool(query.get("nologo")),
         enhance=parse_bool(query.get("enhance")),
         private=private,
-        nofeed=private or parse_bool(query.get("nofeed")),
-        safe=parse_bool(query.get("safe")),
+        nofeed=private or _asked(query, "nofeed"),
+        safe=_asked(query, "safe"),
         negative_prompt=negative_prompt,
         quality=quality,
         image=_parse_images(query.get("image")),

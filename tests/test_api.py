@@ -8,6 +8,7 @@ import io
 import orjson
 from PIL import Image
 
+from image_service.app import FEED
 from image_service.imaging import EXIF_IFD, EXIF_MAKE, EXIF_USER_COMMENT, USER_COMMENT_ASCII
 
 from .conftest import ClientFactory, CountingBackend, make_settings
@@ -72,6 +73,16 @@ class TestImage:
             exif = Image.open(io.BytesIO(await response.read())).getexif().get_ifd(EXIF_IFD)[EXIF_USER_COMMENT]
             comments.append(orjson.loads(exif[len(USER_COMMENT_ASCII):])["negative_prompt"])
         assert comments == ["cats&dogs", "cats%26dogs"]
+
+    async def test_privacy_and_safety_flags_fail_closed(self, client) -> None:
+        """`private=false&private=true` or `Private=true` was public: prompt in the filename, the log,
+        the feed. A site appending `&private=true` to a user's URL must be able to rely on it."""
+        for query in ("private=false&private=true", "Private=true", "PRIVATE=TRUE"):
+            response = await client.get(f"/prompt/my%20secret%20plan?width=64&height=64&{query}")
+            assert response.headers["Cache-Control"].startswith("private"), query
+            assert "secret" not in response.headers["Content-Disposition"]
+            assert b"secret" not in await response.read()
+        assert client.app[FEED].recent == []
 
     async def test_a_random_seed_image_is_never_kept_by_browsers_or_cdns(self, client) -> None:
         """Each `seed=-1` request is a new draw; an immutable year-long cache would freeze the first."""

@@ -71,6 +71,8 @@ class TestPromptRefusals:
         served = await client.get("/prompt/a%20nude%20statue?width=64&height=64")
         assert (refused.status, served.status) == (451, 200)
         assert (await refused.json())["reason"] == "sexual_prompt_safe" and backend.calls == 1
+        for query in ("safe=false&safe=true", "Safe=true"):  # safe fails closed, a cache hit too
+            assert (await client.get(f"/prompt/a%20nude%20statue?width=64&height=64&{query}")).status == 451
 
     async def test_refusal_emits_verdict_and_flag_events_and_binds_the_booleans(self, client) -> None:
         with capture_logs() as logs:
