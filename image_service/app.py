@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import os
 import sys
 import time
@@ -221,10 +222,14 @@ async def _generation_slot(
         yield await app[ENHANCER].enhance(params)
 
 
-def _prepare(request: web.Request, identity: Identity, client: str) -> Prepare:
+def _owner(identity: Identity, client: str) -> str:
+    """Who a request counts as: its user with a token, else its address (its queue, its private images)."""
+    return f"user:{identity.user}" if identity.user else f"addr:{client}"
+
+
+def _prepare(request: web.Request, identity: Identity, owner: str) -> Prepare:
     app = request.app
-    key = f"user:{identity.user}" if identity.user else f"addr:{client}"
-    return partial(_generation_slot, app, key, identity.tier, app[SETTINGS].tiers.limits(identity.tier))
+    return partial(_generation_slot, app, owner, identity.tier, app[SETTINGS].tiers.limits(identity.tier))
 
 
 def _cache_control(params: ImageParams, query: Mapping[str, str]) -> str:
@@ -270,7 +275,12 @@ async def image_handler(request: web.Request) -> web.Response:
         key = params.cache_key()
     log.info("request.received", stage="request", duration_ms=round((time.perf_counter() - start) * 1000, 3))
     client = request.app[CLIENT_ADDRESS](request)
-    outcome = await request.app[PIPELINE].run(params, key, _prepare(request, identity, client), client=client)
+    owner = _owner(identity, client)
+    if params.private:
+        # The entry is the asker's own: shared, a hit would tell anyone who guessed the private
+        # prompt that it had been asked for, and serve them the image.
+        key = hashlib.blake2b(f"{key}|{owner}".encode(), digest_size=32).hexdigest()
+    outcome = await request.app[PIPELINE].run(params, key, _prepare(request, identity, owner), client=client)
     if outcome.cache_status in GENERATED:
         request.app[FEED].publish(feed_item(params, outcome.image.verdict))
     return web.Response(

@@ -74,6 +74,19 @@ class TestImage:
             comments.append(orjson.loads(exif[len(USER_COMMENT_ASCII):])["negative_prompt"])
         assert comments == ["cats&dogs", "cats%26dogs"]
 
+    async def test_a_private_image_is_no_other_clients_cache_hit(self, make_client: ClientFactory) -> None:
+        """Else X-Cache (and the time a hit takes) would confirm a guessed private prompt to anyone."""
+        client = await make_client(make_settings(access={"trusted_proxies": ["127.0.0.1"]}))
+        url = "/prompt/my%20diagnosis?width=64&height=64&private=true"
+        caches = [
+            (await client.get(url, headers={"X-Forwarded-For": address})).headers["X-Cache"]
+            for address in ("198.51.100.3", "198.51.100.4", "198.51.100.3")
+        ]
+        assert caches == ["MISS", "MISS", "HIT"]
+        public = "/prompt/my%20diagnosis?width=64&height=64"
+        assert [(await client.get(public, headers={"X-Forwarded-For": a})).headers["X-Cache"]
+                for a in ("198.51.100.3", "198.51.100.4")] == ["MISS", "HIT"]
+
     async def test_privacy_and_safety_flags_fail_closed(self, client) -> None:
         """`private=false&private=true` or `Private=true` was public: prompt in the filename, the log,
         the feed. A site appending `&private=true` to a user's URL must be able to rely on it."""
