@@ -14,7 +14,7 @@ import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit
 
 import orjson
 
@@ -43,9 +43,19 @@ def image_url(params: ImageParams) -> str:
     return f"/prompt/{quote(params.prompt, safe='')}?{urlencode(query)}"
 
 
+def _may_carry_a_secret(url: str) -> bool:
+    """Credentials (`user:pw@`), a query (a signed URL's signature, a token) or a fragment."""
+    parts = urlsplit(url)
+    return bool(parts.username or parts.password or parts.query or parts.fragment)
+
+
 def feed_item(params: ImageParams, verdict: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The public record of a generation, or None when it must stay out of the feed."""
+    """The public record of a generation, or None when it must stay out of the feed: private,
+    nofeed or flagged, or made from a reference URL that may hold a secret (its `imageURL` would
+    publish it)."""
     if params.private or params.nofeed or verdict.get("is_mature") or verdict.get("is_child"):
+        return None
+    if any(_may_carry_a_secret(url) for url in params.image):
         return None
     return {
         "prompt": params.prompt,

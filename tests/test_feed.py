@@ -37,6 +37,15 @@ class TestFeedItem:
     def test_flagged_images_are_never_published(self, verdict: Verdict) -> None:
         assert feed_item(params(), verdict.to_dict()) is None
 
+    @pytest.mark.parametrize("reference", [
+        "https://alice:S3CRET@example.com/a.png", "https://example.com/a.png?X-Amz-Signature=SIG",
+        "https://example.com/a.png#token=T",
+    ])
+    def test_a_reference_url_that_may_hold_a_secret_is_never_published(self, reference: str) -> None:
+        """The item's imageURL would put the reference's credentials or signature in public."""
+        assert feed_item(params({"image": f"https://example.com/plain.png|{reference}"}), {}) is None
+        assert feed_item(params({"image": "https://example.com/plain.png"}), {}) is not None
+
     def test_public_item_links_to_the_same_image(self) -> None:
         item = feed_item(params({"width": "64", "height": "48", "seed": "9", "nologo": "true"}), {})
         assert item is not None and item["prompt"] == "a red fox"
