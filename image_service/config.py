@@ -336,6 +336,7 @@ class ModerationSettings(_Section):
     face_threshold: float = Field(0.4, ge=0, le=1)
     min_face_side: int = Field(24, ge=2)
     minor_probability: float = Field(0.5, gt=0, le=1)
+    backend_child_score: float = 0.0
     safe_refuses_sexual_prompt: bool = True
     violation_threshold: float = Field(3.0, gt=0)
     violation_half_life: float = Field(600.0, gt=0)

@@ -17,14 +17,15 @@ from PIL import Image
 
 from ..config import ModerationSettings
 from ..generation import GeneratedImage
-from ..generation.base import FLAG_NSFW
+from ..generation.base import FLAG_CONCEPT_PREFIX, FLAG_NSFW
 from ..params import ImageParams
 from .classifiers import Classifiers, Findings
 from .verdict import Moderator, PassThroughModerator, Verdict
 
 CHILD_FACE = "child_face"
-# The label of an image the backend's own safety checker flagged.
+# The labels of an image the backend's own safety checker flagged: mature, child.
 BACKEND_NSFW = "backend_nsfw"
+BACKEND_CHILD = "backend_child"
 
 
 class Analyser(Protocol):
@@ -37,30 +38,38 @@ class Analyser(Protocol):
 class Thresholds:
     mature: Mapping[str, float]  # NudeNet label (upper case) → the score at which it makes an image mature
     minor_probability: float
+    # A GPU worker's special-concept score above this flags the image as a child.
+    backend_child_score: float = 0.0
 
     @classmethod
     def from_settings(cls, settings: ModerationSettings) -> Thresholds:
         return cls(
             mature={label.upper(): value for label, value in settings.thresholds.items()},
             minor_probability=settings.minor_probability,
+            backend_child_score=settings.backend_child_score,
         )
 
 
 def judge(findings: Findings, thresholds: Thresholds, backend_flags: Mapping[str, float] | None = None) -> Verdict:
     """Mature when any listed class reaches its threshold, or when the backend's own safety checker
-    flagged the image (a GPU worker's `has_nsfw_concept`); child when any face is likely under 18."""
+    flagged the image (a GPU worker's `has_nsfw_concept`); child when any face is likely under 18,
+    or when the worker's checker scores a special concept (its child concepts) above the threshold,
+    as the origin reads it."""
+    flags = backend_flags or {}
     mature = [d for d in findings.detections if d.label in thresholds.mature]
     fired = sorted({d.label for d in mature if d.score >= thresholds.mature[d.label]})
-    if (backend_flags or {}).get(FLAG_NSFW, 0.0) >= 1.0:
+    if flags.get(FLAG_NSFW, 0.0) >= 1.0:
         fired.append(BACKEND_NSFW)
     minor_score = max((face.minor_probability for face in findings.faces), default=0.0)
-    is_child = minor_score >= thresholds.minor_probability
+    child = [CHILD_FACE] if minor_score >= thresholds.minor_probability else []
+    if any(score > thresholds.backend_child_score for key, score in flags.items() if key.startswith(FLAG_CONCEPT_PREFIX)):
+        child.append(BACKEND_CHILD)
     return Verdict.scored(
         sexual_score=max((d.score for d in mature), default=0.0),
         minor_score=minor_score,
         is_mature=bool(fired),
-        is_child=is_child,
-        labels=tuple(fired) + ((CHILD_FACE,) if is_child else ()),
+        is_child=bool(child),
+        labels=(*fired, *child),
         models=dict(findings.models),
     )
 

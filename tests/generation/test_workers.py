@@ -192,6 +192,26 @@ class TestWorkerBackend:
             exif = Image.open(io.BytesIO(await served.read())).getexif().get_ifd(EXIF_IFD)[EXIF_USER_COMMENT]
             assert orjson.loads(exif[len(USER_COMMENT_ASCII):])["nologo"] is True
 
+    async def test_the_workers_child_concept_scores_flag_a_child(
+        self, serve: Serve, make_client: ClientFactory
+    ) -> None:
+        """A special-concept score above `backend_child_score` makes the image a child's: never in the
+        feed, and refused outright when the checker also found it mature."""
+        worker = GPUWorker()
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            moderator = ClassifierModerator(NothingFound(), Thresholds.from_settings(load_settings().moderation), pool)
+            client = await make_client(worker_settings(), moderator=moderator)
+            await register(client, base_url(await serve(worker)))
+            worker.scores = {"0": -0.2, "1": -0.04}
+            assert (await client.get("/prompt/a%20beach?model=flux&width=64&height=48")).status == 200
+            assert len(client.app[FEED].recent) == 1
+            worker.scores = {"0": -0.2, "1": 0.03}
+            assert (await client.get("/prompt/a%20park?model=flux&width=64&height=48")).status == 200
+            assert len(client.app[FEED].recent) == 1
+            worker.nsfw = True
+            refused = await client.get("/prompt/a%20lake?model=flux&width=64&height=48")
+            assert refused.status == 451 and (await refused.json())["reason"] == "sexual_minor_image"
+
     async def test_least_busy_selection_spreads_concurrent_requests(
         self, serve: Serve, make_client: ClientFactory
     ) -> None:
