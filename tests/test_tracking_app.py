@@ -266,6 +266,19 @@ async def test_a_text_service_with_its_own_quiet_logging_records_its_completions
     assert (row["service_type"], row["model"], row["provider"], row["prompt_tokens"]) == ("text", "openai", "azure", 12)
 
 
+def test_a_completions_exception_is_sanitised_in_the_text_services_own_log(capfd: Any) -> None:
+    """The call logs the completion at debug too, in whatever log the text service keeps."""
+    configure_logging("json", "debug")
+    try:
+        record_text_completion(model="openai", duration_ms=1.0, http_status=502,
+                               exception="upstream 401 for Authorization: Basic YWxpY2U6U0VDUkVU, access_token=AT-9")
+        flush_logs()
+    finally:
+        structlog.reset_defaults()
+    out = capfd.readouterr().out
+    assert "text.completion" in out and "YWxpY2U6U0VDUkVU" not in out and "AT-9" not in out
+
+
 def test_a_completion_recorded_with_no_tracking_running_says_it_was_lost(
     capfd: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

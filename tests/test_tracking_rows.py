@@ -110,6 +110,20 @@ class TestRows:
         ("File /home/alice/service/secret_module.py, line 3", "/home/alice"),
         ("peer 203.0.113.9 reset the connection", "203.0.113.9"),
         ("jwt eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJl expired", "eyJzdWIiOiIxIn0"),
+        ("Authorization: Basic YWxpY2U6QkFTSUNTRUNSRVQ=", "YWxpY2U6QkFTSUNTRUNSRVQ"),
+        ("upstream said Basic YWxpY2U6QkFTSUNTRUNSRVQ= is wrong", "YWxpY2U6QkFTSUNTRUNSRVQ"),
+        ("POST /oauth access_token=ACCESSTOKSECRET&x=1", "ACCESSTOKSECRET"),
+        ("refresh_token=REFRESHSECRET client_secret=CLIENTSECRETVAL", "REFRESHSECRET"),
+        ("refresh_token=REFRESHSECRET client_secret=CLIENTSECRETVAL", "CLIENTSECRETVAL"),
+        ('body {"api_key": "JSONKEYSECRET99"} refused', "JSONKEYSECRET99"),
+        ('password:  "PWSECRET"', "PWSECRET"),
+        ("X-Api-Key: HEADERKEY123", "HEADERKEY123"),
+        ("Cookie: sid=COOKIE1; theme=dark; auth=COOKIE2", "COOKIE2"),
+        ("redis://:REDIS@PW3@127.0.0.1:6379/0 refused", "PW3"),
+        ("peer 2001:db8::dead:beef reset the connection", "dead:beef"),
+        ("posting to https://hooks.slack.com/services/T000/B000/XXXXSECRET failed", "XXXXSECRET"),
+        ("token ghp_abcdefghijklmnopqrstuvwxyz0123 is revoked", "ghp_abcdefghijklmnopqrstuvwxyz0123"),
+        ("aws AKIAABCDEFGHIJKLMNOP denied", "AKIAABCDEFGHIJKLMNOP"),
     ],
 )
 def test_sanitise_removes_credentials_addresses_and_paths(text: str, leak: str) -> None:
@@ -119,7 +133,9 @@ def test_sanitise_removes_credentials_addresses_and_paths(text: str, leak: str) 
 
 
 def test_sanitise_keeps_ordinary_messages_readable() -> None:
-    assert sanitise("the embedded backend failed (RuntimeError)") == "the embedded backend failed (RuntimeError)"
+    for text in ("the embedded backend failed (RuntimeError)", "timed out at 12:30:45 after 3 tries",
+                 "the monkey ate a banana", "keyboard layout: de-CH"):
+        assert sanitise(text) == text
 
 
 @contextlib.contextmanager

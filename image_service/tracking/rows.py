@@ -8,6 +8,7 @@ absolute paths never leave the service.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections import Counter
 from datetime import UTC, datetime
@@ -84,17 +85,36 @@ STAGE_EVENT_TYPES = {
     "content.flagged": "content_flagged",
 }
 
-_CREDENTIAL_URL = re.compile(r"([a-z][a-z0-9+.-]*://)[^/\s:@]+(:[^/\s@]*)?@", re.I)
+# A password may hold '@' and '/': the credentials run to the last '@' before the host.
+_CREDENTIAL_URL = re.compile(r"([a-z][a-z0-9+.-]*://)\S*@", re.I)
+_COOKIE = re.compile(r"\b((?:set-)?cookie\s*:)[^\r\n]*", re.I)
+# A name that says "secret" (also as the end of a longer one: access_token, client_secret,
+# x-api-key), then `=`, `:` or a space, quoted or not, then the value.
 _SECRET_ASSIGNMENT = re.compile(
-    r"\b(token|api[_-]?key|apikey|key|secret|password|passwd|authorization|auth)(\s*[=:]\s*|\s+)"
-    r"(bearer\s+)?[^\s&,;\"']+",
+    r"(?<![A-Za-z0-9])((?:[\w-]*[_-])?(?:token|api[_-]?key|apikey|key|secret|password|passwd|pwd|authorization|auth|"
+    r"signature|credentials?|session|sid)s?)([\"']?\s*[=:]\s*[\"']?|\s+)((?:bearer|basic)\s+)?[^\s&,;\"']+",
     re.I,
 )
-_BEARER = re.compile(r"\bbearer\s+[A-Za-z0-9._~+/=-]+", re.I)
+_SCHEME_CREDENTIALS = re.compile(r"\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+", re.I)
 _KEY_LIKE = re.compile(r"\b(sk|pk|tb|p)[-_][A-Za-z0-9._-]{12,}\b")
+# Tokens with a vendor's own shape: GitHub, Slack (and its webhook paths), AWS access key ids.
+_VENDOR_TOKEN = re.compile(
+    r"\b(?:gh[pousr]_[A-Za-z0-9]{20,}|github_pat_\w{20,}|xox[abprs]-[A-Za-z0-9-]{10,}|AKIA[0-9A-Z]{16})\b"
+    r"|hooks\.slack\.com/services/[\w/]+"
+)
 _JWT = re.compile(r"\beyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])(/[\w.@+-]+){2,}/?")
 _IPV4 = re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}\b")
+# What could be an IPv6 address (two colons at least); only a valid one is replaced ("12:30:45" stays).
+_IPV6_CANDIDATE = re.compile(r"(?<![\w:.])[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?![\w:])")
+
+
+def _ipv6(match: re.Match[str]) -> str:
+    try:
+        ipaddress.IPv6Address(match.group())
+    except ValueError:
+        return match.group()
+    return "<ip>"
 
 
 def sanitise(text: str | None) -> str | None:
@@ -102,12 +122,15 @@ def sanitise(text: str | None) -> str | None:
     if not text:
         return text
     text = _CREDENTIAL_URL.sub(r"\1***@", text)
-    text = _BEARER.sub("Bearer ***", text)
-    text = _SECRET_ASSIGNMENT.sub(lambda m: f"{m.group(1)}{m.group(2)}***", text)
+    text = _COOKIE.sub(r"\1 ***", text)
+    text = _SECRET_ASSIGNMENT.sub(lambda m: f"{m.group(1)}{m.group(2)}{m.group(3) or ''}***", text)
+    text = _SCHEME_CREDENTIALS.sub(lambda m: f"{m.group(1)} ***", text)
     text = _KEY_LIKE.sub("***", text)
+    text = _VENDOR_TOKEN.sub("***", text)
     text = _JWT.sub("***", text)
     text = _ABSOLUTE_PATH.sub(lambda m: "<path>/" + m.group(0).rstrip("/").rsplit("/", 1)[-1], text)
     text = _IPV4.sub("<ip>", text)
+    text = _IPV6_CANDIDATE.sub(_ipv6, text)
     return text[:MAX_TEXT]
 
 

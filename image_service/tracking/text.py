@@ -11,7 +11,7 @@ import structlog
 
 from .context import request_ids
 from .processor import TELEMETRY
-from .rows import TEXT_EVENT
+from .rows import TEXT_EVENT, sanitise
 
 log = structlog.get_logger("image_service.tracking.text")
 
@@ -49,7 +49,8 @@ def record_text_completion(
         "model": model, "provider": provider, "cost": cost, "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens, "cached_tokens": cached_tokens, "duration_ms": duration_ms,
         "user": user, "username": username, "tier": tier, "status": status, "http_status": http_status,
-        "exception": exception, "log_event_type": log_event_type,
+        # Sanitised here, not only in the row: the debug line below goes to the text service's own log.
+        "exception": sanitise(exception), "log_event_type": log_event_type,
     }
     unrouted = TELEMETRY.unrouted_text
     TELEMETRY(None, "info", {"event": TEXT_EVENT, "stage": "text", **fields})
