@@ -28,7 +28,10 @@ ENV_PREFIX = "IMAGE_SERVICE_"
 # The flags of the command being run, for the settings source that ranks above the environment.
 _COMMAND_LINE: ContextVar[dict[str, Any] | None] = ContextVar("image_service_command_line", default=None)
 # Credentials in a URL (redis://user:password@host) are never echoed in an error message.
-_USERINFO = re.compile(r"//[^/@]*@")
+# What a URL in an error message must not show: its credentials (a password may hold '@' and '/':
+# they run to the last '@'), and its query (a token, a signature).
+_USERINFO = re.compile(r"//\S*@")
+_URL_QUERY = re.compile(r"(://\S*?)\?\S*")
 
 
 class ConfigError(ValueError):
@@ -108,6 +111,10 @@ def _http_url(value: str) -> str:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("must be an http(s) URL such as https://host")
+    if parts.username is not None or parts.password is not None:
+        # The client sends its own Authorization header: with credentials in the URL too, aiohttp
+        # refuses every call (telemetry rows were lost that way), and the URL gets logged.
+        raise ValueError("must not hold credentials (user:password@); the key has a setting of its own")
     return value
 
 
@@ -187,6 +194,8 @@ class BackendSettings(_Section):
     def _needs_base_url(self) -> BackendSettings:
         if self.type in ("openai", "pollinations") and not self.base_url.startswith(("http://", "https://")):
             raise ValueError(f"a {self.type} backend needs base_url starting with http:// or https://")
+        if self.base_url:
+            _http_url(self.base_url)
         return self
 
 
@@ -448,12 +457,16 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"configuration file {path} cannot be read: {exc.strerror or exc}") from None
 
 
+def _redacted(text: str) -> str:
+    return _URL_QUERY.sub(r"\1?***", _USERINFO.sub("//***@", text))
+
+
 def _describe(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"]) or "(top level)"
         shown = item["type"] != "missing" and not isinstance(item["input"], dict) and "key" not in key
-        value = _USERINFO.sub("//***@", item["input"]) if isinstance(item["input"], str) else item["input"]
+        value = _redacted(item["input"]) if isinstance(item["input"], str) else item["input"]
         got = f" (got {value!r})" if shown else ""
         lines.append(f"{key}: {item['msg']}{got}")
     return "; ".join(lines)

@@ -124,11 +124,37 @@ def test_environment_sets_trusted_proxies_and_referrers(monkeypatch: pytest.Monk
     assert settings.access.referrers == {"partner.example": "seed"}
 
 
-def test_a_bad_redis_url_is_reported_without_its_password(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("IMAGE_SERVICE_CACHE__REDIS_URL", "redis://:hunter2@127.0.0.1:port/0")
+@pytest.mark.parametrize("url", ["redis://:hunter2@127.0.0.1:port/0", "redis://:hun@ter2@127.0.0.1:port/0",
+                                 "redis://:hun/ter2@127.0.0.1:port/0"])
+def test_a_bad_redis_url_is_reported_without_its_password(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    """A password may hold '@' or '/': none of it is shown."""
+    monkeypatch.setenv("IMAGE_SERVICE_CACHE__REDIS_URL", url)
     with pytest.raises(ConfigError, match=r"cache\.redis_url") as caught:
         load_settings()
-    assert "hunter2" not in str(caught.value)
+    assert "ter2" not in str(caught.value)
+
+
+@pytest.mark.parametrize(("variable", "url"), [
+    ("TINYBIRD_API_URL", "https://user:s3cr3tpw@api.tinybird.co"),
+    ("IMAGE_SERVICE_ACCESS__VALIDATOR_URL", "https://user:s3cr3tpw@auth.example"),
+    ("IMAGE_SERVICE_ENHANCE__BASE_URL", "https://user:s3cr3tpw@llm.example"),
+])
+def test_a_service_url_with_credentials_is_refused_at_start(
+    monkeypatch: pytest.MonkeyPatch, variable: str, url: str
+) -> None:
+    """The client adds its own Authorization header, and aiohttp then refuses every call: with
+    TINYBIRD_API_URL, every row was lost while the service looked healthy."""
+    monkeypatch.setenv(variable, url)
+    with pytest.raises(ConfigError, match="credentials") as caught:
+        load_settings()
+    assert "s3cr3tpw" not in str(caught.value)
+
+
+def test_a_bad_url_is_reported_without_its_query(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMAGE_SERVICE_ACCESS__VALIDATOR_URL", "ftp://auth.example/check?secret=VALSECRET")
+    with pytest.raises(ConfigError, match="validator_url") as caught:
+        load_settings()
+    assert "VALSECRET" not in str(caught.value)
 
 
 def test_seed_variables_configure_tinybird(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -58,13 +58,14 @@ class Worker:
 
 
 def _is_http_url(text: str) -> bool:
-    """http(s) with a host and no credentials: the URL is logged and listed, and a worker
-    authenticates to us, not we to it."""
+    """http(s) with a host and no credentials, query or fragment (a token hides there as well): the
+    URL is logged and listed, and a worker authenticates to us, not we to it."""
     try:
         parsed = URL(text)
         host = parsed.host
         return (parsed.scheme in ("http", "https") and bool(host and host.isprintable())
-                and parsed.port is not None and parsed.user is None and parsed.password is None)
+                and parsed.port is not None and parsed.user is None and parsed.password is None
+                and not parsed.raw_query_string and not parsed.raw_fragment)
     except ValueError:
         return False
 

@@ -92,9 +92,12 @@ class TestRegistration:
 
     @pytest.mark.parametrize("body", [b"not json", b'{"type": "flux"}', b'{"url": "ftp://x", "type": "flux"}',
                                       b'{"url": "http://127.0.0.1:9", "type": ""}', b"[1]",
-                                      b'{"url": "http://user:pw@127.0.0.1:9", "type": "flux"}'])
+                                      b'{"url": "http://user:pw@127.0.0.1:9", "type": "flux"}',
+                                      b'{"url": "http://127.0.0.1:9/?wtoken=WURLSECRET", "type": "flux"}',
+                                      b'{"url": "http://127.0.0.1:9/#k=WURLSECRET", "type": "flux"}'])
     async def test_malformed_registration_is_400(self, make_client: ClientFactory, body: bytes) -> None:
-        """Credentials in a worker URL are refused too: the URL is logged and listed."""
+        """Credentials (or a query or fragment, where a token hides) in a worker URL are refused
+        too: the URL is logged and listed."""
         client = await make_client(worker_settings())
         response = await client.post("/register", data=body, headers=AUTH)
         assert response.status == 400 and (await response.json())["error"] == "bad_request"
