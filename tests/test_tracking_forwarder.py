@@ -216,6 +216,26 @@ async def test_forbidden_is_not_retried_and_rows_are_kept(make_forwarder: Make, 
     assert [e["event"] for e in logs if e["log_level"] == "error"] == ["telemetry.sink_misconfigured"]
 
 
+async def test_a_call_the_http_client_refuses_to_make_keeps_the_rows(
+    events_api: tuple[EventsAPI, str], tmp_path: Path
+) -> None:
+    """aiohttp will not send credentials in the URL beside our Authorization header: the batch
+    used to vanish with the exception, neither sent, spooled nor counted."""
+    api, url = events_api
+    sink = TinybirdSink(url.replace("http://", "http://user:pw@"), "test-token", "pollinations_events", 0.5, executor=None)
+    forwarder = Forwarder(TrackingSettings(max_wait=0.02, batch_rows=100), sink, Spool(tmp_path / "spool", 50_000_000))
+    with capture_logs() as logs:
+        await forwarder.start()
+        try:
+            for n in range(10):
+                forwarder.queue.put(event(n))
+            await until(lambda: forwarder.stats.spooled == 10)
+        finally:
+            await forwarder.close(timeout=2)
+    assert api.rows == [] and forwarder.stats.spooled == 10
+    assert "telemetry.sink_misconfigured" in [e["event"] for e in logs]
+
+
 async def test_bad_request_is_dropped_counted_and_not_retried(make_forwarder: Make, events_api: tuple[EventsAPI, str]) -> None:
     api, _ = events_api
     api.script.append(Fault(400))

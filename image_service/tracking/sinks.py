@@ -72,6 +72,11 @@ class TinybirdSink:
                 wait = retry_after(reply.headers)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             return SendResult(Outcome.RETRY, detail=type(exc).__name__)
+        except Exception as exc:
+            # The call could not be made at all (aiohttp refusing the URL or a header, say): it will
+            # not heal by itself, and the rows must still go to the spool, not vanish with the
+            # exception. Only the type is told: the message could quote the key.
+            return SendResult(Outcome.MISCONFIGURED, detail=type(exc).__name__)
         return classify(status, body, wait)
 
     async def close(self) -> None:
