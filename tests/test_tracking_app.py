@@ -17,6 +17,8 @@ import structlog
 
 from image_service.app import TRACKING
 from image_service.tracking import COLUMNS, Tracking, configure_logging, flush_logs, record_text_completion
+from image_service.tracking.context import clear as clear_request
+from image_service.tracking.context import new_request
 from image_service.tracking.processor import TELEMETRY
 
 from .conftest import ClientFactory, make_settings, tracking_to
@@ -277,6 +279,29 @@ def test_a_completions_exception_is_sanitised_in_the_text_services_own_log(capfd
         structlog.reset_defaults()
     out = capfd.readouterr().out
     assert "text.completion" in out and "YWxpY2U6U0VDUkVU" not in out and "AT-9" not in out
+
+
+@pytest.mark.parametrize("log_format", ["json", "console"])
+def test_a_logged_exception_is_scrubbed_and_a_private_requests_withheld(capfd: Any, log_format: str) -> None:
+    """A crash's log line quoted whatever the exception said: a credential, or a private prompt."""
+    configure_logging(log_format, "info")
+    log = structlog.get_logger("image_service.test")
+    # Built at run time: a traceback quotes its source lines, and those must not hold the words.
+    message = "could not fetch https://bob:" + "hunter" + "2@cdn.example/x for " + " ".join(("my", "holiday", "plan"))
+    try:
+        for private in (False, True):
+            new_request(request_id=f"crash-{private}", private=private, prompt="[PRIVATE]" if private else "fox")
+            try:
+                raise ValueError(message)
+            except ValueError:
+                log.exception("request.crashed")
+            clear_request()
+        flush_logs()
+    finally:
+        structlog.reset_defaults()
+    out = capfd.readouterr().out
+    assert out.count("request.crashed") == 2 and "ValueError" in out and "hunter2" not in out
+    assert out.count("my holiday plan") == 1 and "details withheld: private request" in out
 
 
 def test_a_completion_recorded_with_no_tracking_running_says_it_was_lost(

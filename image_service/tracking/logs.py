@@ -27,7 +27,7 @@ from structlog.typing import EventDict, Processor, WrappedLogger
 
 from .context import merge_request_context
 from .processor import TELEMETRY, lenient
-from .rows import TERMINAL_EVENT, SecondFormatter
+from .rows import TERMINAL_EVENT, SecondFormatter, sanitise
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 _INTERNAL_KEYS = ("request_start",)
@@ -157,6 +157,19 @@ def flush_logs() -> None:
         logger.flush()
 
 
+def scrub_exception(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+    """A logged exception's text can quote a credential, an address, a path or the prompt: it is
+    sanitised as a row's is, and a private request's is reduced to the exception's type."""
+    text = event_dict.get("exception")
+    if isinstance(text, str):
+        if event_dict.get("private") is True:
+            last = text.rstrip().rsplit("\n", 1)[-1]
+            event_dict["exception"] = f"{last.split(':', 1)[0]} (details withheld: private request)"
+        else:
+            event_dict["exception"] = sanitise(text)
+    return event_dict
+
+
 def processors(level: str = "info") -> list[Processor]:
     """The chain up to (not including) rendering; tests capture after it."""
     chain: list[Processor] = [TELEMETRY, StageEventFilter(level)]
@@ -173,9 +186,11 @@ def configure_logging(log_format: str = "console", level: str = "info", *, cache
         drop_internal_keys,
         structlog.processors.add_log_level,
         add_timestamp,
+        structlog.processors.format_exc_info,
+        scrub_exception,
     ]
     if log_format == "json":
-        chain += [structlog.processors.format_exc_info, structlog.processors.JSONRenderer(serializer=_orjson_dumps)]
+        chain.append(structlog.processors.JSONRenderer(serializer=_orjson_dumps))
     else:
         chain.append(structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty()))
     _route_aiohttp_errors(level)
