@@ -232,11 +232,13 @@ def _prepare(request: web.Request, identity: Identity, owner: str) -> Prepare:
     return partial(_generation_slot, app, owner, identity.tier, app[SETTINGS].tiers.limits(identity.tier))
 
 
-def _cache_control(params: ImageParams, query: Mapping[str, str]) -> str:
-    """A random seed's image is one draw: kept by a browser or CDN, `seed=-1` would stop being random."""
+def _cache_control(params: ImageParams, query: Mapping[str, str], gated: bool) -> str:
+    """A random seed's image is one draw: kept by a browser or CDN, `seed=-1` would stop being
+    random. A private image, or one of a model above the anonymous tier (`gated`), is for its asker
+    only: a shared cache would hand it to anyone who asks for the same URL."""
     if draws_a_seed(query):
         return NO_STORE
-    return PRIVATE_IMMUTABLE if params.private else IMMUTABLE
+    return PRIVATE_IMMUTABLE if params.private or gated else IMMUTABLE
 
 
 @lru_cache(maxsize=4096)
@@ -287,7 +289,7 @@ async def image_handler(request: web.Request) -> web.Response:
         body=outcome.image.body,
         headers={
             "Content-Type": outcome.image.content_type,
-            "Cache-Control": _cache_control(params, request.query),
+            "Cache-Control": _cache_control(params, request.query, settings.models[params.model].tier != "anonymous"),
             "Content-Disposition": _content_disposition(params),
             "X-Cache": "HIT" if outcome.cache_status == "hit" else "MISS",
         },

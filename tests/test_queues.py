@@ -399,6 +399,12 @@ class TestModelGate:
         assert (await gated.get(url, headers={"Authorization": f"Bearer {TOKEN}"})).headers["X-Cache"] == "HIT"
         assert (await gated.get(url)).status == 403
 
+    async def test_a_gated_models_image_is_not_for_shared_caches(self, gated: Any) -> None:
+        """A CDN keeping it (the token in a header is not in the URL) would serve it to anyone."""
+        response = await gated.get("/prompt/fox?model=premium&width=32&height=32", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert response.headers["Cache-Control"] == "private, max-age=31536000, immutable"
+        assert (await gated.get("/prompt/fox?width=32&height=32")).headers["Cache-Control"].startswith("public")
+
     async def test_unknown_model_tier_is_a_configuration_error(self) -> None:
         from image_service.config import ConfigError
 
