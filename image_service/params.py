@@ -19,6 +19,7 @@ from urllib.parse import unquote_to_bytes
 
 from .config import ModelSettings
 from .errors import BadRequest, PromptTooLong, UnknownModel
+from .tracking.rows import PRIVATE_PROMPT
 
 RANDOM_PROMPT = "random_prompt"
 DEFAULT_SEED = 42
@@ -71,7 +72,7 @@ class ImageParams:
     @property
     def public_prompt(self) -> str:
         """The prompt as it may appear outside the process."""
-        return "[PRIVATE]" if self.private else self.prompt
+        return PRIVATE_PROMPT if self.private else self.prompt
 
     def cache_key(self) -> str:
         """A full SHA-256 of every field that changes the bytes served (not `safe`: a policy)."""
@@ -86,11 +87,13 @@ class ImageParams:
         return digest.hexdigest()
 
     def public_dict(self) -> dict[str, Any]:
-        """Parameters as echoed to clients and written to EXIF: the prompt only when not private."""
+        """Parameters as echoed to clients and written to EXIF: the texts (prompt, negative prompt,
+        reference URLs) only when not private, as they often say the same private thing."""
         data = asdict(self)
         data["image"] = list(self.image)
         if self.private:
-            data["prompt"] = "[PRIVATE]"
+            data["prompt"] = data["negative_prompt"] = PRIVATE_PROMPT
+            data["image"] = [PRIVATE_PROMPT for _ in self.image]
         return data
 
     def exif_dict(self, shows_logo: bool) -> dict[str, Any]:

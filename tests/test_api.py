@@ -58,7 +58,8 @@ class TestImage:
 
     async def test_private_prompt_stays_out_of_exif_and_filename(self, client) -> None:
         """A private prompt appears nowhere in what is served."""
-        response = await client.get("/prompt/my%20secret%20plan?private=true&width=64&height=64")
+        response = await client.get("/prompt/my%20secret%20plan?private=true&width=64&height=64"
+                                    "&negative_prompt=secret%20faces")
         body = await response.read()
         assert b"secret" not in body
         assert "secret" not in str(response.headers)
