@@ -69,6 +69,7 @@ FEED = web.AppKey("feed", Feed)
 SLOTS = web.AppKey("slots", SlotLimiter)
 ANALYTICS = web.AppKey("analytics", PipeSource)
 REQUEST_ID = web.RequestKey("request_id", str)
+TRACEPARENT = web.RequestKey("traceparent", str)
 PARAMS = web.RequestKey("params", ImageParams)
 
 IMMUTABLE = "public, max-age=31536000, immutable"
@@ -126,16 +127,22 @@ def error_response(request: web.Request, status: int, code: str, message: str, *
     return json_response(body, status=status)
 
 
+def _http_error_code(exc: web.HTTPException) -> str:
+    """The `error` of aiohttp's own refusals, in the body and the terminal row alike."""
+    return {404: "not_found", 405: "method_not_allowed"}.get(exc.status) or exc.reason.lower().replace(" ", "_")
+
+
 def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
+    code = _http_error_code(exc)
     if exc.status == 404:
-        return error_response(request, 404, "not_found", f"no route for {request.path[:200]}", path=request.path[:200])
+        return error_response(request, 404, code, f"no route for {request.path[:200]}", path=request.path[:200])
     if exc.status == 405:
-        response = error_response(request, 405, "method_not_allowed", f"{request.method} is not allowed here")
+        response = error_response(request, 405, code, f"{request.method} is not allowed here")
         allow = exc.headers.get("Allow")
         if allow:
             response.headers["Allow"] = allow
         return response
-    return error_response(request, exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
+    return error_response(request, exc.status, code, exc.reason)
 
 
 def _crash_fields(request: web.Request, exc: Exception) -> dict[str, str]:
@@ -156,6 +163,8 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
     parent = parse_traceparent(request.headers.get("traceparent"))
     trace_id = parent[0] if parent else request_id
     span_id = request_id[-16:]
+    # The caller's trace flags go on (its sampling decision is not ours to change); a new trace is sampled.
+    request[TRACEPARENT] = f"00-{trace_id}-{span_id}-{parent[2] if parent else '01'}"
     tracking = request.app.get(TRACKING)
     if tracking is not None:
         TELEMETRY.route_current_context(tracking.forwarder.queue)
@@ -183,7 +192,7 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
         response = error_response(request, exc.status, exc.code, exc.message, **exc.details)
         response.headers.update(exc.headers())
     except web.HTTPException as exc:
-        error = "http_error"
+        error = _http_error_code(exc)
         response = _http_error(request, exc)
     except Exception as exc:
         error = "internal_error"
@@ -193,8 +202,7 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
     headers = response.headers
     headers.extend(CORS_HEADERS)
     headers["X-Request-Id"] = request_id
-    # The caller's trace flags go on (its sampling decision is not ours to change); a new trace is sampled.
-    headers["traceparent"] = f"00-{trace_id}-{span_id}-{parent[2] if parent else '01'}"
+    headers["traceparent"] = request[TRACEPARENT]
     _completed(request.method, route, start, response.status, error, crash)
     return response
 
@@ -417,7 +425,7 @@ async def feed_handler(request: web.Request) -> web.StreamResponse:
     subscription = feed.subscribe(request.app[CLIENT_ADDRESS](request))
     response = web.StreamResponse(headers={
         "Content-Type": "text/event-stream", "Cache-Control": NO_STORE, "X-Accel-Buffering": "no",
-        "X-Request-Id": request[REQUEST_ID], **CORS_HEADERS,
+        "X-Request-Id": request[REQUEST_ID], "traceparent": request[TRACEPARENT], **CORS_HEADERS,
     })
     try:
         await response.prepare(request)

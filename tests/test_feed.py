@@ -132,8 +132,10 @@ class TestFeedStream:
     async def test_replays_the_last_items_then_streams_live_ones(self, feed_client: Any) -> None:
         for index in range(3):
             assert (await feed_client.get(f"/prompt/old{index}?width=32&height=32")).status == 200
-        response = await feed_client.get("/feed")
+        trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+        response = await feed_client.get("/feed", headers={"traceparent": f"00-{trace}-00f067aa0ba902b7-01"})
         assert response.headers["Content-Type"].startswith("text/event-stream")
+        assert response.headers["traceparent"].startswith(f"00-{trace}-") and response.headers["X-Request-Id"]
         assert [e["prompt"] for e in await read_events(response, 2)] == ["old1", "old2"]
         await feed_client.get("/prompt/fresh?width=32&height=32")
         (live,) = await read_events(response, 1)

@@ -373,8 +373,11 @@ async def test_health_checks_and_metrics_scrapes_are_not_telemetry_rows(
         answer = await client.options(path, headers=preflight)
         assert answer.status == 204 and "GET" in answer.headers["Access-Control-Allow-Methods"]
     missing = await client.get("/no-such-route")
+    refused = await client.delete("/prompt/a%20fox")
     await flushed(client)
-    assert {row["id"] for row in api.rows} == {missing.headers["X-Request-Id"]}
+    assert {row["id"] for row in api.rows} == {missing.headers["X-Request-Id"], refused.headers["X-Request-Id"]}
+    # The row's error is the one the client was answered, as for every other refusal.
+    assert sorted(row["error"] for row in api.rows) == ["method_not_allowed", "not_found"]
 
 
 class _Broken:
