@@ -9,10 +9,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from ..config import load_settings
+from ..config import Settings, load_settings
 from .engine import AnalyticsError
 from .report import alert_payload, post_webhook, table
-from .source import DASHBOARD_PIPES, check_params, make_source, run_pipes
+from .source import DASHBOARD_PIPES, LocalSource, PipeSource, check_params, make_source, run_pipes
 
 STATS_PIPES = tuple(pipe for pipe in DASHBOARD_PIPES if pipe != "anomalies")
 
@@ -68,10 +68,21 @@ def _events_flag(args: argparse.Namespace) -> dict[str, Any] | None:
     return {"tracking": {"local_path": str(args.events)}} if args.events else None
 
 
+def _source(settings: Settings, args: argparse.Namespace) -> PipeSource:
+    """The source to query; a local one must have its file: a mistyped path would otherwise read
+    as a quiet service, and a cron alert job would stay silent for ever."""
+    source = make_source(settings, choice=args.source)
+    if isinstance(source, LocalSource) and not source.events.is_file():
+        raise AnalyticsError(
+            f"no events file at {source.events} (--events or tracking.local_path; it appears with the server's first row)"
+        )
+    return source
+
+
 async def _stats(args: argparse.Namespace) -> int:
     settings = load_settings(args.config, command_line=_events_flag(args))
     params = _params(args)
-    source = make_source(settings, choice=args.source)
+    source = _source(settings, args)
     try:
         pipes = tuple(args.pipe) if args.pipe else STATS_PIPES
         answers = await run_pipes(source, pipes, params)
@@ -90,7 +101,7 @@ async def _alerts(args: argparse.Namespace) -> int:
         args.since = previous_window(args.bucket, datetime.now(UTC))
     params = _params(args, "since", "max_error_rate", "max_p95_ms", "factor", "min_error_rate", "min_p95_rise_ms",
                      "min_requests")
-    source = make_source(settings, choice=args.source)
+    source = _source(settings, args)
     try:
         fired = (await source.run("anomalies", params))["data"]
     finally:

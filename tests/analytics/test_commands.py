@@ -89,6 +89,16 @@ def test_stats_refuses_a_malformed_time(events: Path, capsys: pytest.CaptureFixt
     assert "start must be 'YYYY-MM-DD HH:MM:SS'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", [["stats"], ["alerts", "check"]])
+def test_a_missing_events_file_is_an_error_not_a_quiet_service(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    """A mistyped path read as "no anomalies" (exit 0): a cron alert job would stay silent for ever."""
+    missing = tmp_path / "typo" / "events.ndjson"
+    assert main([*command, "--events", str(missing), "--source", "local"]) == 2
+    assert f"no events file at {missing}" in capsys.readouterr().err
+
+
 async def test_stats_reads_the_deployed_pipes_with_the_read_token(
     pipes_api: tuple[PipesAPI, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
