@@ -8,12 +8,13 @@ built, and an error names the offending key so an operator can fix it without re
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -27,7 +28,6 @@ SEED_ENV = {"TINYBIRD_API_URL": "api_url", "TINYBIRD_API_KEY": "api_key"}
 ENV_PREFIX = "IMAGE_SERVICE_"
 # The flags of the command being run, for the settings source that ranks above the environment.
 _COMMAND_LINE: ContextVar[dict[str, Any] | None] = ContextVar("image_service_command_line", default=None)
-# Credentials in a URL (redis://user:password@host) are never echoed in an error message.
 # What a URL in an error message must not show: its credentials (a password may hold '@' and '/':
 # they run to the last '@'), and its query (a token, a signature).
 _USERINFO = re.compile(r"//\S*@")
@@ -484,6 +484,39 @@ def _check_sections_named_by_environment() -> None:
                 )
 
 
+def _annotation_of(path: list[str]) -> Any:
+    """The type of the setting an environment variable's parts name (None if they name none)."""
+    annotation: Any = Settings
+    for part in path:
+        if get_origin(annotation) is dict:  # a table of named entries (models, backends): the part names one
+            annotation = get_args(annotation)[1]
+        elif isinstance(annotation, type) and issubclass(annotation, BaseModel) and part in annotation.model_fields:
+            annotation = annotation.model_fields[part].annotation
+        else:
+            return None
+    return annotation
+
+
+def _variables_not_json() -> list[str]:
+    """The IMAGE_SERVICE_* variables for a list or table whose value is not JSON: pydantic-settings
+    names only the section, and the operator has to find the variable."""
+    named = []
+    for name, value in sorted(os.environ.items()):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        annotation = _annotation_of(name[len(ENV_PREFIX):].lower().split("__"))
+        origin = get_origin(annotation) or annotation
+        collection = origin in (list, tuple, dict, set, frozenset) or (
+            isinstance(origin, type) and issubclass(origin, BaseModel)
+        )
+        if collection:
+            try:
+                json.loads(value)
+            except ValueError:
+                named.append(name)
+    return named
+
+
 def load_settings(
     path: Path | None = None, overrides: dict[str, Any] | None = None, command_line: dict[str, Any] | None = None
 ) -> Settings:
@@ -510,6 +543,10 @@ def load_settings(
     except ValidationError as exc:
         raise ConfigError(f"invalid configuration: {_describe(exc)}") from None
     except SettingsError as exc:  # an environment variable that is not the JSON a list or table needs
-        raise ConfigError(f"invalid configuration: {exc} (lists and tables take JSON)") from None
+        named = _variables_not_json() or [str(exc)]
+        raise ConfigError(
+            f"invalid configuration: {', '.join(named)}: lists and tables take JSON, such as "
+            '["10.0.0.1"] or {"example.org": "seed"}'
+        ) from None
     finally:
         _COMMAND_LINE.reset(token)

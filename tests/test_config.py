@@ -74,9 +74,16 @@ def test_missing_or_broken_file_is_a_clear_error(tmp_path: Path) -> None:
         load_settings(latin)
 
 
-def test_a_list_variable_that_is_not_json_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("IMAGE_SERVICE_ACCESS__TRUSTED_PROXIES", "10.0.0.1")
-    with pytest.raises(ConfigError, match="access.*JSON"):
+@pytest.mark.parametrize(("variable", "value"), [
+    ("IMAGE_SERVICE_ACCESS__TRUSTED_PROXIES", "10.0.0.1"),
+    ("IMAGE_SERVICE_ACCESS__REFERRERS", "example.com=seed"),
+    ("IMAGE_SERVICE_MODELS__PROCEDURAL__FALLBACK", "embedded"),
+])
+def test_a_list_variable_that_is_not_json_is_named(monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> None:
+    """The message names the variable to fix, not only its section."""
+    monkeypatch.setenv("IMAGE_SERVICE_ACCESS__TOKENS_FILE", "tokens.toml")  # a string: not JSON, and fine
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError, match=f"^invalid configuration: {variable}: lists and tables take JSON"):
         load_settings()
 
 
