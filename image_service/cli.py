@@ -37,6 +37,8 @@ from .tracking.spool import share_out, worker_directory
 # Seconds the supervisor allows a stopping worker beyond server.shutdown_timeout before killing it.
 WORKER_EXIT_GRACE = 10.0
 MAX_WORKERS = 256
+# The exit status of a configuration mistake (bad settings, a port in use): fix it, do not restart.
+CANNOT_START = 2
 
 
 def _workers(value: str) -> int:
@@ -163,8 +165,14 @@ def worker_settings(settings: Settings, index: int) -> Settings:
 
 
 def _run_worker(settings: Settings) -> None:
-    """One worker process: the whole service on the shared port."""
-    _run_service(settings, reuse_port=True)
+    """One worker process: the whole service on the shared port. What stops a single process with
+    a one-line message and status 2 (a port in use, a missing model file) stops a worker the same
+    way: the supervisor then tells a mistake to fix from a crash to restart after."""
+    try:
+        _run_service(settings, reuse_port=True)
+    except (ConfigError, OSError) as exc:
+        print(f"image-service: {multiprocessing.current_process().name}: {exc}", file=sys.stderr)
+        sys.exit(CANNOT_START)
 
 
 def _supervise(settings: Settings, workers: int) -> int:
@@ -189,7 +197,7 @@ def _supervise(settings: Settings, workers: int) -> int:
         for process in processes:
             process.start()
         print(
-            f"image-service: {workers} workers on http://{settings.server.host}:{settings.server.port}",
+            f"image-service: starting {workers} workers on http://{settings.server.host}:{settings.server.port}",
             file=sys.stderr,
         )
         while not stopping and all(process.is_alive() for process in processes):
@@ -208,6 +216,9 @@ def _supervise(settings: Settings, workers: int) -> int:
                 process.join()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if crashed and crashed[0].exitcode == CANNOT_START:
+        print("image-service: a worker could not start (above); stopped the others", file=sys.stderr)
+        return CANNOT_START
     if crashed:
         print(
             f"image-service: worker {crashed[0].name} exited with status {crashed[0].exitcode}; stopped the others",
@@ -224,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except ConfigError as exc:
         print(f"image-service: {exc}", file=sys.stderr)
-        return 2
+        return CANNOT_START
     except OSError as exc:  # a port in use, a host that does not resolve, a spool path that is a file
         print(f"image-service: {exc}", file=sys.stderr)
-        return 2
+        return CANNOT_START

@@ -12,6 +12,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from image_service.testing import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,13 +148,16 @@ def test_a_dead_worker_stops_the_others_and_the_supervisor_exits_1(tmp_path: Pat
     assert b"exited with status -9" in stderr and not Path(f"/proc/{survivor}").exists()
 
 
-def test_a_port_in_use_is_a_message_not_a_traceback(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_port_in_use_is_a_message_not_a_traceback(tmp_path: Path, workers: str) -> None:
+    """Status 2 with workers too: status 1 means a worker crashed (restart me), and a configuration
+    mistake must not make systemd or Kubernetes restart the service in a loop."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         done = subprocess.run(
-            [sys.executable, "-m", "image_service", "serve", "--port", str(port)], cwd=tmp_path,
+            [sys.executable, "-m", "image_service", "serve", "--port", str(port), "--workers", workers], cwd=tmp_path,
             capture_output=True, text=True, timeout=60, check=False,
             env={**os.environ, "IMAGE_SERVICE_MODERATION__IMAGE": "none"},
         )
