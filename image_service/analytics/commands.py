@@ -22,7 +22,7 @@ def _common(parser: argparse.ArgumentParser, default_bucket: str) -> None:
                         help="default: tinybird when TINYBIRD_READ_TOKEN is set, else the local NDJSON sink")
     parser.add_argument("--events", type=Path, help="local NDJSON file (default: tracking.local_path)")
     parser.add_argument("--config", type=Path, help="TOML file overriding config/defaults.toml")
-    parser.add_argument("--start", help="'YYYY-MM-DD HH:MM:SS' UTC (default: a day ago)")
+    parser.add_argument("--start", help="'YYYY-MM-DD HH:MM:SS' UTC (default: a day ago; for alerts check with --bucket day, 14 days)")
     parser.add_argument("--end", help="'YYYY-MM-DD HH:MM:SS' UTC (default: now)")
     parser.add_argument("--bucket", choices=("minute", "hour", "day"), default=default_bucket)
     parser.add_argument("--service-type", dest="service_type")
