@@ -15,7 +15,7 @@ import unicodedata
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
-from urllib.parse import unquote_to_bytes
+from urllib.parse import unquote_to_bytes, urlsplit
 
 from .config import ModelSettings
 from .errors import BadRequest, PromptTooLong, UnknownModel
@@ -184,6 +184,15 @@ def _parse_side(name: str, value: str | None, default: int) -> int:
     return side
 
 
+def _has_host(url: str) -> bool:
+    """Whether an http(s) URL names a host at all: `http://` or `http://[::1` names none, and would
+    still have split the cache on a backend that takes no references."""
+    try:
+        return bool(urlsplit(url).hostname)
+    except ValueError:
+        return False
+
+
 def _parse_images(value: str | None) -> tuple[str, ...]:
     if not value:
         return ()
@@ -191,7 +200,7 @@ def _parse_images(value: str | None) -> tuple[str, ...]:
     if len(urls) > MAX_IMAGE_URLS:
         raise BadRequest(f"image accepts at most {MAX_IMAGE_URLS} URLs, got {len(urls)}")
     for url in urls:
-        if len(url) > MAX_IMAGE_URL_LENGTH or not url.lower().startswith(("http://", "https://")):
+        if len(url) > MAX_IMAGE_URL_LENGTH or not url.lower().startswith(("http://", "https://")) or not _has_host(url):
             raise BadRequest("image must be http(s) URLs separated by '|'")
     return urls
 

@@ -101,6 +101,8 @@ class TestSizes:
         ({"seed": str(2**64)}, "seed must be -1"),
         ({"quality": "ultra"}, "quality must be one of"),
         ({"image": "file:///etc/passwd"}, "image must be http(s)"),
+        ({"image": "http://"}, "image must be http(s)"),
+        ({"image": "https://example.com/a.png|http://[::1"}, "image must be http(s)"),
         ({"image": "|".join(f"http://x/{i}" for i in range(5))}, "at most 4"),
         ({"width": "9" * 5000}, "width must be an integer"),
         ({"width": "1" + "0" * 4000}, "width must be at most 2147483647"),

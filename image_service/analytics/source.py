@@ -73,6 +73,9 @@ def check_params(params: Mapping[str, Any]) -> dict[str, str]:
         if key == "min_requests" and not (text.isdigit() and int(text) <= INT32_MAX):
             raise ValueError(f"min_requests must be a whole number from 0 to {INT32_MAX}")
         checked[key] = text
+    if "start" in checked and "end" in checked and checked["start"] >= checked["end"]:
+        # Same format, so the text order is the time order: an empty range is a mistake, not "no traffic".
+        raise ValueError("start must be before end")
     return checked
 
 

@@ -54,6 +54,7 @@ async def test_dashboard_data_answers_every_pipe_from_the_local_sink(busy_client
     ("end=0000-00-00%2000:00:00", "end"),
     ("start=2025-01-01%2000:00:00%0A", "start"),
     ("min_requests=999999999999999999999999999999", "min_requests"),
+    ("start=2025-06-02%2000:00:00&end=2025-06-01%2000:00:00", "start must be before end"),
 ])
 async def test_dashboard_data_refuses_bad_parameters_with_a_json_error(
     busy_client: TestClient[Any, Any], query: str, named: str
