@@ -213,10 +213,7 @@ class TestHttpQueues:
             backend = CountingBackend()
             settings = make_settings(tiers=tiers(), access={"trusted_proxies": list(trusted)})
             client = await make_client(settings, backends={"embedded": backend})
-            backend.gate.clear()
-            first = asyncio.ensure_future(client.get(SLOW, headers={"X-Forwarded-For": "198.51.100.1"}))
-            while backend.calls == 0:
-                await asyncio.sleep(0.01)
+            first = await held_generation(client, backend, "198.51.100.1")
             second = asyncio.ensure_future(
                 client.get("/prompt/b?width=32&height=32", headers={"X-Forwarded-For": "198.51.100.2"}))
             await asyncio.sleep(0.1)
@@ -229,10 +226,7 @@ class TestHttpQueues:
         backend = CountingBackend()
         settings = make_settings(tiers=tiers(), access={"trusted_proxies": ["127.0.0.1"]})
         client = await make_client(settings, backends={"embedded": backend})
-        backend.gate.clear()
-        first = asyncio.ensure_future(client.get(SLOW, headers={"X-Forwarded-For": "2001:db8:1:2::1"}))
-        while backend.calls == 0:
-            await asyncio.sleep(0.01)
+        first = await held_generation(client, backend, "2001:db8:1:2::1")
         same_network = asyncio.ensure_future(
             client.get("/prompt/b?width=32&height=32", headers={"X-Forwarded-For": "2001:db8:1:2:ffff::9"}))
         other_network = asyncio.ensure_future(
@@ -241,6 +235,15 @@ class TestHttpQueues:
             await asyncio.sleep(0.01)
         backend.gate.set()
         assert [(await task).status for task in (first, same_network, other_network)] == [200, 429, 200]
+
+
+async def held_generation(client: Any, backend: CountingBackend, forwarded: str) -> asyncio.Future[Any]:
+    """A generation for the client at `forwarded`, held at the backend's gate once it has started."""
+    backend.gate.clear()
+    first = asyncio.ensure_future(client.get(SLOW, headers={"X-Forwarded-For": forwarded}))
+    while backend.calls == 0:
+        await asyncio.sleep(0.01)
+    return first
 
 
 @dataclass
