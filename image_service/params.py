@@ -41,8 +41,10 @@ MAX_REQUESTED_SIDE = 2**31 - 1
 JPEG_QUALITY = {"low": 70, "medium": 85, "high": 92, "hd": 95}
 DEFAULT_QUALITY = "medium"
 
-# Control characters that are not whitespace (whitespace ones, tabs and line breaks, become spaces).
-_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f]")
+# Control characters that are not whitespace (whitespace ones, tabs and line breaks, become spaces),
+# and the bidirectional embeddings, overrides and isolates, which reorder how the rest of the prompt
+# reads where it is shown (the feed, a filename).
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f\u202a-\u202e\u2066-\u2069]")
 _WHITESPACE = re.compile(r"\s+")
 _SLUG_DROP = re.compile(r"[^a-z0-9]+")
 

@@ -183,6 +183,14 @@ class TestCacheKey:
         assert [parse(raw).prompt for raw in ("a\x00b\x7f\x9bc", "a\tb\r\nc\x85d", "\x1b[31mred")] == [
             "abc", "a b c d", "[31mred"]
 
+    def test_bidi_overrides_are_stripped_but_joiners_kept(self) -> None:
+        """An override would make the feed show the prompt in another order; a zero-width joiner is
+        part of an emoji (a family) and a non-joiner part of Persian words."""
+        assert parse("cat \u202egod\u202c").prompt == "cat god"
+        assert parse("\u2067a\u2069 b").prompt == "a b"
+        assert parse("👨\u200d👩\u200d👧 and \u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645").prompt == (
+            "👨\u200d👩\u200d👧 and \u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645")
+
     def test_fields_cannot_run_into_each_other(self) -> None:
         """Length-prefixed hashing: moving text between fields changes the key."""
         assert parse("ab", negative_prompt="c").cache_key() != parse("a", negative_prompt="bc").cache_key()
