@@ -91,7 +91,9 @@ UNMATCHED = "(unmatched)"
 TRACKED_ROUTES = frozenset({"/prompt", "/prompt/{prompt}", UNMATCHED})
 # Query parameters an error body echoes: the API's own. Any other (`access_token`, `password`...)
 # may be a secret, and no list of secret names is ever complete.
-ECHOED_PARAMS = frozenset(field.name for field in dataclasses.fields(ImageParams)) - {"prompt"} | {"transparent"}
+ECHOED_PARAMS = (*(field.name for field in dataclasses.fields(ImageParams) if field.name != "prompt"), "transparent")
+# What a private request's error body leaves out: its texts say what the prompt says.
+PRIVATE_TEXTS = ("negative_prompt", "image")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -111,7 +113,10 @@ def _request_parameters(request: web.Request) -> dict[str, Any]:
     # grow with whatever a client sends).
     query = request.query
     echoed: dict[str, Any] = {key: query[key][:ECHO_CHARS] for key in ECHOED_PARAMS if key in query}
-    if "prompt" in request.match_info and "private" not in {k.lower() for k in request.query}:
+    if "private" in {key.lower() for key in query}:  # any spelling, any value: it may be meant
+        for key in PRIVATE_TEXTS:
+            echoed.pop(key, None)
+    elif "prompt" in request.match_info:
         echoed["prompt"] = request.match_info["prompt"][:ECHO_CHARS]
     return echoed
 

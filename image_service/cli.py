@@ -21,6 +21,7 @@ import multiprocessing.connection
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +40,8 @@ WORKER_EXIT_GRACE = 10.0
 MAX_WORKERS = 256
 # The exit status of a configuration mistake (bad settings, a port in use): fix it, do not restart.
 CANNOT_START = 2
+# Set in a worker once it listens: a failure after that is a crash (status 1), not a start-up mistake.
+SERVING = threading.Event()
 
 
 def _workers(value: str) -> int:
@@ -133,7 +136,8 @@ def _run_service(settings: Settings, *, reuse_port: bool) -> None:
         access_log=None,
         max_line_size=longest_request_line(settings.server.max_prompt_length),
         reuse_port=reuse_port or None,
-        print=None if reuse_port else lambda message: print(message, file=sys.stderr),
+        # aiohttp prints its banner once every socket listens: a worker only notes that it serves.
+        print=(lambda message: SERVING.set()) if reuse_port else lambda message: print(message, file=sys.stderr),
     )
 
 
@@ -171,6 +175,8 @@ def _run_worker(settings: Settings) -> None:
     try:
         _run_service(settings, reuse_port=True)
     except (ConfigError, OSError) as exc:
+        if SERVING.is_set():
+            raise  # it had started: a crash, not a mistake in how it was started
         print(f"image-service: {multiprocessing.current_process().name}: {exc}", file=sys.stderr)
         sys.exit(CANNOT_START)
 

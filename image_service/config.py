@@ -31,7 +31,7 @@ _COMMAND_LINE: ContextVar[dict[str, Any] | None] = ContextVar("image_service_com
 # What a URL in an error message must not show: its credentials (a password may hold '@' and '/':
 # they run to the last '@'), and its query (a token, a signature).
 _USERINFO = re.compile(r"//\S*@")
-_URL_QUERY = re.compile(r"(://\S*?)\?\S*")
+_URL_QUERY = re.compile(r"(://[^\s?#]*)[?#]\S*")
 
 
 class ConfigError(ValueError):

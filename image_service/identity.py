@@ -20,9 +20,9 @@ import ipaddress
 import re
 import tomllib
 from collections import OrderedDict
-from functools import lru_cache
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit

@@ -235,6 +235,11 @@ class TestErrors:
         assert response.status == 400 and "'abc'" in body["message"]
         assert body["requestParameters"] == {"width": "abc", "prompt": "fox"}
 
+    async def test_a_private_requests_error_echoes_none_of_its_texts(self, client) -> None:
+        response = await client.get("/prompt/my%20secret?Private=true&width=abc&negative_prompt=secret%20faces"
+                                    "&image=https://x.example/a.png%3Fsig%3Dsecret")
+        assert response.status == 400 and "secret" not in await response.text()
+
     async def test_slow_backend_answers_504(self, make_client: ClientFactory, backend: CountingBackend) -> None:
         """A generation past its deadline is a 504 JSON, not a hang."""
         backend.delay = 5

@@ -150,8 +150,8 @@ def test_a_dead_worker_stops_the_others_and_the_supervisor_exits_1(tmp_path: Pat
 
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_a_port_in_use_is_a_message_not_a_traceback(tmp_path: Path, workers: str) -> None:
-    """Status 2 with workers too: status 1 means a worker crashed (restart me), and a configuration
-    mistake must not make systemd or Kubernetes restart the service in a loop."""
+    """Status 2 with workers too, as for a single process: status 1 says a worker crashed, and a
+    supervisor can be told not to restart on 2 (systemd's RestartPreventExitStatus)."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

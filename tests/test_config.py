@@ -157,11 +157,12 @@ def test_a_service_url_with_credentials_is_refused_at_start(
     assert "s3cr3tpw" not in str(caught.value)
 
 
-def test_a_bad_url_is_reported_without_its_query(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("IMAGE_SERVICE_ACCESS__VALIDATOR_URL", "ftp://auth.example/check?secret=VALSECRET")
+@pytest.mark.parametrize("url", ["ftp://auth.example/check?secret=VALSECRET", "ftp://auth.example/x#access_token=VALSECRET"])
+def test_a_bad_url_is_reported_without_its_query_or_fragment(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    monkeypatch.setenv("IMAGE_SERVICE_ACCESS__VALIDATOR_URL", url)
     with pytest.raises(ConfigError, match="validator_url") as caught:
         load_settings()
-    assert "VALSECRET" not in str(caught.value)
+    assert "VALSECRET" not in str(caught.value) and "auth.example" in str(caught.value)
 
 
 def test_seed_variables_configure_tinybird(monkeypatch: pytest.MonkeyPatch) -> None:

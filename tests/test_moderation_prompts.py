@@ -81,6 +81,9 @@ class TestBlockedPrompts:
             "sexy kidporn",
             "c h i l d n u d e",
             "\u0455\u0435\u0445\u0443 kid",  # "sexy" in Cyrillic look-alikes only
+            "naked\u200blittle girl",  # an invisible character between two words
+            "sexy\u2060little boy",
+            "naked\u00adyoung\u00adboy",
         ],
     )
     def test_minor_and_sexual_terms_together_are_caught(self, checker: PromptChecker, prompt: str) -> None:
@@ -112,7 +115,11 @@ class TestBenignPrompts:
             "portrait of a 25 year old nude model",  # adult age
             "enfants dans la classe de musique",
             "a kidney stone and a sexton",  # a word that merely starts with a term is no compound
-            "twenty year old nude model",  # an adult age in words
+            "twenty year old nude model",  # adult ages in words
+            "sexy thirty-five year old woman in lingerie",
+            "a sexy woman, twenty-two years old",
+            "sexy nurse, thirty one years old",
+            "a sexy woman, a hundred and two years old",
             "a children's choir singing in Russian: \u0434\u0435\u0442\u0438 \u043f\u043e\u044e\u0442 \u043d\u0430 \u043e\u043a\u043d\u0435",
         ],
     )

@@ -134,7 +134,9 @@ def test_sanitise_removes_credentials_addresses_and_paths(text: str, leak: str) 
 
 def test_sanitise_keeps_ordinary_messages_readable() -> None:
     for text in ("the embedded backend failed (RuntimeError)", "timed out at 12:30:45 after 3 tries",
-                 "the monkey ate a banana", "keyboard layout: de-CH"):
+                 "the monkey ate a banana", "keyboard layout: de-CH", "Session is closed", "keys must be str",
+                 "5000 tokens (4000 in your prompt)", "signature mismatch", "No credentials found",
+                 "a basic image of a cat", "basic information", "fetching https://cdn.example.com/@artist/x.png"):
         assert sanitise(text) == text
 
 

@@ -23,6 +23,16 @@ from .base import BackendError, GeneratedImage
 from .transport import check_status, client_session, decode_image, mapped_errors, read_limited
 
 
+def prompt_url(base: URL, prompt: str) -> URL:
+    """`{base}/prompt/{prompt}`, the prompt whole: '/' escaped, and '.' or '..' too, which a URL
+    would otherwise resolve away (the upstream was asked for '/'). Built encoded, or yarl would
+    normalise %2E back to a dot segment; the base is encoded first (an international host as IDNA)."""
+    segment = quote(prompt, safe="")
+    if not segment.strip("."):
+        segment = segment.replace(".", "%2E")
+    return URL(f"{str(base).rstrip('/')}/prompt/{segment}", encoded=True)
+
+
 class PollinationsBackend:
     """One upstream server speaking the same `GET /prompt/{prompt}` API as this service."""
 
@@ -36,6 +46,7 @@ class PollinationsBackend:
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._session = client_session(spec)
         self._what = f"the {name} backend"
+        self._base = URL(spec.base_url)
 
     def _query(self, params: ImageParams) -> dict[str, str]:
         query = {
@@ -55,11 +66,7 @@ class PollinationsBackend:
         return query
 
     async def generate(self, params: ImageParams) -> GeneratedImage:
-        segment = quote(params.prompt, safe="")
-        if not segment.strip("."):  # "." and "..": dot segments, which a URL resolves away
-            segment = segment.replace(".", "%2E")
-        # Encoded: as given, or yarl would normalise %2E back to a dot segment and drop it.
-        url = URL(f"{self._spec.base_url.rstrip('/')}/prompt/{segment}", encoded=True)
+        url = prompt_url(self._base, params.prompt)
         async with mapped_errors(self._what):
             async with self._session.get(url, params=self._query(params), headers=self._headers) as response:
                 check_status(response, self._what)

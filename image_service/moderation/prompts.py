@@ -32,14 +32,18 @@ _LOOK_ALIKES = str.maketrans({
     "τ": "t", "υ": "u", "χ": "x", "ω": "w",
 })
 _LETTERS = re.compile(r"[^\W\d_]+")
-# Ages under 18 in English words, read as digits before the age pattern runs.
-_NUMBER_WORDS = {
-    word: str(value) for value, word in enumerate(
-        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
-        "seventeen".split()
-    )
-}
-_NUMBER_WORD = re.compile(rf"(?<![a-z])({'|'.join(_NUMBER_WORDS)})(?=\s*-?\s*(?:y/?o|yrs?|years?)(?![a-z]))")
+# Ages in English words, read as digits before the age pattern runs. A number from twenty up
+# ("twenty-two", "a hundred and two") is an adult's whatever its last word: it is read whole first.
+_UNITS = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen"
+).split()
+_NUMBER_WORDS = {word: str(value) for value, word in enumerate(_UNITS)}
+_ADULT_NUMBER = re.compile(
+    rf"(?<![a-z])(?:twenty|thirty|forty|fifty|sixty|seventy|eighty|ninety|hundred)"
+    rf"(?:[\s-]+(?:and[\s-]+)?(?:{'|'.join(_UNITS)}))?(?![a-z])"
+)
+_NUMBER_WORD = re.compile(rf"(?<![a-z])({'|'.join(_UNITS)})(?=\s*-?\s*(?:y/?o|yrs?|years?)(?![a-z]))")
 # An explicit age below 18 is a minor term in every language: "12 year old", "12yo", "12 años", "12 ans",
 # "12 jahre alt", "12-jährige", "12 anni", "12 anos".
 _AGE = re.compile(
@@ -49,10 +53,13 @@ _AGE = re.compile(
 ADULT_AGE = 18
 
 
-def fold(text: str) -> str:
-    """NFKC, invisible characters dropped, case-folded, look-alike letters read as Latin, accents
-    stripped, digits of any script as ASCII, spelled-out words joined; numbers left alone."""
-    text = unicodedata.normalize("NFKC", text).casefold().replace("ß", "ss")
+def fold(text: str, invisible: str = "") -> str:
+    """NFKC, invisible characters replaced by `invisible`, case-folded, look-alike letters read as
+    Latin, accents stripped, digits of any script as ASCII, spelled-out words joined; numbers left alone."""
+    text = unicodedata.normalize("NFKC", text)
+    if not text.isascii():
+        text = "".join(invisible if unicodedata.category(ch) == "Cf" else ch for ch in text)
+    text = text.casefold().replace("ß", "ss")
     text = _LETTERS.sub(_as_latin, "".join(_base_letter(ch) for ch in text))
     return _SPELLED.sub(lambda m: _SEPARATORS.sub("", m.group()), text)
 
@@ -70,8 +77,6 @@ def _base_letter(ch: str) -> str:
     # ñ keeps its tilde: without it "niña" would become the name "Nina".
     if ch == "ñ" or ch.isascii():
         return ch
-    if unicodedata.category(ch) == "Cf":  # zero-width space, soft hyphen, word joiner, BOM, bidi marks
-        return ""
     if ch.isdecimal():
         return str(unicodedata.decimal(ch))
     return "".join(c for c in unicodedata.normalize("NFKD", ch) if not unicodedata.combining(c))
@@ -149,11 +154,19 @@ class PromptChecker:
         return found
 
     def _check(self, prompt: str) -> PromptFindings:
-        folded = fold(prompt)
+        found = self._check_folded(fold(prompt))
+        if not prompt.isascii():
+            # An invisible character (zero-width space, soft hyphen) may hide a word inside another
+            # ("na<ZWSP>ked") or join two words into one ("naked<ZWSP>little girl"): read it both ways.
+            spaced = self._check_folded(fold(prompt, invisible=" "))
+            found = PromptFindings(minor=found.minor or spaced.minor, sexual=found.sexual or spaced.sexual)
+        return found
+
+    def _check_folded(self, folded: str) -> PromptFindings:
         text = _WORD.sub(_unleet, folded)
-        ages = _NUMBER_WORD.sub(lambda m: _NUMBER_WORDS[m.group()], folded)
         if self._run_together(text):
             return PromptFindings(minor=True, sexual=True)
+        ages = _NUMBER_WORD.sub(lambda m: _NUMBER_WORDS[m.group()], _ADULT_NUMBER.sub("99", folded))
         return PromptFindings(
             minor=_matches(self._minor, text) or any(int(m["age"]) < ADULT_AGE for m in _AGE.finditer(ages)),
             sexual=_matches(self._sexual, text),
@@ -171,7 +184,8 @@ class PromptChecker:
 
 
 def _single_words(terms: Iterable[str]) -> frozenset[str]:
-    return frozenset(word for word in (normalise(term) for term in terms) if word and " " not in word)
+    """The terms that are one word as `_WORD` reads words ("pre-teen" is two)."""
+    return frozenset(word for word in (normalise(term) for term in terms) if _WORD.fullmatch(word))
 
 
 def _matches(pattern: re.Pattern[str] | None, text: str) -> bool:

@@ -158,15 +158,19 @@ def flush_logs() -> None:
 
 
 def scrub_exception(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
-    """A logged exception's text can quote a credential, an address, a path or the prompt: it is
-    sanitised as a row's is, and a private request's is reduced to the exception's type."""
+    """structlog's `format_exc_info`, scrubbed: a logged exception's text can quote a credential, an
+    address, a path or the prompt. It is sanitised as a row's is, and a private request's is
+    reduced to the exception's type."""
+    exc_info = event_dict.get("exc_info")
+    if exc_info and event_dict.get("private") is True:
+        del event_dict["exc_info"]
+        error = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1] if exc_info is True else exc_info[1]
+        event_dict["exception"] = f"{type(error).__name__} (details withheld: private request)"
+        return event_dict
+    event_dict = structlog.processors.format_exc_info(logger, method_name, event_dict)
     text = event_dict.get("exception")
     if isinstance(text, str):
-        if event_dict.get("private") is True:
-            last = text.rstrip().rsplit("\n", 1)[-1]
-            event_dict["exception"] = f"{last.split(':', 1)[0]} (details withheld: private request)"
-        else:
-            event_dict["exception"] = sanitise(text)
+        event_dict["exception"] = sanitise(text)
     return event_dict
 
 
@@ -186,7 +190,6 @@ def configure_logging(log_format: str = "console", level: str = "info", *, cache
         drop_internal_keys,
         structlog.processors.add_log_level,
         add_timestamp,
-        structlog.processors.format_exc_info,
         scrub_exception,
     ]
     if log_format == "json":

@@ -8,6 +8,7 @@ absolute paths never leave the service.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import re
 from collections import Counter
@@ -85,17 +86,25 @@ STAGE_EVENT_TYPES = {
     "content.flagged": "content_flagged",
 }
 
-# A password may hold '@' and '/': the credentials run to the last '@' before the host.
-_CREDENTIAL_URL = re.compile(r"([a-z][a-z0-9+.-]*://)\S*@", re.I)
+# A password may hold '@': the credentials run to the last '@' before the path.
+# The look-behind starts a scheme only where one can start: else "a-a-a-..." is read from every one
+# of its letters to the end, in quadratic time.
+_CREDENTIAL_URL = re.compile(r"(?<![a-z0-9+.-])([a-z][a-z0-9+.-]*://)[^\s/?#]*@", re.I)
 _COOKIE = re.compile(r"\b((?:set-)?cookie\s*:)[^\r\n]*", re.I)
 # A name that says "secret" (also as the end of a longer one: access_token, client_secret,
-# x-api-key), then `=`, `:` or a space, quoted or not, then the value.
+# x-api-key), then `=`, `:` or a space, quoted or not, then the value; names that are ordinary
+# words too ("session is closed", "signature mismatch") only before `=` or `:`.
 _SECRET_ASSIGNMENT = re.compile(
-    r"(?<![A-Za-z0-9])((?:[\w-]*[_-])?(?:token|api[_-]?key|apikey|key|secret|password|passwd|pwd|authorization|auth|"
-    r"signature|credentials?|session|sid)s?)([\"']?\s*[=:]\s*[\"']?|\s+)((?:bearer|basic)\s+)?[^\s&,;\"']+",
+    r"(?<![A-Za-z0-9])((?:token|api[_-]?key|apikey|key|secret|password|passwd|authorization|auth)"
+    r"([\"']?\s*[=:]\s*[\"']?|\s+)|(?:pwd|signature|credentials?|session|sid)([\"']?\s*[=:]\s*[\"']?))"
+    r"((?:bearer|basic)\s+)?[^\s&,;\"']+",
     re.I,
 )
-_SCHEME_CREDENTIALS = re.compile(r"\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+", re.I)
+_BEARER = re.compile(r"\b(bearer)\s+[A-Za-z0-9._~+/=-]+", re.I)
+# Basic credentials are base64 of "user:password": only such a value is one.
+_BASIC = re.compile(r"\b(basic)\s+([A-Za-z0-9+/]{4,}={0,2})", re.I)
+# Cut before scrubbing: every pattern then runs over a bounded text, whatever an exception says.
+MAX_SCRUBBED = 4 * MAX_TEXT
 _KEY_LIKE = re.compile(r"\b(sk|pk|tb|p)[-_][A-Za-z0-9._-]{12,}\b")
 # Tokens with a vendor's own shape: GitHub, Slack (and its webhook paths), AWS access key ids.
 _VENDOR_TOKEN = re.compile(
@@ -117,14 +126,24 @@ def _ipv6(match: re.Match[str]) -> str:
     return "<ip>"
 
 
+def _basic(match: re.Match[str]) -> str:
+    try:
+        credentials = base64.b64decode(match.group(2), validate=True)
+    except ValueError:
+        return match.group()
+    return f"{match.group(1)} ***" if b":" in credentials else match.group()
+
+
 def sanitise(text: str | None) -> str | None:
     """Remove credentials, client addresses and absolute paths from free text (exceptions, tracebacks)."""
     if not text:
         return text
+    text = text[:MAX_SCRUBBED]
     text = _CREDENTIAL_URL.sub(r"\1***@", text)
     text = _COOKIE.sub(r"\1 ***", text)
-    text = _SECRET_ASSIGNMENT.sub(lambda m: f"{m.group(1)}{m.group(2)}{m.group(3) or ''}***", text)
-    text = _SCHEME_CREDENTIALS.sub(lambda m: f"{m.group(1)} ***", text)
+    text = _SECRET_ASSIGNMENT.sub(lambda m: f"{m.group(1)}{m.group(4) or ''}***", text)
+    text = _BEARER.sub(lambda m: f"{m.group(1)} ***", text)
+    text = _BASIC.sub(_basic, text)
     text = _KEY_LIKE.sub("***", text)
     text = _VENDOR_TOKEN.sub("***", text)
     text = _JWT.sub("***", text)

@@ -9,10 +9,12 @@ from typing import Any
 import pytest
 from aiohttp import web
 from PIL import Image
+from yarl import URL
 
 from image_service.app import EXECUTOR, create_app
 from image_service.errors import BackendUnavailable, GenerationError
 from image_service.generation import Generator, build_backends
+from image_service.generation.upstream import prompt_url
 from image_service.generation.breaker import BreakerState, CircuitBreaker
 from image_service.params import parse_params
 
@@ -212,6 +214,15 @@ class TestUpstreamChaining:
         assert [(e["prompt"], e["width"], e["height"], e["seed"], e["nologo"]) for e in upstream_events] == [
             ("a/b c", 64, 40, 3, True)
         ]
+
+    @pytest.mark.parametrize(("base", "prompt", "url"), [
+        ("http://up.example:8080", "a/b c", "http://up.example:8080/prompt/a%2Fb%20c"),
+        ("http://up.example/", "..", "http://up.example/prompt/%2E%2E"),
+        ("https://bücher.example/api", ".", "https://xn--bcher-kva.example/api/prompt/%2E"),
+    ])
+    def test_the_upstream_url_holds_the_prompt_whole(self, base: str, prompt: str, url: str) -> None:
+        """Slashes escaped, dot segments kept, an international host sent as IDNA."""
+        assert str(prompt_url(URL(base), prompt)) == url
 
     async def test_a_dot_segment_prompt_reaches_the_upstream_as_itself(
         self, aiohttp_server: Any, make_client: ClientFactory
