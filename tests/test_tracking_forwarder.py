@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
+import signal
 import sys
 import threading
 import time
@@ -234,6 +236,31 @@ async def test_a_call_the_http_client_refuses_to_make_keeps_the_rows(
             await forwarder.close(timeout=2)
     assert api.rows == [] and forwarder.stats.spooled == 10
     assert "telemetry.sink_misconfigured" in [e["event"] for e in logs]
+
+
+async def test_rows_a_full_disk_cannot_spool_are_counted_not_silently_lost(
+    make_forwarder: Make, events_api: tuple[EventsAPI, str]
+) -> None:
+    """With the sink down and no room on disk the rows have nowhere to wait: they used to vanish
+    with an OSError in the log and every drop counter at 0. The file size limit stands in for a
+    full disk (root ignores permissions)."""
+    api, _ = events_api
+    api.down = True
+    forwarder = make_forwarder(encoder_process=False)
+    await forwarder.start()
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, hard))
+    try:
+        with capture_logs() as logs:
+            for n in range(10):
+                forwarder.queue.put(event(n))
+            await until(lambda: forwarder.stats.dropped["spool_unwritable"] == 10)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    assert forwarder.health()["rowsDropped"] == 10 and forwarder.stats.spooled == 0
+    assert "telemetry.spool_unwritable" in [e["event"] for e in logs]
 
 
 async def test_bad_request_is_dropped_counted_and_not_retried(make_forwarder: Make, events_api: tuple[EventsAPI, str]) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import resource
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +20,7 @@ from image_service.tracking.context import bind, new_request, parse_traceparent,
 from image_service.tracking.context import clear as clear_request
 from image_service.tracking.processor import CHUNK_GROUPS, TelemetryProcessor, unpack
 from image_service.tracking.rows import RowEncoder
+from image_service.tracking.spool import SpoolUnwritable
 
 
 def terminal(**fields: object) -> dict[str, object]:
@@ -469,6 +472,49 @@ class TestSpool:
         assert all(path.stat().st_size <= 100 + 9 for path in tmp_path.iterdir())
         remaining = self.drain(spool)
         assert evicted + len(remaining) == 60 and remaining == list(range(60 - len(remaining), 60))
+
+    def test_a_file_larger_than_the_bound_keeps_its_newest_rows(self, tmp_path: Path) -> None:
+        """An encoder-process frame can outgrow a small bound by itself: it used to evict every
+        older segment and then itself, keeping a tenth of what the bound allowed."""
+        spool = self.make(tmp_path, max_bytes=300, segment_bytes=100)
+        spool.append(Rows.of_lines(self.lines(0, 10)))
+        spool.incoming.mkdir()
+        (spool.incoming / "helper-1.ndjson").write_bytes(b"".join(self.lines(10, 60)))
+        evicted = spool.adopt(spool.incoming / "helper-1.ndjson", 60)
+        assert 250 < spool.total_bytes <= 300
+        remaining = self.drain(spool)
+        assert evicted + len(remaining) == 70 and remaining == list(range(70 - len(remaining), 70))
+
+    def test_a_spool_larger_than_this_runs_bound_is_cut_at_start_and_counted(self, tmp_path: Path) -> None:
+        earlier = self.make(tmp_path, max_bytes=10_000, segment_bytes=100)
+        earlier.append(Rows.of_lines(self.lines(0, 60)))
+        earlier.close()
+        spool = Spool(tmp_path, max_bytes=300, segment_bytes=100)
+        self.opened.append(spool)
+        evicted = spool.open()
+        remaining = self.drain(spool)
+        assert evicted > 0 and evicted + len(remaining) == 60 and remaining[-1] == 59
+
+    def test_a_full_disk_is_reported_with_the_rows_it_cost_and_leaves_no_torn_row(self, tmp_path: Path) -> None:
+        """The file size limit stands in for a full disk (the kernel cuts the write short, then
+        refuses the next, as ENOSPC does; chmod does not stop root)."""
+        spool = self.make(tmp_path, segment_bytes=100_000)
+        spool.append(Rows.of_lines(self.lines(0, 5)))
+        written = spool.total_bytes
+        previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (written + 20, hard))
+        try:
+            with pytest.raises(SpoolUnwritable) as refused:
+                spool.append(Rows.of_lines(self.lines(5, 10)))
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            signal.signal(signal.SIGXFSZ, previous)
+        lost = refused.value.rows
+        assert 0 < lost <= 10 and refused.value.error == "OSError"
+        spool.append(Rows.of_lines(self.lines(15, 2)))  # room again: the spool goes on in a new segment
+        # Every row is whole (drain parses each) and the count says exactly which never made it.
+        assert self.drain(spool) == [*range(0, 15 - lost), 15, 16]
 
     def test_uncommitted_batch_is_read_again(self, tmp_path: Path) -> None:
         spool = self.make(tmp_path)

@@ -308,10 +308,15 @@ def _write_whole(path: Path, lines: list[bytes]) -> None:
     """The rows in `path`, complete before the name appears (the spool adopts only that). The
     spool's once-a-second sync makes them durable: an fsync a frame cost the machine more."""
     partial = path.with_suffix(".partial")
-    path.parent.mkdir(exist_ok=True)
-    with partial.open("wb") as handle:
-        handle.writelines(lines)
-    partial.rename(path)
+    try:
+        path.parent.mkdir(exist_ok=True)
+        with partial.open("wb") as handle:
+            handle.writelines(lines)
+        partial.rename(path)
+    except OSError:
+        # A full or read-only disk: no half file left to fill it further; the caller keeps the rows.
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def _keep_undelivered(item: Settlement, fallback: Path | None) -> None:
@@ -323,8 +328,9 @@ def _keep_undelivered(item: Settlement, fallback: Path | None) -> None:
     if outcome is Outcome.REJECTED:
         item.rows = b""
     elif outcome is not Outcome.TOO_LARGE and fallback is not None:
-        _write_whole(fallback, [item.rows])
-        item.rows, item.spooled = b"", True
+        with contextlib.suppress(OSError):  # unwritable: the rows go back to the forwarder instead
+            _write_whole(fallback, [item.rows])
+            item.rows, item.spooled = b"", True
 
 
 def serve(environment: str, requests: IO[bytes], replies: IO[bytes]) -> None:
@@ -357,9 +363,12 @@ def serve(environment: str, requests: IO[bytes], replies: IO[bytes]) -> None:
                 destination = DELIVERING
                 fallbacks[ticket] = spool_to
             elif spool_to is not None:
-                if lines:
-                    _write_whole(spool_to, lines)
-                destination = SPOOLED
+                try:
+                    if lines:
+                        _write_whole(spool_to, lines)
+                    destination = SPOOLED
+                except OSError:
+                    pass  # unwritable: the rows go back to the forwarder, whose spill counts what it cannot keep
         settlements = courier.collect(wait, abandon=kind == ABANDON) if courier is not None else []
         for item in settlements:
             _keep_undelivered(item, fallbacks.pop(item.ticket, None))

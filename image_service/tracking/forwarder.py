@@ -48,7 +48,7 @@ from .encoder import EncoderProcess, EncoderUnavailable, Reply
 from .processor import TELEMETRY, EventQueue, Groups, unpack
 from .rows import RowEncoder
 from .sinks import Outcome, SendResult, Sink, TinybirdSink
-from .spool import SUFFIX, Spool
+from .spool import SUFFIX, Spool, SpoolUnwritable
 
 log = structlog.get_logger("image_service.tracking")
 T = TypeVar("T")
@@ -199,7 +199,8 @@ class Forwarder:
     # lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        await self._in_io(self.spool.open)
+        # A spool left by a run with a larger bound (or by several workers) may not fit this one.
+        self._spooled(0, await self._in_io(self.spool.open))
         self._task = asyncio.create_task(self._run(), name="telemetry-forwarder")
         self._guard = asyncio.create_task(self._guard_queue(), name="telemetry-queue-guard")
         self.queue.serve_loop(asyncio.get_running_loop())
@@ -722,8 +723,16 @@ class Forwarder:
             log.warning("telemetry.quarantined", rows=result.quarantined)
 
     async def _spill(self, rows: Rows) -> None:
-        if rows:
+        if not rows:
+            return
+        try:
             self._spooled(len(rows), await self._in_io(self.spool.append, rows))
+        except SpoolUnwritable as exc:
+            # A full or read-only disk: the rows have nowhere left to wait. Counted, and said loudly.
+            self._spooled(len(rows) - exc.rows, 0)
+            self.stats.dropped["spool_unwritable"] += exc.rows
+            self._log_once(f"spool:{exc.error}", "telemetry.spool_unwritable", error=exc.error, rows=exc.rows,
+                           directory=str(self.spool.directory))
 
     def _spooled(self, rows: int, evicted: int) -> None:
         self.stats.spooled += rows

@@ -2,7 +2,9 @@
 
 Rows land here when the breaker is open, when retries are exhausted, when the in-memory queue runs
 high, and at shutdown. The spool is bounded in bytes; when it must evict, it drops its oldest
-segment and reports how many rows that was (counted as lost, never silent). All methods are
+segments, or the oldest rows of the only one, and reports how many rows that was (counted as lost,
+never silent). Rows it cannot write (a full or read-only disk) are reported too (`SpoolUnwritable`),
+and leave no torn row behind. All methods are
 synchronous and must be called from one thread (the forwarder's I/O thread), which keeps them ordered.
 
 A segment being drained is deleted only once fully sent; a crash mid-segment re-sends its first rows,
@@ -17,10 +19,10 @@ adopted on the next start.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
 from .batch import Rows
 
@@ -48,6 +50,16 @@ class SpoolStats:
     files: list[str] = field(default_factory=list)
 
 
+class SpoolUnwritable(OSError):
+    """The spool could not store `rows` rows (a full or read-only disk): what was written before them
+    is whole, and no torn row is left behind."""
+
+    def __init__(self, rows: int, error: OSError) -> None:
+        super().__init__(f"{rows} rows could not be spooled: {type(error).__name__}")
+        self.rows = rows
+        self.error = type(error).__name__
+
+
 class Spool:
     def __init__(self, directory: Path, max_bytes: int, segment_bytes: int = DEFAULT_SEGMENT_BYTES) -> None:
         if max_bytes <= 0:
@@ -58,7 +70,7 @@ class Spool:
         self.stats = SpoolStats()
         # Closed segments, oldest first: (path, bytes, rows; None for a segment found at open).
         self._segments: list[tuple[Path, int, int | None]] = []
-        self._writer: BinaryIO | None = None
+        self._writer: io.FileIO | None = None
         self._writer_path: Path | None = None
         self._writer_size = 0
         self._writer_rows = 0
@@ -88,8 +100,9 @@ class Spool:
             self._reader is not None and self._reader.offset < len(self._reader.lines)
         )
 
-    def open(self) -> None:
-        """Find segments left by an earlier run (a run with `--workers N` too); they are drained first."""
+    def open(self) -> int:
+        """Find segments left by an earlier run (a run with `--workers N` too); they are drained
+        first. Returns how many rows were evicted to fit the bound (a smaller one than theirs)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         gather(sorted(self.directory.glob(f"{WORKER}*")), self.directory)
         found = sorted(self.directory.glob(f"{PREFIX}*{SUFFIX}"))
@@ -99,12 +112,14 @@ class Spool:
                 path.unlink()
         self._next = 1 + max((int(path.stem.removeprefix(PREFIX)) for path in found), default=0)
         self._opened = True
+        evicted = 0
         for path in sorted(self.incoming.iterdir()) if self.incoming.is_dir() else []:
             if path.suffix == SUFFIX:
-                self.adopt(path, path.read_bytes().count(b"\n"))
+                evicted += self.adopt(path, path.read_bytes().count(b"\n"))
             else:
                 # Written but never renamed into place: its rows were still the forwarder's.
                 path.unlink()
+        return evicted + self._enforce_bound()
 
     def adopt(self, path: Path, rows: int) -> int:
         """Take a complete NDJSON file of `rows` rows as the newest segment (fsync'd with the rest at
@@ -122,26 +137,60 @@ class Spool:
         """Write NDJSON rows; returns how many older rows were evicted to stay within the bound.
         A chunk of rows that would overfill the open segment is written a row at a time, so no
         segment outgrows its size by more than a row."""
-        for chunk, count in zip(rows.chunks, rows.counts):
-            used = self._writer_size if self._writer is not None and self._writer_size < self.segment_bytes else 0
-            fits = used + len(chunk) <= self.segment_bytes
-            for piece in (chunk,) if count == 1 or fits else chunk.splitlines(keepends=True):
-                if self._writer is None or self._writer_size >= self.segment_bytes:
-                    self._rotate()
-                assert self._writer is not None
-                self._writer.write(piece)
-                self._writer_size += len(piece)
-                self._writer_rows += count if piece is chunk else 1
+        written = 0
+        try:
+            for chunk, count in zip(rows.chunks, rows.counts):
+                used = self._writer_size if self._writer is not None and self._writer_size < self.segment_bytes else 0
+                fits = used + len(chunk) <= self.segment_bytes
+                for piece in (chunk,) if count == 1 or fits else chunk.splitlines(keepends=True):
+                    if self._writer is None or self._writer_size >= self.segment_bytes:
+                        self._rotate()
+                    assert self._writer is not None
+                    self._write(piece)
+                    self._writer_size += len(piece)
+                    pieces = count if piece is chunk else 1
+                    self._writer_rows += pieces
+                    written += pieces
+        except OSError as exc:
+            self._abandon_writer()
+            self.stats.rows_written += written
+            raise SpoolUnwritable(len(rows) - written, exc) from None
         if rows:
             self._dirty = True
         self.stats.rows_written += len(rows)
         return self._enforce_bound() if rows else 0
 
+    def _write(self, piece: bytes) -> None:
+        """Write a piece whole (the segment is unbuffered): a full disk may take part of it, which
+        is then cut off again, so that the segment ends with a whole row."""
+        writer = self._writer
+        assert writer is not None
+        view = memoryview(piece)
+        done = 0
+        try:
+            while done < len(piece):
+                done += writer.write(view[done:]) or 0
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(writer.fileno(), self._writer_size)
+            raise
+
+    def _abandon_writer(self) -> None:
+        """After a failed write: keep what the segment holds whole, and write the next rows elsewhere."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            with contextlib.suppress(OSError):
+                writer.close()
+        if self._writer_path is not None and self._writer_size:
+            self._segments.append((self._writer_path, self._writer_size, self._writer_rows))
+            self._unsynced.append(self._writer_path)
+        self._dirty = False
+        self._writer_path, self._writer_size, self._writer_rows = None, 0, 0
+
     def sync(self) -> None:
         """Flush and fsync the open segment and the adopted ones (the forwarder calls this at least
         once a second)."""
         if self._writer is not None and self._dirty:
-            self._writer.flush()
             os.fsync(self._writer.fileno())
             self._dirty = False
         if self._unsynced:
@@ -201,7 +250,7 @@ class Spool:
         self._close_writer()
         self._writer_path = self.directory / f"{PREFIX}{self._next:012d}{SUFFIX}"
         self._next += 1
-        self._writer = self._writer_path.open("ab")
+        self._writer = self._writer_path.open("ab", buffering=0)
         self._writer_size = 0
 
     def _load_next(self) -> bool:
@@ -220,8 +269,14 @@ class Spool:
         return True
 
     def _enforce_bound(self) -> int:
+        """Evict the oldest rows until the spool fits its bound: whole segments while others remain,
+        then the head of the last one (a frame adopted from the encoder process can outgrow the
+        bound by itself, and would otherwise take every row with it)."""
         evicted = 0
         while self.total_bytes > self.max_bytes and self._segments:
+            if len(self._segments) == 1 and (self._reader is None or self._reader.path != self._segments[0][0]):
+                evicted += self._trim_head(self.max_bytes - self._writer_size)
+                break
             path, _, rows = self._segments.pop(0)
             if self._reader is not None and self._reader.path == path:
                 evicted += len(self._reader.lines) - self._reader.offset
@@ -236,6 +291,25 @@ class Spool:
             self.stats.segments_evicted += 1
         self.stats.rows_evicted += evicted
         return evicted
+
+    def _trim_head(self, allowed: int) -> int:
+        """Keep the newest whole rows of the only segment within `allowed` bytes; return the rows cut."""
+        path, _, _ = self._segments[0]
+        data = path.read_bytes()
+        boundary = data.find(b"\n", max(len(data) - max(allowed, 0) - 1, 0))
+        kept = data[boundary + 1:] if boundary >= 0 else b""
+        cut = data[: len(data) - len(kept)].count(b"\n")
+        if not kept:
+            path.unlink(missing_ok=True)
+            self._segments.pop(0)
+            self.stats.segments_evicted += 1
+            return cut
+        trimmed = path.with_suffix(".trim")
+        trimmed.write_bytes(kept)
+        trimmed.replace(path)
+        self._segments[0] = (path, len(kept), kept.count(b"\n"))
+        self._unsynced.append(path)
+        return cut
 
 
 def worker_directory(directory: Path, index: int) -> Path:
