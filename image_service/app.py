@@ -434,7 +434,7 @@ async def feed_handler(request: web.Request) -> web.StreamResponse:
     })
     try:
         await response.prepare(request)
-        async for chunk in feed.stream(subscription):
+        async for chunk in feed.stream(subscription, lambda: request.transport is None or request.transport.is_closing()):
             async with asyncio.timeout(settings.write_timeout):
                 await response.write(chunk)
     except TimeoutError:

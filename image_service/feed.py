@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
@@ -23,6 +23,8 @@ from .errors import FeedFull, TooManyRequests
 from .params import DEFAULT_NEGATIVE_PROMPT, DEFAULT_QUALITY, ImageParams
 
 HEARTBEAT = b": heartbeat\n\n"
+# How often an idle stream checks that its client is still there.
+LEFT_CHECK_SECONDS = 1.0
 
 
 def image_url(params: ImageParams) -> str:
@@ -180,11 +182,25 @@ class Feed:
             subscription.end()
         self._subscribers.clear()
 
-    async def stream(self, subscription: Subscription) -> AsyncIterator[bytes]:
-        """SSE chunks: items as `data:` events, and a comment line after each idle heartbeat period."""
+    async def stream(self, subscription: Subscription, gone: Callable[[], bool]) -> AsyncIterator[bytes]:
+        """SSE chunks: items as `data:` events, and a comment line after each idle heartbeat period.
+        It ends within a second of `gone()` (the client left): a closed stream would otherwise hold
+        its place, and its client's share, until the next heartbeat failed to write."""
+        heartbeat = self._settings.heartbeat
+        idle = 0.0
         while True:
+            wait = min(LEFT_CHECK_SECONDS, heartbeat - idle)
             try:
-                item = await subscription.next(self._settings.heartbeat)
+                item = await subscription.next(wait)
             except StopAsyncIteration:
                 return
-            yield HEARTBEAT if item is None else sse_event(item)
+            if item is not None:
+                idle = 0.0
+                yield sse_event(item)
+                continue
+            if gone():
+                return
+            idle += wait
+            if idle >= heartbeat:
+                idle = 0.0
+                yield HEARTBEAT

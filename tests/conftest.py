@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.web_runner import BaseRunner
 
 from image_service.app import EXECUTOR, create_app
 from image_service.config import Settings, load_settings
@@ -96,10 +97,19 @@ def settings() -> Settings:
     return make_settings()
 
 
+class ServedAsInProduction(TestServer):
+    """aiohttp's test server cancels a handler whose client has left; `image-service serve` does not
+    (web.run_app's default), and the tests must see what production does: a feed stream whose
+    client left, say, is not cancelled for it."""
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        return await super()._make_runner(**{**kwargs, "handler_cancellation": False})
+
+
 @pytest.fixture
 def make_client(aiohttp_client: Any) -> ClientFactory:
     async def factory(settings: Settings | None = None, **kwargs: Any) -> TestClient[web.Request, web.Application]:
-        return await aiohttp_client(create_app(settings or make_settings(), **kwargs))
+        return await aiohttp_client(ServedAsInProduction(create_app(settings or make_settings(), **kwargs)))
 
     return factory
 

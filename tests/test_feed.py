@@ -174,6 +174,23 @@ class TestFeedStream:
         assert again.status == 200
         again.close()
 
+    async def test_a_client_that_leaves_frees_its_place_at_once(self, make_client: ClientFactory) -> None:
+        """A page reload reconnects at once; the closed stream used to hold the client's place (and
+        one of the feed's) until its next heartbeat failed to write."""
+        client = await make_client(make_settings(feed={"heartbeat": 60.0, "max_subscribers_per_client": 1}))
+        feed = client.server.app[FEED]
+        reader, writer = await asyncio.open_connection(client.host, client.port)
+        writer.write(b"GET /feed HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert b" 200 " in await reader.readline()
+        assert feed.subscribers == 1
+        writer.close()
+        async with asyncio.timeout(5):
+            while feed.subscribers:
+                await asyncio.sleep(0.05)
+        again = await client.get("/feed")
+        assert again.status == 200
+        again.close()
+
     async def test_idle_stream_carries_heartbeats(self, make_client: ClientFactory) -> None:
         client = await make_client(make_settings(feed={"heartbeat": 0.05}))
         response = await client.get("/feed")
