@@ -39,7 +39,7 @@ from .moderation import ContentPolicy, Moderator, load_moderator
 from .limits import Limiter as SlotLimiter
 from .limits import build_shared_limiter
 from .openapi import openapi_document
-from .params import ImageParams, ParamsParser, draws_a_seed
+from .params import SLUG_CHARS, ImageParams, ParamsParser, draws_a_seed, slug
 from .pipeline import GENERATED, Pipeline, Prepare
 from .priority import background_executor
 from .queues import Clock, Limiter, MemoryLimiter, MonotonicClock, require_tier, slot
@@ -255,8 +255,10 @@ def _cache_control(params: ImageParams, query: Mapping[str, str], gated: bool) -
 
 
 @lru_cache(maxsize=4096)
-def _content_disposition(params: ImageParams) -> str:
-    filename = "image.jpg" if params.private else f"{params.slug()}.jpg"
+def _content_disposition(private: bool, prompt_head: str) -> str:
+    """Memoised by the prompt's first characters only (all the slug reads): the whole parameters,
+    four reference URLs and a long prompt, made 4,096 entries weigh tens of megabytes."""
+    filename = "image.jpg" if private else f"{slug(prompt_head)}.jpg"
     return f'inline; filename="{filename}"'
 
 
@@ -303,7 +305,7 @@ async def image_handler(request: web.Request) -> web.Response:
         headers={
             "Content-Type": outcome.image.content_type,
             "Cache-Control": _cache_control(params, request.query, settings.models[params.model].tier != "anonymous"),
-            "Content-Disposition": _content_disposition(params),
+            "Content-Disposition": _content_disposition(params.private, params.prompt[:SLUG_CHARS]),
             "X-Cache": "HIT" if outcome.cache_status == "hit" else "MISS",
         },
     )

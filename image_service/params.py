@@ -46,6 +46,7 @@ DEFAULT_QUALITY = "medium"
 # reads where it is shown (the feed, a filename).
 _CONTROL = re.compile(r"[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f\u202a-\u202e\u2066-\u2069]")
 _WHITESPACE = re.compile(r"\s+")
+SLUG_CHARS = 100
 _SLUG_DROP = re.compile(r"[^a-z0-9]+")
 
 
@@ -106,9 +107,6 @@ class ImageParams:
         data["nologo"] = not shows_logo
         del data["safe"], data["nofeed"]
         return data
-
-    def slug(self) -> str:
-        return _SLUG_DROP.sub("-", self.prompt[:100].lower()).strip("-") or "image"
 
 
 def normalise_prompt(raw: str) -> str:
@@ -281,6 +279,16 @@ def _require_utf8(raw: str, part: str) -> None:
         raise BadRequest(f"the {part} is not valid UTF-8 once percent-decoded") from None
 
 
+# URLs longer than this are not memoised: popular URLs are short, and a memo of 4,096 URLs of the
+# longest valid size (~130 KB each) held a gigabyte, filled by one client whose requests all failed.
+MEMO_MAX_URL = 4096
+
+
+def slug(prompt: str) -> str:
+    """The filename stem: the prompt's first SLUG_CHARS characters, alphanumerics and dashes, lower case."""
+    return _SLUG_DROP.sub("-", prompt[:SLUG_CHARS].lower()).strip("-") or "image"
+
+
 class ParamsParser:
     """`parse_params` for one configuration, memoised per (prompt, query string).
 
@@ -310,14 +318,14 @@ class ParamsParser:
         alike, and the second request was served the first one's parameters), and must decode as
         UTF-8: what does not is kept as it came (`%C3%28` in a path) or replaced (in a query)."""
         memo_key = (raw_path, query_string)
-        found = self._memo.get(memo_key)
+        found = self._memo.get(memo_key) if len(raw_path) + len(query_string) <= MEMO_MAX_URL else None
         if found is not None:
             return found
         _require_utf8(raw_path, "path")
         _require_utf8(query_string, "query string")
         params = parse_params(raw_prompt, query, self._models, self._default_model, self._max_prompt_length)
         result = (params, params.cache_key())
-        if not draws_a_seed(query):
+        if not draws_a_seed(query) and len(raw_path) + len(query_string) <= MEMO_MAX_URL:
             if len(self._memo) >= self._memo_size:
                 del self._memo[next(iter(self._memo))]
             self._memo[memo_key] = result

@@ -233,3 +233,12 @@ class TestParamsParser:
         for n in range(50):
             parser.parse(f"fox {n}", {}, f"/prompt/fox%20{n}", "")
         assert len(parser._memo) == 8
+
+    def test_long_urls_are_parsed_every_time_not_kept(self) -> None:
+        """4,096 URLs of the longest valid size held a gigabyte, filled by requests that all failed."""
+        parser = self.parser()
+        negative = "n" * 900
+        query = {"negative_prompt": negative}
+        first = parser.parse("a fox", query, "/prompt/a%20fox", f"negative_prompt={negative}&pad={'x' * 4000}")
+        again = parser.parse("a fox", query, "/prompt/a%20fox", f"negative_prompt={negative}&pad={'x' * 4000}")
+        assert again == first and again is not first and parser._memo == {}
