@@ -101,20 +101,29 @@ class Breaker:
         return recovered
 
 
-def connect(url: str, timeout: float) -> aioredis.Redis:
-    """A client for `url` whose connects and commands give up after `timeout` seconds."""
+# Connections to Redis per process, as redis-py's default pool has.
+MAX_CONNECTIONS = 100
+
+
+def connect(url: str, timeout: float, max_connections: int = MAX_CONNECTIONS) -> aioredis.Redis:
+    """A client for `url` whose connects and commands give up after `timeout` seconds. A call finding
+    every connection busy waits for one (as long): redis-py's own pool refuses it at once, and under
+    a burst of 200 connections that refusal opened the breaker and sent hits to generation."""
     parts = urlsplit(url)
-    return aioredis.Redis(
+    pool = aioredis.BlockingConnectionPool(
+        max_connections=max_connections,
+        timeout=timeout,
+        connection_class=aioredis.SSLConnection if parts.scheme == "rediss" else aioredis.Connection,
         host=parts.hostname or "127.0.0.1",
         port=parts.port or 6379,
         db=int(parts.path.strip("/") or 0),
         username=unquote(parts.username) if parts.username else None,
         password=unquote(parts.password) if parts.password else None,
-        ssl=parts.scheme == "rediss",
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
         decode_responses=False,
     )
+    return aioredis.Redis(connection_pool=pool)
 
 
 class RedisLink:
@@ -157,7 +166,7 @@ class RedisLink:
         return self.state
 
     async def close(self) -> None:
-        await self.client.aclose()
+        await self.client.aclose(close_connection_pool=True)
 
 
 class SharedFlight:

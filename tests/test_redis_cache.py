@@ -20,7 +20,7 @@ from image_service.cache import CachedImage, ImageSerializer
 from image_service.config import load_settings
 from image_service.generation import GeneratedImage
 from image_service.params import ImageParams, parse_params
-from image_service.redis_state import Breaker, LinkState
+from image_service.redis_state import Breaker, LinkState, RedisLink, connect
 from image_service.testing import RedisServer
 
 from .conftest import ClientFactory, CountingBackend, redis_settings
@@ -331,6 +331,17 @@ class TestDegradation:
         response = await client.get(FOX)
         assert response.status == 200
         assert (await (await client.get("/health")).json())["cache"]["state"] == "down"
+
+
+async def test_a_burst_beyond_the_pool_waits_for_connections_and_keeps_redis_up(redis_server: RedisServer) -> None:
+    """redis-py's pool refuses a call at once when every connection is busy: under 200 concurrent
+    requests that refusal opened the breaker, and cached images were generated again."""
+    link = RedisLink(connect(redis_server.url, 2.0, max_connections=4), timeout=2.0, max_backoff=5.0)
+    try:
+        answers = await asyncio.gather(*(link.call(lambda: link.client.ping()) for _ in range(60)))
+        assert all(answers) and link.state is LinkState.UP
+    finally:
+        await link.close()
 
 
 async def test_the_environment_selects_the_redis_backend(
