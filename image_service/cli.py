@@ -132,7 +132,9 @@ def _run_service(settings: Settings, *, reuse_port: bool) -> None:
         app,
         host=settings.server.host,
         port=settings.server.port,
-        shutdown_timeout=settings.server.shutdown_timeout,
+        # aiohttp waits this long for the handlers in flight, then as long again for them to notice
+        # a cancellation that does not stop them: half is the whole server.shutdown_timeout.
+        shutdown_timeout=settings.server.shutdown_timeout / 2,
         access_log=None,
         max_line_size=longest_request_line(settings.server.max_prompt_length),
         reuse_port=reuse_port or None,
