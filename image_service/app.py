@@ -551,7 +551,9 @@ def create_app(
         if slots is not None:
             app[SLOTS] = slots  # the queues (app[LIMITER]) take their start slots from it
         content_policy = ContentPolicy.from_settings(settings.moderation)
-        app[PIPELINE] = Pipeline(cache, generator, app[MODERATOR], executor, content_policy)
+        app[PIPELINE] = Pipeline(
+            cache, generator, app[MODERATOR], executor, content_policy, settings.generation.max_concurrent
+        )
         yield
         await generator.close()
         if slots is not None:

@@ -59,12 +59,16 @@ class Pipeline:
         moderator: Moderator,
         executor: Executor,
         content_policy: ContentPolicy,
+        max_concurrent: int,
     ) -> None:
         self._cache = cache
         self._generator = generator
         self._moderator = moderator
         self._executor = executor
         self._content = content_policy
+        # Over every client: a burst of distinct clients each held a decoded image until its encode
+        # came up in the shared executor, gigabytes for a few hundred 2048x2048 requests.
+        self._producing = asyncio.Semaphore(max_concurrent)
 
     async def run(
         self, params: ImageParams, key: str | None = None, prepare: Prepare | None = None, client: str | None = None
@@ -114,6 +118,12 @@ class Pipeline:
 
     async def _produce(
         self, params: ImageParams, key: str, prompt: PromptFindings, generation_params: ImageParams | None = None
+    ) -> CachedImage:
+        async with self._producing:
+            return await self._produce_now(params, key, prompt, generation_params)
+
+    async def _produce_now(
+        self, params: ImageParams, key: str, prompt: PromptFindings, generation_params: ImageParams | None
     ) -> CachedImage:
         start = time.perf_counter()
         generated = await self._generate(generation_params or params)

@@ -221,6 +221,24 @@ class TestHttpQueues:
             assert (await first).status == 200
             assert (await second).status == expected
 
+    async def test_generations_over_every_client_stay_within_the_global_cap(self, make_client: ClientFactory) -> None:
+        """Distinct clients each pass their own queue; the service as a whole still makes only
+        generation.max_concurrent images at once (each holds its pixels until encoded)."""
+        backend = CountingBackend()
+        settings = make_settings(tiers=tiers(), access={"trusted_proxies": ["127.0.0.1"]},
+                                 generation={"max_concurrent": 2})
+        client = await make_client(settings, backends={"embedded": backend})
+        backend.gate.clear()
+        requests = [asyncio.ensure_future(client.get(f"/prompt/c{n}?width=32&height=32",
+                                                     headers={"X-Forwarded-For": f"198.51.100.{n}"}))
+                    for n in range(5)]
+        while backend.calls < 2:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)
+        assert backend.calls == 2
+        backend.gate.set()
+        assert [(await r).status for r in requests] == [200] * 5 and backend.calls == 5
+
     async def test_ipv6_addresses_of_one_network_share_a_queue(self, make_client: ClientFactory) -> None:
         """A subscriber holds a whole /64: stepping to the next address in it buys no fresh queue."""
         backend = CountingBackend()
