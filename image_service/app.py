@@ -81,9 +81,9 @@ CORS_HEADERS = {
     "Access-Control-Allow-Headers": "Authorization, Content-Type, traceparent",
     "Access-Control-Expose-Headers": "X-Request-Id, X-Cache, Content-Disposition, Retry-After, traceparent",
 }
-# A shared start slot outlives the work it brackets — enhancement, then generation, each bounded by
-# its timeout — by this margin for moderation and encoding; a crashed instance's slots free
-# themselves after that long.
+# A shared start slot outlives the work it brackets — enhancement, the wait for a generation permit
+# and the generation, each bounded by its timeout — by this margin for moderation and encoding; a
+# crashed instance's slots free themselves after that long.
 SLOT_TTL_MARGIN = 60.0
 UNMATCHED = "(unmatched)"
 # Routes whose requests are telemetry rows: image requests, and paths that matched nothing (often a
@@ -519,7 +519,7 @@ def create_app(
         if limiter is not None:
             app[LIMITER] = limiter
         else:
-            slot_ttl = settings.generation.timeout + settings.enhance.timeout + SLOT_TTL_MARGIN
+            slot_ttl = 2 * settings.generation.timeout + settings.enhance.timeout + SLOT_TTL_MARGIN
             app[LIMITER] = MemoryLimiter(app_clock, slots=app.get(SLOTS), slot_ttl=slot_ttl)
         app[ENHANCER] = PromptEnhancer(settings.enhance)
         app[TRANSFORM] = ReferrerTransform(settings.enhance)
@@ -552,7 +552,8 @@ def create_app(
             app[SLOTS] = slots  # the queues (app[LIMITER]) take their start slots from it
         content_policy = ContentPolicy.from_settings(settings.moderation)
         app[PIPELINE] = Pipeline(
-            cache, generator, app[MODERATOR], executor, content_policy, settings.generation.max_concurrent
+            cache, generator, app[MODERATOR], executor, content_policy, settings.generation.max_concurrent,
+            settings.generation.timeout,
         )
         yield
         await generator.close()

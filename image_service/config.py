@@ -55,7 +55,7 @@ class ServerSettings(_Section):
 class GenerationSettings(_Section):
     default_model: str = "procedural"
     timeout: float = Field(60.0, gt=0)
-    # Images being generated, moderated and encoded at once, over every client and backend.
+    # Images being generated, moderated and encoded at once in this process, over every client and backend.
     max_concurrent: int = Field(32, ge=1)
 
 

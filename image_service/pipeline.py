@@ -22,7 +22,7 @@ from typing import NoReturn
 import structlog
 
 from .cache import CachedImage, CacheStatus, ImageCache
-from .errors import ContentBlocked, ServiceError
+from .errors import BackendUnavailable, ContentBlocked, ServiceError
 from .generation import GeneratedImage, Generator
 from .imaging import encode_jpeg
 from .moderation import ContentPolicy, Moderator, PromptFindings, Refusal, Verdict
@@ -60,6 +60,7 @@ class Pipeline:
         executor: Executor,
         content_policy: ContentPolicy,
         max_concurrent: int,
+        permit_wait: float,
     ) -> None:
         self._cache = cache
         self._generator = generator
@@ -69,6 +70,9 @@ class Pipeline:
         # Over every client: a burst of distinct clients each held a decoded image until its encode
         # came up in the shared executor, gigabytes for a few hundred 2048x2048 requests.
         self._producing = asyncio.Semaphore(max_concurrent)
+        self._max_concurrent = max_concurrent
+        # Bounded: the wait runs inside the client's start slot, whose lifetime allows for it.
+        self._permit_wait = permit_wait
 
     async def run(
         self, params: ImageParams, key: str | None = None, prepare: Prepare | None = None, client: str | None = None
@@ -119,8 +123,18 @@ class Pipeline:
     async def _produce(
         self, params: ImageParams, key: str, prompt: PromptFindings, generation_params: ImageParams | None = None
     ) -> CachedImage:
-        async with self._producing:
+        try:
+            async with asyncio.timeout(self._permit_wait):
+                await self._producing.acquire()
+        except TimeoutError:
+            raise BackendUnavailable(
+                f"the service is making {self._max_concurrent} images already and none finished in "
+                f"{self._permit_wait:g} s; try again shortly"
+            ) from None
+        try:
             return await self._produce_now(params, key, prompt, generation_params)
+        finally:
+            self._producing.release()
 
     async def _produce_now(
         self, params: ImageParams, key: str, prompt: PromptFindings, generation_params: ImageParams | None

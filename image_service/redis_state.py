@@ -25,6 +25,8 @@ from urllib.parse import unquote, urlsplit
 
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
 import structlog
 
 from .errors import ServiceError, SharedGenerationError
@@ -122,6 +124,9 @@ def connect(url: str, timeout: float, max_connections: int = MAX_CONNECTIONS) ->
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
         decode_responses=False,
+        # What redis-py gives a client it builds itself: a connection Redis closed (a restart, its
+        # idle timeout) is retried on a fresh one instead of counting as Redis down.
+        retry=Retry(ExponentialWithJitterBackoff(base=0.01, cap=1.0), 3),
     )
     return aioredis.Redis(connection_pool=pool)
 

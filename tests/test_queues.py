@@ -17,6 +17,7 @@ from image_service.errors import TooManyRequests
 from image_service.generation import GeneratedImage
 from image_service.identity import token_digest
 from image_service.limits import InMemoryLimiter
+from image_service.moderation import PassThroughModerator, Verdict
 from image_service.params import ImageParams
 from image_service.queues import ManualClock, MemoryLimiter
 from image_service.testing import RedisServer
@@ -239,6 +240,20 @@ class TestHttpQueues:
         backend.gate.set()
         assert [(await r).status for r in requests] == [200] * 5 and backend.calls == 5
 
+    async def test_a_wait_for_a_generation_permit_ends_with_503(self, make_client: ClientFactory) -> None:
+        """The wait runs inside the client's start slot, whose lifetime allows for generation.timeout
+        of it: it must not wait longer."""
+        moderator = HeldModerator()
+        settings = make_settings(tiers=tiers(), access={"trusted_proxies": ["127.0.0.1"]},
+                                 generation={"max_concurrent": 1, "timeout": 0.5})
+        client = await make_client(settings, moderator=moderator)
+        first = asyncio.ensure_future(client.get(SLOW, headers={"X-Forwarded-For": "198.51.100.1"}))
+        await moderator.entered.wait()  # the first image holds the one permit, past generation.timeout
+        second = await client.get("/prompt/other?width=32&height=32", headers={"X-Forwarded-For": "198.51.100.2"})
+        assert second.status == 503 and "making 1 images already" in (await second.json())["message"]
+        moderator.release.set()
+        assert (await first).status == 200
+
     async def test_ipv6_addresses_of_one_network_share_a_queue(self, make_client: ClientFactory) -> None:
         """A subscriber holds a whole /64: stepping to the next address in it buys no fresh queue."""
         backend = CountingBackend()
@@ -253,6 +268,18 @@ class TestHttpQueues:
             await asyncio.sleep(0.01)
         backend.gate.set()
         assert [(await task).status for task in (first, same_network, other_network)] == [200, 429, 200]
+
+
+class HeldModerator(PassThroughModerator):
+    """Holds every image at moderation until released: its generation permit stays taken."""
+
+    def __init__(self) -> None:
+        self.entered, self.release = asyncio.Event(), asyncio.Event()
+
+    async def check_image(self, generated: GeneratedImage, params: ImageParams) -> Verdict:
+        self.entered.set()
+        await self.release.wait()
+        return await super().check_image(generated, params)
 
 
 async def held_generation(client: Any, backend: CountingBackend, forwarded: str) -> asyncio.Future[Any]:

@@ -344,6 +344,21 @@ async def test_a_burst_beyond_the_pool_waits_for_connections_and_keeps_redis_up(
         await link.close()
 
 
+async def test_connections_redis_closed_are_replaced_without_a_failure(redis_server: RedisServer) -> None:
+    """A Redis restart or its idle timeout closes pooled connections; the next call must take a
+    fresh one, not count Redis as down (which sends every request past the shared cache)."""
+    link = RedisLink(connect(redis_server.url, 2.0), timeout=2.0, max_backoff=5.0)
+    admin = aioredis.Redis(port=redis_server.port)
+    try:
+        await asyncio.gather(*(link.call(lambda: link.client.ping()) for _ in range(5)))
+        assert await admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes") >= 1
+        await asyncio.gather(*(link.call(lambda: link.client.ping()) for _ in range(5)))
+        assert link.state is LinkState.UP and link.failures == 0
+    finally:
+        await admin.aclose()
+        await link.close()
+
+
 async def test_the_environment_selects_the_redis_backend(
     monkeypatch: pytest.MonkeyPatch, make_client: ClientFactory, redis_server: RedisServer
 ) -> None:

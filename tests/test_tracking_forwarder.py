@@ -21,6 +21,7 @@ from image_service.priority import WORKER_NICE
 from image_service.tracking import TELEMETRY, Forwarder, Spool, TinybirdSink
 from image_service.tracking.context import clear as clear_request
 from image_service.tracking.context import new_request
+from image_service.tracking.batch import Rows
 from image_service.tracking.sinks import FileSink
 
 from .events_api import EventsAPI, Fault
@@ -261,6 +262,21 @@ async def test_rows_a_full_disk_cannot_spool_are_counted_not_silently_lost(
         signal.signal(signal.SIGXFSZ, previous)
     assert forwarder.health()["rowsDropped"] == 10 and forwarder.stats.spooled == 0
     assert "telemetry.spool_unwritable" in [e["event"] for e in logs]
+
+
+async def test_rows_a_smaller_spool_cannot_keep_at_start_are_counted(
+    make_forwarder: Make, events_api: tuple[EventsAPI, str], tmp_path: Path
+) -> None:
+    """A spool left by a run with a larger bound (or by several workers) is cut to this one's."""
+    earlier = Spool(tmp_path / "spool", 10**6, segment_bytes=10**6)
+    earlier.open()
+    earlier.append(Rows.of_lines([b'{"event_id":"%d"}\n' % n for n in range(1000)]))
+    earlier.close()
+    forwarder = make_forwarder(spool_max_bytes=2_000, encoder_process=False)
+    forwarder.spool = Spool(tmp_path / "spool", 2_000)
+    await forwarder.start()
+    kept = sum(path.read_bytes().count(b"\n") for path in (tmp_path / "spool").glob("segment-*"))
+    assert 0 < forwarder.spool.total_bytes <= 2_000 and forwarder.stats.dropped["spool_full"] + kept == 1000
 
 
 async def test_bad_request_is_dropped_counted_and_not_retried(make_forwarder: Make, events_api: tuple[EventsAPI, str]) -> None:

@@ -496,22 +496,13 @@ class TestSpool:
         assert evicted > 0 and evicted + len(remaining) == 60 and remaining[-1] == 59
 
     def test_a_full_disk_is_reported_with_the_rows_it_cost_and_leaves_no_torn_row(self, tmp_path: Path) -> None:
-        """The file size limit stands in for a full disk (the kernel cuts the write short, then
-        refuses the next, as ENOSPC does; chmod does not stop root)."""
+        """The kernel cuts the write short, then refuses the next, as it does when the disk fills."""
         spool = self.make(tmp_path, segment_bytes=100_000)
         spool.append(Rows.of_lines(self.lines(0, 5)))
-        written = spool.total_bytes
-        previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (written + 20, hard))
-        try:
-            with pytest.raises(SpoolUnwritable) as refused:
-                spool.append(Rows.of_lines(self.lines(5, 10)))
-        finally:
-            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-            signal.signal(signal.SIGXFSZ, previous)
+        with self.disk_full_at(spool.total_bytes + 20), pytest.raises(SpoolUnwritable) as refused:
+            spool.append(Rows.of_lines(self.lines(5, 10)))
         lost = refused.value.rows
-        assert 0 < lost <= 10 and refused.value.error == "OSError"
+        assert 0 < lost <= 10 and refused.value.error == "EFBIG"
         spool.append(Rows.of_lines(self.lines(15, 2)))  # room again: the spool goes on in a new segment
         # Every row is whole (drain parses each) and the count says exactly which never made it.
         assert self.drain(spool) == [*range(0, 15 - lost), 15, 16]
@@ -536,6 +527,53 @@ class TestSpool:
         spool.sync()
         assert len(synced) == 10 + 10 + 1 and not spool.needs_sync
         assert self.drain(spool) == list(range(100))
+
+    def test_a_segment_closed_by_a_write_after_a_sync_is_synced_too(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The spool is fsync'd at least once a second: a segment a write filled and closed right
+        after a sync used to be left out of the next one."""
+        spool = self.make(tmp_path, segment_bytes=100)
+        spool.append(Rows.of_lines(self.lines(0, 2)))
+        spool.sync()
+        synced: list[int] = []
+        monkeypatch.setattr("image_service.tracking.spool.os.fsync", synced.append)
+        spool.append(Rows.of_lines(self.lines(2, 30)))  # fills the open segment, closes it, and more
+        spool.sync()
+        closed = len(list(tmp_path.glob("segment-*"))) - 1
+        assert closed >= 2 and len(synced) == closed + 1 + 1  # every closed one, the open one, the directory
+
+    @contextlib.contextmanager
+    def disk_full_at(self, size: int) -> Iterator[None]:
+        """The file size limit stands in for a full disk (root ignores permissions)."""
+        previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+        try:
+            yield
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            signal.signal(signal.SIGXFSZ, previous)
+
+    def test_failed_spills_leave_no_empty_segments(self, tmp_path: Path) -> None:
+        spool = self.make(tmp_path)
+        with self.disk_full_at(0):
+            for n in range(5):
+                with pytest.raises(SpoolUnwritable):
+                    spool.append(Rows.of_lines(self.lines(n, 1)))
+        assert list(tmp_path.glob("segment-*")) == [] and not spool.has_data()
+
+    def test_a_trim_with_no_room_evicts_the_segment_and_counts_it(self, tmp_path: Path) -> None:
+        """Trimming writes the kept rows anew; without room for them the segment goes whole,
+        counted, and nothing half-written stays behind (start-up must not fail on a full disk)."""
+        earlier = self.make(tmp_path, max_bytes=10_000, segment_bytes=10_000)
+        earlier.append(Rows.of_lines(self.lines(0, 60)))
+        earlier.close()
+        spool = Spool(tmp_path, max_bytes=300, segment_bytes=100)
+        self.opened.append(spool)
+        with self.disk_full_at(0):
+            evicted = spool.open()
+        assert evicted == 60 and list(tmp_path.iterdir()) == []
 
     def test_sync_makes_rows_durable_on_disk(self, tmp_path: Path) -> None:
         spool = self.make(tmp_path)

@@ -19,6 +19,7 @@ adopted on the next start.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ from .batch import Rows
 PREFIX = "segment-"
 SUFFIX = ".ndjson"
 INCOMING = "incoming"
+# A segment's newest rows on their way to replacing it (see `_trim_head`).
+TRIMMED = ".trim"
 WORKER = "worker-"
 DEFAULT_SEGMENT_BYTES = 8 * 1024 * 1024
 
@@ -55,9 +58,9 @@ class SpoolUnwritable(OSError):
     is whole, and no torn row is left behind."""
 
     def __init__(self, rows: int, error: OSError) -> None:
-        super().__init__(f"{rows} rows could not be spooled: {type(error).__name__}")
+        self.error = errno.errorcode.get(error.errno or 0, type(error).__name__)  # ENOSPC, EROFS...
+        super().__init__(f"{rows} rows could not be spooled: {self.error}")
         self.rows = rows
-        self.error = type(error).__name__
 
 
 class Spool:
@@ -105,6 +108,8 @@ class Spool:
         first. Returns how many rows were evicted to fit the bound (a smaller one than theirs)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         gather(sorted(self.directory.glob(f"{WORKER}*")), self.directory)
+        for leftover in self.directory.glob(f"{PREFIX}*{TRIMMED}"):
+            leftover.unlink()  # a trim a crash cut short: the segment it came from is still whole
         found = sorted(self.directory.glob(f"{PREFIX}*{SUFFIX}"))
         self._segments = [(path, path.stat().st_size, None) for path in found if path.stat().st_size > 0]
         for path in found:
@@ -146,6 +151,7 @@ class Spool:
                     if self._writer is None or self._writer_size >= self.segment_bytes:
                         self._rotate()
                     assert self._writer is not None
+                    self._dirty = True  # before the write: a rotation in this call must still sync it
                     self._write(piece)
                     self._writer_size += len(piece)
                     pieces = count if piece is chunk else 1
@@ -155,8 +161,6 @@ class Spool:
             self._abandon_writer()
             self.stats.rows_written += written
             raise SpoolUnwritable(len(rows) - written, exc) from None
-        if rows:
-            self._dirty = True
         self.stats.rows_written += len(rows)
         return self._enforce_bound() if rows else 0
 
@@ -184,6 +188,8 @@ class Spool:
         if self._writer_path is not None and self._writer_size:
             self._segments.append((self._writer_path, self._writer_size, self._writer_rows))
             self._unsynced.append(self._writer_path)
+        elif self._writer_path is not None:
+            self._writer_path.unlink(missing_ok=True)  # nothing made it in: no empty file per failed spill
         self._dirty = False
         self._writer_path, self._writer_size, self._writer_rows = None, 0, 0
 
@@ -293,23 +299,29 @@ class Spool:
         return evicted
 
     def _trim_head(self, allowed: int) -> int:
-        """Keep the newest whole rows of the only segment within `allowed` bytes; return the rows cut."""
+        """Keep the newest whole rows of the only segment within `allowed` bytes; return the rows cut.
+        The kept rows are a new file: on a disk with no room for it the whole segment goes instead."""
         path, _, _ = self._segments[0]
         data = path.read_bytes()
         boundary = data.find(b"\n", max(len(data) - max(allowed, 0) - 1, 0))
         kept = data[boundary + 1:] if boundary >= 0 else b""
-        cut = data[: len(data) - len(kept)].count(b"\n")
+        trimmed = path.with_suffix(TRIMMED)
+        if kept:
+            try:
+                trimmed.write_bytes(kept)
+                _fsync(trimmed)  # whole on disk before it replaces the segment
+            except OSError:
+                trimmed.unlink(missing_ok=True)
+                kept = b""
         if not kept:
             path.unlink(missing_ok=True)
             self._segments.pop(0)
             self.stats.segments_evicted += 1
-            return cut
-        trimmed = path.with_suffix(".trim")
-        trimmed.write_bytes(kept)
+            return data.count(b"\n")
         trimmed.replace(path)
         self._segments[0] = (path, len(kept), kept.count(b"\n"))
         self._unsynced.append(path)
-        return cut
+        return data[: len(data) - len(kept)].count(b"\n")
 
 
 def worker_directory(directory: Path, index: int) -> Path:
