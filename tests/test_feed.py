@@ -121,6 +121,17 @@ async def read_events(response: Any, count: int, timeout: float = 5) -> list[dic
     return events
 
 
+async def assert_a_new_stream_is_served(client: Any) -> None:
+    """Once the feed has let go of the client's closed streams, a new one gets in."""
+    feed = client.server.app[FEED]
+    async with asyncio.timeout(5):
+        while feed.subscribers:
+            await asyncio.sleep(0.02)
+    again = await client.get("/feed")
+    assert again.status == 200
+    again.close()
+
+
 @pytest.fixture
 async def feed_client(make_client: ClientFactory, tmp_path: Path) -> Any:
     tokens = tmp_path / "tokens.toml"
@@ -166,13 +177,7 @@ class TestFeedStream:
         assert refused.status == 429 and (await refused.json())["error"] == "too_many_requests"
         assert int(refused.headers["Retry-After"]) > 0
         first.close()
-        feed = client.server.app[FEED]
-        async with asyncio.timeout(5):
-            while feed.subscribers:
-                await asyncio.sleep(0.01)
-        again = await client.get("/feed")
-        assert again.status == 200
-        again.close()
+        await assert_a_new_stream_is_served(client)
 
     async def test_a_client_that_leaves_frees_its_place_at_once(self, make_client: ClientFactory) -> None:
         """A page reload reconnects at once; the closed stream used to hold the client's place (and
@@ -184,12 +189,7 @@ class TestFeedStream:
         assert b" 200 " in await reader.readline()
         assert feed.subscribers == 1
         writer.close()
-        async with asyncio.timeout(5):
-            while feed.subscribers:
-                await asyncio.sleep(0.05)
-        again = await client.get("/feed")
-        assert again.status == 200
-        again.close()
+        await assert_a_new_stream_is_served(client)
 
     async def test_idle_stream_carries_heartbeats(self, make_client: ClientFactory) -> None:
         client = await make_client(make_settings(feed={"heartbeat": 0.05}))
