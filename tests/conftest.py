@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import resource
+import signal
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -135,6 +138,20 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     """A real redis-server on a free loopback port, empty, stopped after the test."""
     with RedisServer(tmp_path) as server:
         yield server
+
+
+@contextlib.contextmanager
+def disk_full_at(size: int) -> Iterator[None]:
+    """Files of this process stop growing at `size` bytes, as on a full disk: the kernel cuts a write
+    short, then refuses the next (root ignores permissions, so a read-only directory would not do)."""
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
 
 
 def redis_settings(server: RedisServer, tiers: dict[str, Any] | None = None, **cache: Any) -> Settings:

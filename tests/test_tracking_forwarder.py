@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import resource
-import signal
 import sys
 import threading
 import time
@@ -19,11 +17,12 @@ from structlog.testing import capture_logs
 from image_service.config import TrackingSettings
 from image_service.priority import WORKER_NICE
 from image_service.tracking import TELEMETRY, Forwarder, Spool, TinybirdSink
+from image_service.tracking.batch import Rows
 from image_service.tracking.context import clear as clear_request
 from image_service.tracking.context import new_request
-from image_service.tracking.batch import Rows
 from image_service.tracking.sinks import FileSink
 
+from .conftest import disk_full_at
 from .events_api import EventsAPI, Fault
 
 Make = Callable[..., Forwarder]
@@ -249,17 +248,10 @@ async def test_rows_a_full_disk_cannot_spool_are_counted_not_silently_lost(
     api.down = True
     forwarder = make_forwarder(encoder_process=False)
     await forwarder.start()
-    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (0, hard))
-    try:
-        with capture_logs() as logs:
-            for n in range(10):
-                forwarder.queue.put(event(n))
-            await until(lambda: forwarder.stats.dropped["spool_unwritable"] == 10)
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, previous)
+    with disk_full_at(0), capture_logs() as logs:
+        for n in range(10):
+            forwarder.queue.put(event(n))
+        await until(lambda: forwarder.stats.dropped["spool_unwritable"] == 10)
     assert forwarder.health()["rowsDropped"] == 10 and forwarder.stats.spooled == 0
     assert "telemetry.spool_unwritable" in [e["event"] for e in logs]
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import resource
-import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +19,8 @@ from image_service.tracking.context import clear as clear_request
 from image_service.tracking.processor import CHUNK_GROUPS, TelemetryProcessor, unpack
 from image_service.tracking.rows import RowEncoder
 from image_service.tracking.spool import SpoolUnwritable
+
+from .conftest import disk_full_at
 
 
 def terminal(**fields: object) -> dict[str, object]:
@@ -499,7 +499,7 @@ class TestSpool:
         """The kernel cuts the write short, then refuses the next, as it does when the disk fills."""
         spool = self.make(tmp_path, segment_bytes=100_000)
         spool.append(Rows.of_lines(self.lines(0, 5)))
-        with self.disk_full_at(spool.total_bytes + 20), pytest.raises(SpoolUnwritable) as refused:
+        with disk_full_at(spool.total_bytes + 20), pytest.raises(SpoolUnwritable) as refused:
             spool.append(Rows.of_lines(self.lines(5, 10)))
         lost = refused.value.rows
         assert 0 < lost <= 10 and refused.value.error == "EFBIG"
@@ -543,21 +543,9 @@ class TestSpool:
         closed = len(list(tmp_path.glob("segment-*"))) - 1
         assert closed >= 2 and len(synced) == closed + 1 + 1  # every closed one, the open one, the directory
 
-    @contextlib.contextmanager
-    def disk_full_at(self, size: int) -> Iterator[None]:
-        """The file size limit stands in for a full disk (root ignores permissions)."""
-        previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
-        try:
-            yield
-        finally:
-            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-            signal.signal(signal.SIGXFSZ, previous)
-
     def test_failed_spills_leave_no_empty_segments(self, tmp_path: Path) -> None:
         spool = self.make(tmp_path)
-        with self.disk_full_at(0):
+        with disk_full_at(0):
             for n in range(5):
                 with pytest.raises(SpoolUnwritable):
                     spool.append(Rows.of_lines(self.lines(n, 1)))
@@ -571,7 +559,7 @@ class TestSpool:
         earlier.close()
         spool = Spool(tmp_path, max_bytes=300, segment_bytes=100)
         self.opened.append(spool)
-        with self.disk_full_at(0):
+        with disk_full_at(0):
             evicted = spool.open()
         assert evicted == 60 and list(tmp_path.iterdir()) == []
 

@@ -158,7 +158,7 @@ class Spool:
                     self._writer_rows += pieces
                     written += pieces
         except OSError as exc:
-            self._abandon_writer()
+            self._close_writer()  # what it holds is whole; the next rows go to a new segment
             self.stats.rows_written += written
             raise SpoolUnwritable(len(rows) - written, exc) from None
         self.stats.rows_written += len(rows)
@@ -178,20 +178,6 @@ class Spool:
             with contextlib.suppress(OSError):
                 os.ftruncate(writer.fileno(), self._writer_size)
             raise
-
-    def _abandon_writer(self) -> None:
-        """After a failed write: keep what the segment holds whole, and write the next rows elsewhere."""
-        writer, self._writer = self._writer, None
-        if writer is not None:
-            with contextlib.suppress(OSError):
-                writer.close()
-        if self._writer_path is not None and self._writer_size:
-            self._segments.append((self._writer_path, self._writer_size, self._writer_rows))
-            self._unsynced.append(self._writer_path)
-        elif self._writer_path is not None:
-            self._writer_path.unlink(missing_ok=True)  # nothing made it in: no empty file per failed spill
-        self._dirty = False
-        self._writer_path, self._writer_size, self._writer_rows = None, 0, 0
 
     def sync(self) -> None:
         """Flush and fsync the open segment and the adopted ones (the forwarder calls this at least
@@ -243,12 +229,15 @@ class Spool:
         would cost the machine what the once-a-second sync saves."""
         if self._writer is None:
             return
-        self._writer.close()
-        self._writer = None
+        writer, self._writer = self._writer, None
+        with contextlib.suppress(OSError):  # unbuffered: a failed close (a full disk) loses nothing
+            writer.close()
         if self._writer_path is not None and self._writer_size:
             self._segments.append((self._writer_path, self._writer_size, self._writer_rows))
             if self._dirty:
                 self._unsynced.append(self._writer_path)
+        elif self._writer_path is not None:
+            self._writer_path.unlink(missing_ok=True)  # nothing made it in: no empty file per failed spill
         self._dirty = False
         self._writer_path, self._writer_size, self._writer_rows = None, 0, 0
 
