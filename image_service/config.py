@@ -133,6 +133,8 @@ class TrackingSettings(_Section):
     api_key: SecretStr = SecretStr("")
     datasource: str = Field("pollinations_events", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     local_path: Path = Path("var/events.ndjson")
+    local_max_bytes: int = Field(256 * 1024**2, ge=0)
+    local_keep: int = Field(3, ge=1)
     spool_dir: Path = Path("var/spool")
     spool_max_bytes: int = Field(1024**3, gt=0)
     queue_size: int = Field(100_000, gt=0)

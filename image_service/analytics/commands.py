@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Settings, load_settings
+from ..tracking.sinks import rotated_files
 from .engine import AnalyticsError
 from .report import alert_payload, post_webhook, table
 from .source import DASHBOARD_PIPES, LocalSource, PipeSource, check_params, make_source, run_pipes
@@ -72,7 +73,7 @@ def _source(settings: Settings, args: argparse.Namespace) -> PipeSource:
     """The source to query; a local one must have its file: a mistyped path would otherwise read
     as a quiet service, and a cron alert job would stay silent for ever."""
     source = make_source(settings, choice=args.source)
-    if isinstance(source, LocalSource) and not source.events.is_file():
+    if isinstance(source, LocalSource) and not (source.events.is_file() or rotated_files(source.events)):
         raise AnalyticsError(
             f"no events file at {source.events} (--events or tracking.local_path; it appears with the server's first row)"
         )

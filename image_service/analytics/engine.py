@@ -22,6 +22,7 @@ from typing import Any, BinaryIO
 import orjson
 
 from ..tracking.rows import is_row_line
+from ..tracking.sinks import rotated_files
 from .datafile import PROJECT_DIR, Datasource, Pipe, datasource, endpoint_pipes
 from .template import TemplateError, render
 
@@ -91,7 +92,7 @@ class LocalEngine:
     def load_file(self, path: Path) -> None:
         """Bring the table up to date with the local sink's file, reading only what was appended.
         A file that is not the one read before (rotated: another inode, shorter, or not ending a
-        line where reading stopped) is read again from the start."""
+        line where reading stopped) is read again from the start, after its rotated files."""
         try:
             stat = path.stat()
             size, identity = stat.st_size, (stat.st_dev, stat.st_ino)
@@ -104,18 +105,27 @@ class LocalEngine:
         with path.open("rb") if size else contextlib.nullcontext() as handle:
             if handle is not None and offset and not _ends_a_line(handle, offset):
                 offset = 0
-            if offset == 0 and previous is not None:
-                self.truncate()
+            if offset == 0:
+                if previous is not None:
+                    self.truncate()
+                for old in reversed(rotated_files(path)):
+                    with contextlib.suppress(FileNotFoundError), old.open("rb") as rotated:
+                        self._read_lines(rotated, 0)
             if handle is not None and size > offset:
-                handle.seek(offset)
-                while chunk := handle.read(CHUNK_BYTES):
-                    complete = chunk[: chunk.rfind(b"\n") + 1]
-                    if not complete:
-                        break
-                    self._insert_lines(complete)
-                    offset += len(complete)
-                    handle.seek(offset)
+                offset = self._read_lines(handle, offset)
         self._loaded = (path, identity, offset)
+
+    def _read_lines(self, handle: BinaryIO, offset: int) -> int:
+        """Insert the whole lines from `offset` on; the answer is where they end."""
+        handle.seek(offset)
+        while chunk := handle.read(CHUNK_BYTES):
+            complete = chunk[: chunk.rfind(b"\n") + 1]
+            if not complete:
+                break
+            self._insert_lines(complete)
+            offset += len(complete)
+            handle.seek(offset)
+        return offset
 
     def _insert_lines(self, ndjson: bytes) -> None:
         """A torn line (a crash mid-write) costs only itself: ClickHouse's own error skipping takes

@@ -16,7 +16,7 @@ def make_sink(settings: TrackingSettings) -> Sink:
     key = settings.api_key.get_secret_value()
     if key:
         return TinybirdSink(settings.api_url, key, settings.datasource, settings.timeout, executor=None)
-    return FileSink(settings.local_path, executor=None)
+    return FileSink(settings.local_path, executor=None, max_bytes=settings.local_max_bytes, keep=settings.local_keep)
 
 
 class Tracking:

@@ -11,17 +11,20 @@ they wait for an idle core rather than take the loop's.
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import glob
 import os
 from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
 import aiohttp
+import structlog
 
 from ..priority import background_executor
 from .contract import Endpoint, Outcome, SendResult, classify, gzip, retry_after
 
-__all__ = ["FileSink", "Outcome", "SendResult", "Sink", "TinybirdSink"]
+__all__ = ["FileSink", "Outcome", "SendResult", "Sink", "TinybirdSink", "rotated_files"]
 
 
 class Sink(Protocol):
@@ -89,33 +92,81 @@ class TinybirdSink:
 
 
 class FileSink:
-    """Append NDJSON to a local file: exactly the rows production would send, for a newcomer to read."""
+    """Append NDJSON to a local file: exactly the rows production would send, for a newcomer to read.
+
+    Past `max_bytes` the file is rotated, logrotate-style: `events.ndjson.1` is the newest old
+    file, and the oldest beyond `keep` is deleted (0 = never rotate). Deleted rows were delivered,
+    to a file someone can read: retention, not telemetry loss."""
 
     name = "file"
 
-    def __init__(self, path: Path, executor: Executor | None) -> None:
+    def __init__(self, path: Path, executor: Executor | None, max_bytes: int = 0, keep: int = 1) -> None:
         self.path = path
+        self.max_bytes = max_bytes
+        self.keep = keep
         self._worker = _Worker(executor, "telemetry-file")
+        self._rotation_failed = False
 
-    def _append(self, parts: list[bytes]) -> None:
-        """The batch in one write to a file opened for appending: the workers of `serve --workers N`
-        share the file, and a buffered writer would interleave their batches mid-row."""
+    def _append(self, parts: list[bytes]) -> str | None:
+        """The batch in one write to a file opened for appending, under a lock on the directory:
+        the workers of `serve --workers N` share the file, a buffered writer would interleave their
+        batches mid-row, and two of them rotating at once would shift one file twice. The answer
+        is why rotation failed, if it did: the batch is in the file all the same."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         data = memoryview(b"".join(parts))
-        descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        directory = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            while data:
-                data = data[os.write(descriptor, data):]
-            os.fsync(descriptor)
+            fcntl.flock(directory, fcntl.LOCK_EX)
+            descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                while data:
+                    data = data[os.write(descriptor, data):]
+                os.fsync(descriptor)
+                size = os.fstat(descriptor).st_size
+            finally:
+                os.close(descriptor)
+            if not self.max_bytes or size < self.max_bytes:
+                return None
+            try:
+                self._rotate()
+            except OSError as exc:
+                return f"{type(exc).__name__}: {exc.strerror}"
+            return None
         finally:
-            os.close(descriptor)
+            os.close(directory)
+
+    def _rotate(self) -> None:
+        """Oldest first, so that no rename lands on a file not yet moved."""
+        for number, old in reversed(_numbered(self.path)):
+            if number >= self.keep:
+                old.unlink()
+            else:
+                old.rename(self.path.with_name(f"{self.path.name}.{number + 1}"))
+        self.path.rename(self.path.with_name(f"{self.path.name}.1"))
 
     async def send(self, parts: list[bytes], rows: int) -> SendResult:
         try:
-            await asyncio.get_running_loop().run_in_executor(self._worker.executor, self._append, parts)
+            failed = await asyncio.get_running_loop().run_in_executor(self._worker.executor, self._append, parts)
         except OSError as exc:
             return SendResult(Outcome.RETRY, detail=f"{type(exc).__name__}: {exc.strerror}")
+        if failed and not self._rotation_failed:
+            self._rotation_failed = True
+            structlog.get_logger("image_service.tracking").warning("telemetry.local_rotation_failed", path=str(self.path), error=failed)
         return SendResult(Outcome.SENT)
 
     async def close(self) -> None:
         self._worker.close()
+
+
+def _numbered(path: Path) -> list[tuple[int, Path]]:
+    found = [
+        (int(suffix), candidate)
+        for candidate in path.parent.glob(f"{glob.escape(path.name)}.*")
+        if (suffix := candidate.name[len(path.name) + 1:]).isdigit() and candidate.is_file()
+    ]
+    return sorted(found)
+
+
+def rotated_files(path: Path) -> list[Path]:
+    """`path`'s rotated files, newest first (`path.1`, `path.2`, …)."""
+    return [candidate for _, candidate in _numbered(path)]

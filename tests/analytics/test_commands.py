@@ -99,6 +99,17 @@ def test_a_missing_events_file_is_an_error_not_a_quiet_service(
     assert f"no events file at {missing}" in capsys.readouterr().err
 
 
+def test_stats_just_after_a_rotation_reads_the_rotated_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Between a rotation and the next batch only `events.ndjson.1` exists: that is traffic, not a typo."""
+    path = tmp_path / "events.ndjson"
+    path.with_name("events.ndjson.1").write_bytes(_terminal_rows(7, "flux"))
+    assert main(["stats", "--events", str(path), "--source", "local", "--bucket", "day", "--pipe", "request_volume"]) == 0
+    volume = capsys.readouterr().out.split("== request_volume (local) ==", 1)[1]
+    assert any("7" in line.split() for line in volume.splitlines())
+
+
 async def test_stats_reads_the_deployed_pipes_with_the_read_token(
     pipes_api: tuple[PipesAPI, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -223,9 +234,10 @@ def _requests_by_model(engine: LocalEngine, path: Path) -> dict[str, int]:
     return {row["model"]: row["n"] for row in models}
 
 
-def test_a_rotated_sink_file_is_read_again_from_its_start(engine: LocalEngine, tmp_path: Path) -> None:
-    """The dashboard's source reads only what was appended; after a rotation (a new file in the
-    same place, even a larger one) that would start mid-line or skip rows."""
+def test_a_rotated_sink_file_keeps_its_rows_on_the_dashboard(engine: LocalEngine, tmp_path: Path) -> None:
+    """The dashboard's source reads only what was appended. After a rotation (a new file in the
+    same place, even a larger one) that would start mid-line or skip rows, and the rotated file's
+    rows still count: the sink rotates by size, not by age."""
     engine.truncate()
     path = tmp_path / "events.ndjson"
     try:
@@ -233,12 +245,15 @@ def test_a_rotated_sink_file_is_read_again_from_its_start(engine: LocalEngine, t
         assert _requests_by_model(engine, path) == {"old": 40}
         path.rename(tmp_path / "events.ndjson.1")
         path.write_bytes(_terminal_rows(60, "new"))
-        assert _requests_by_model(engine, path) == {"new": 60}
+        assert _requests_by_model(engine, path) == {"old": 40, "new": 60}
         path.write_bytes(_terminal_rows(70, "same-inode"))  # truncated and rewritten in place
-        assert _requests_by_model(engine, path) == {"same-inode": 70}
+        assert _requests_by_model(engine, path) == {"old": 40, "same-inode": 70}
         with path.open("ab") as handle:
             handle.write(_terminal_rows(5, "appended"))
-        assert _requests_by_model(engine, path) == {"same-inode": 70, "appended": 5}
+        assert _requests_by_model(engine, path) == {"old": 40, "same-inode": 70, "appended": 5}
+        (tmp_path / "events.ndjson.1").rename(tmp_path / "events.ndjson.2")
+        path.rename(tmp_path / "events.ndjson.1")
+        assert _requests_by_model(engine, path) == {"old": 40, "same-inode": 70, "appended": 5}
     finally:
         engine.truncate()
 
