@@ -32,17 +32,22 @@ def bucket_of(start_time: str, bucket: str) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S")
 
 
-def requests(rows: Iterable[Row], params: dict[str, str]) -> list[Row]:
-    """One row per request (first copy of each event_id), within the parameters' filters."""
+def answered(row: Row) -> bool:
+    """A request the service answered (latency counts): not rejected, not refused as content, not cancelled."""
+    return row["status"] in ("success", "error") and row.get("error") != "cancelled"
+
+
+def requests(rows: Iterable[Row], params: dict[str, str], time: str = "start_time") -> list[Row]:
+    """One row per request (first copy of each event_id), within the parameters' filters (on `time`)."""
     seen: set[str] = set()
     chosen = []
     for row in rows:
         if row["event_id"] in seen or row["event"] not in TERMINAL:
             continue
         seen.add(row["event_id"])
-        if params.get("start") and row["start_time"] < params["start"]:
+        if params.get("start") and row[time] < params["start"]:
             continue
-        if params.get("end") and row["start_time"] >= params["end"]:
+        if params.get("end") and row[time] >= params["end"]:
             continue
         if any(params.get(key) and row[key] != params[key] for key in ("service_type", "model")):
             continue
@@ -50,11 +55,13 @@ def requests(rows: Iterable[Row], params: dict[str, str]) -> list[Row]:
     return chosen
 
 
-def grouped(rows: list[Row], params: dict[str, str], keys: tuple[str, ...], default_bucket: str) -> dict[tuple[Any, ...], list[Row]]:
+def grouped(
+    rows: list[Row], params: dict[str, str], keys: tuple[str, ...], default_bucket: str, time: str = "start_time"
+) -> dict[tuple[Any, ...], list[Row]]:
     bucket = params.get("bucket", default_bucket)
     groups: dict[tuple[Any, ...], list[Row]] = defaultdict(list)
     for row in rows:
-        groups[(bucket_of(row["start_time"], bucket), *(row[key] for key in keys))].append(row)
+        groups[(bucket_of(row[time], bucket), *(row[key] for key in keys))].append(row)
     return groups
 
 
@@ -113,8 +120,7 @@ def content_violations(rows: list[Row], params: dict[str, str]) -> dict[tuple[An
 
 def latency_percentiles(rows: list[Row], params: dict[str, str]) -> dict[tuple[Any, ...], dict[str, Any]]:
     out = {}
-    answered = [r for r in requests(rows, params) if r["status"] != "rejected"]
-    for key, g in grouped(answered, params, ("service_type", "model"), "hour").items():
+    for key, g in grouped([r for r in requests(rows, params) if answered(r)], params, ("service_type", "model"), "hour").items():
         values = [r["duration_ms"] for r in g]
         out[key] = {"requests": len(g), "p50_ms": quantile(values, 0.5), "p95_ms": quantile(values, 0.95),
                     "p99_ms": quantile(values, 0.99), "avg_ms": sum(values) / len(values)}
@@ -128,28 +134,29 @@ def anomalies(rows: list[Row], params: dict[str, str]) -> dict[tuple[Any, ...], 
     min_error_rate = float(params.get("min_error_rate", 0.01))
     min_rise = float(params.get("min_p95_rise_ms", 500))
     min_requests = int(params.get("min_requests", 10))
-    series: dict[tuple[str, str], list[tuple[str, int, int, float | None]]] = defaultdict(list)
-    for (t, service, model), g in sorted(grouped(requests(rows, params), params, ("service_type", "model"), "minute").items()):
+    series: dict[tuple[str, str], list[tuple[str, int, int, int, float | None]]] = defaultdict(list)
+    groups = grouped(requests(rows, params, "end_time"), params, ("service_type", "model"), "minute", "end_time")
+    for (t, service, model), g in sorted(groups.items()):
         errors = count(g, lambda r: r["status"] == "error")
-        answered = [r["duration_ms"] for r in g if r["status"] != "rejected"]
-        series[(service, model)].append((t, len(g), errors, quantile(answered, 0.95) if answered else None))
+        durations = [r["duration_ms"] for r in g if answered(r)]
+        series[(service, model)].append((t, len(g), errors, len(durations), quantile(durations, 0.95) if durations else None))
     out = {}
     for (service, model), windows in series.items():
-        for index, (t, total, errors, p95) in enumerate(windows):
+        for index, (t, total, errors, served, p95) in enumerate(windows):
             previous = windows[max(0, index - 12):index]
             rate = errors / total
             base_rate = sum(w[2] / w[1] for w in previous) / len(previous) if previous else None
-            p95s = [w[3] for w in previous if w[3] is not None]
+            p95s = [w[4] for w in previous if w[4] is not None]
             base_p95 = sum(p95s) / len(p95s) if p95s else None
             reasons = []
             if rate > max_error_rate:
                 reasons.append("error_rate_above_threshold")
-            if p95 is not None and p95 > max_p95:
+            if served >= min_requests and p95 is not None and p95 > max_p95:
                 reasons.append("p95_above_threshold")
             if (len(previous) >= 3 and errors > 0 and rate > min_error_rate and base_rate is not None
                     and rate > factor * base_rate):
                 reasons.append("error_rate_above_baseline")
-            if (len(p95s) >= 3 and p95 is not None and base_p95 is not None and p95 > factor * base_p95
+            if (served >= min_requests and len(p95s) >= 3 and p95 is not None and base_p95 is not None and p95 > factor * base_p95
                     and p95 - base_p95 > min_rise):
                 reasons.append("p95_above_baseline")
             if total >= min_requests and reasons and t >= params.get("since", ""):

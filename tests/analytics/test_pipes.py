@@ -206,3 +206,50 @@ def test_daily_windows_have_the_days_they_need_for_a_baseline(loaded: LocalEngin
 def test_an_unknown_bucket_is_refused(loaded: LocalEngine) -> None:
     with pytest.raises(Exception, match="bucket must be minute, hour or day"):
         loaded.run_pipe("request_volume", {"bucket": "week"})
+
+
+def test_a_check_just_after_a_timeout_ended_reports_it(loaded: LocalEngine, rows: list[dict[str, Any]]) -> None:
+    """Twenty requests start in one minute and time out 60 s later: their rows exist only from then
+    on, so a check that reports from the next minute must find them there, not in the minute past."""
+    timeouts = _minute_rows(0, [60000.0] * 20, [504] * 20)
+    ended = datetime.fromisoformat(max(row["end_time"] for row in timeouts)).replace(second=0, microsecond=0)
+    (fired,) = _run_on(loaded, timeouts, rows, "anomalies", {"since": ended.strftime("%Y-%m-%d %H:%M:%S")})
+    assert fired["t"] == ended.strftime("%Y-%m-%d %H:%M:%S") and fired["errors"] == 20
+    assert set(fired["reasons"]) == {"error_rate_above_threshold", "p95_above_threshold"}
+
+
+def test_a_few_slow_answers_among_rejections_do_not_fire_a_latency_alert(loaded: LocalEngine, rows: list[dict[str, Any]]) -> None:
+    """One client's burst: seven 429s and five answers queued 19 s behind each other. Five answers
+    are below min_requests, whatever the rejections add to the window's count."""
+    burst = _minute_rows(0, [1.0] * 7 + [19000.0] * 5, [429] * 7 + [200] * 5)
+    assert _run_on(loaded, burst, rows, "anomalies", {}) == []
+
+
+def test_latency_counts_only_requests_the_service_answered(loaded: LocalEngine, rows: list[dict[str, Any]]) -> None:
+    """A prompt refused as content answers at once; a request cancelled at shutdown was never answered."""
+    minute = _minute_rows(0, [50.0, 70.0, 1.0, 1.0, 30000.0], [200, 502, 451, 451, 503])
+    minute[-1]["error"] = "cancelled"
+    (latency,) = _run_on(loaded, minute, rows, "latency_percentiles", {"bucket": "minute"})
+    assert latency["requests"] == 2 and latency["p50_ms"] == 60.0
+
+
+def test_an_end_alone_reaches_back_a_day_from_it(loaded: LocalEngine, rows: list[dict[str, Any]]) -> None:
+    old = [build_row({
+        "event": "request.completed", "stage": "response", "status": 200, "_ts": time.time() - 3 * 86400 + i,
+        "request_start": time.time() - 3 * 86400 + i, "duration_ms": 5.0, "model": "flux",
+    }) for i in range(50)]
+    (volume,) = _run_on(loaded, old, rows, "request_volume", {"bucket": "day", "end": _at(time.time() - 2 * 86400)})
+    assert volume["requests"] == 50
+
+
+def test_the_default_range_starts_on_a_bucket_boundary(loaded: LocalEngine, rows: list[dict[str, Any]]) -> None:
+    """One request an hour for three days: yesterday's daily bucket holds all 24, not the part of
+    it after this time yesterday."""
+    now = time.time()
+    hourly = [build_row({
+        "event": "request.completed", "stage": "response", "status": 200, "_ts": now - hour * 3600,
+        "request_start": now - hour * 3600, "duration_ms": 5.0, "model": "flux",
+    }) for hour in range(72)]
+    yesterday = datetime.fromtimestamp(now - 86400, UTC).strftime("%Y-%m-%d 00:00:00")
+    volume = {row["t"]: row["requests"] for row in _run_on(loaded, hourly, rows, "request_volume", {"bucket": "day"})}
+    assert volume[yesterday] == 24 and min(volume) == yesterday
