@@ -16,7 +16,12 @@ def _cell(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1e6 else f"{value:.0f}"
+        # Four significant digits for rates and milliseconds, but never an exponent: "1.903e+04 ms"
+        # in an alert is a latency an operator has to decode.
+        if abs(value) >= 1000:
+            return f"{value:.0f}"
+        text = f"{value:.4g}"
+        return text if "e" not in text else f"{value:.8f}".rstrip("0")
     if isinstance(value, list):
         return ",".join(_cell(item) for item in value)
     return str(value)

@@ -11,7 +11,7 @@ import asyncio
 import os
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
 from datetime import datetime
 from pathlib import Path
@@ -38,6 +38,8 @@ PARAMETERS = (
     "start", "end", "since", "bucket", "service_type", "model", "max_error_rate", "max_p95_ms", "factor",
     "min_error_rate", "min_p95_rise_ms", "min_requests",
 )
+# A pipe and its parameters.
+Query = tuple[str, Mapping[str, str]]
 NUMBERS = ("max_error_rate", "max_p95_ms", "factor", "min_error_rate", "min_p95_rise_ms", "min_requests")
 
 
@@ -84,6 +86,8 @@ class PipeSource(Protocol):
 
     async def run(self, pipe: str, params: Mapping[str, str]) -> dict[str, Any]: ...
 
+    async def run_many(self, queries: Sequence[Query]) -> dict[str, dict[str, Any]]: ...
+
     async def close(self) -> None: ...
 
 
@@ -97,11 +101,14 @@ class LocalSource:
         self.project = project
         self._executor = executor
         self._engine: Any = None
-        # Pipes run concurrently in a thread pool: one engine, and one load of the file at a time,
-        # or a query can run against a table another thread is still (re)loading.
+        # Callers run in a thread pool: one engine, and one load-and-query at a time (chdb runs one
+        # query at a time anyway), or a query can run against a table another thread is reloading.
         self._lock = threading.Lock()
 
-    def run_sync(self, pipe: str, params: Mapping[str, str]) -> dict[str, Any]:
+    def run_sync(self, queries: Sequence[Query]) -> dict[str, dict[str, Any]]:
+        """The pipes over one load of the file, under the lock throughout: the answers of one
+        dashboard refresh are one snapshot (rows that landed between two pipes made their totals
+        disagree), and no other caller reloads the table under a query."""
         with self._lock:
             if self._engine is None:
                 try:
@@ -110,11 +117,14 @@ class LocalSource:
                     raise AnalyticsError("local analytics need chdb: pip install 'image-service[analytics]'") from None
                 self._engine = LocalEngine(self.project)
             self._engine.load_file(self.events)
-            engine = self._engine
-        return dict(engine.run_pipe(pipe, params))
+            return {pipe: dict(self._engine.run_pipe(pipe, params)) for pipe, params in queries}
 
     async def run(self, pipe: str, params: Mapping[str, str]) -> dict[str, Any]:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self.run_sync, pipe, dict(params))
+        return (await self.run_many([(pipe, params)]))[pipe]
+
+    async def run_many(self, queries: Sequence[Query]) -> dict[str, dict[str, Any]]:
+        frozen = [(pipe, dict(params)) for pipe, params in queries]
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self.run_sync, frozen)
 
     async def close(self) -> None:
         if self._engine is not None:
@@ -154,6 +164,10 @@ class TinybirdSource:
             raise AnalyticsError(f"{pipe}: Tinybird answered {status}: {detail}")
         return answer
 
+    async def run_many(self, queries: Sequence[Query]) -> dict[str, dict[str, Any]]:
+        answers = await asyncio.gather(*(self.run(pipe, params) for pipe, params in queries))
+        return {pipe: answer for (pipe, _), answer in zip(queries, answers, strict=True)}
+
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
@@ -171,5 +185,4 @@ def make_source(settings: Settings, executor: Executor | None = None, choice: st
 
 async def run_pipes(source: PipeSource, pipes: tuple[str, ...], params: Mapping[str, str]) -> dict[str, Any]:
     """Several pipes at once: {pipe: answer}."""
-    answers = await asyncio.gather(*(source.run(pipe, params) for pipe in pipes))
-    return dict(zip(pipes, answers, strict=True))
+    return await source.run_many([(pipe, params) for pipe in pipes])

@@ -110,6 +110,17 @@ def test_stats_just_after_a_rotation_reads_the_rotated_file(
     assert any("7" in line.split() for line in volume.splitlines())
 
 
+def test_figures_are_printed_without_an_exponent() -> None:
+    """A p95 of 19 s read "1.903e+04" in `stats` and in the alert's text."""
+    from image_service.analytics.report import alert_payload, table
+
+    row = {"t": "2026-01-01 00:00:00", "service_type": "image", "model": "flux", "p95_ms": 19030.4,
+           "error_rate": 0.00001234, "requests": 12, "reasons": ["p95_above_threshold"]}
+    printed = table({"data": [row]})
+    assert "19030" in printed and "0.00001234" in printed and "e+" not in printed and "e-" not in printed
+    assert "p95 19030 ms" in alert_payload([row], {}, "local")["text"]
+
+
 async def test_stats_reads_the_deployed_pipes_with_the_read_token(
     pipes_api: tuple[PipesAPI, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -215,6 +226,30 @@ async def test_concurrent_pipes_on_a_fresh_local_source_all_see_the_rows(events:
             finally:
                 await source.close()
             assert [bool(answers[pipe]["data"]) for pipe in pipes] == [True] * len(pipes)
+
+
+async def test_one_dashboard_answer_is_one_snapshot_of_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows land while the pipes run (a busy server); every pipe of one answer counts the same rows."""
+    from image_service.analytics.engine import LocalEngine
+    from image_service.analytics.source import LocalSource, run_pipes
+
+    events = tmp_path / "events.ndjson"
+    events.write_bytes(_terminal_rows(10, "flux"))
+    run_pipe = LocalEngine.run_pipe
+
+    def run_then_more_rows_land(self: LocalEngine, pipe: str, params: Any = None) -> Any:
+        with events.open("ab") as handle:
+            handle.write(_terminal_rows(5, "flux"))
+        return run_pipe(self, pipe, params)
+
+    monkeypatch.setattr(LocalEngine, "run_pipe", run_then_more_rows_land)
+    source = LocalSource(events)
+    try:
+        answers = await run_pipes(source, ("request_volume", "error_rates", "tier_distribution"), {"bucket": "day"})
+    finally:
+        await source.close()
+    totals = {pipe: sum(row["requests"] for row in answer["data"]) for pipe, answer in answers.items()}
+    assert totals == {"request_volume": 10, "error_rates": 10, "tier_distribution": 10}
 
 
 def _terminal_rows(count: int, model: str) -> bytes:

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 from playwright.async_api import async_playwright
 
 from image_service.app import TRACKING
+from image_service.tracking.rows import build_row
 
 from ..conftest import ClientFactory, make_settings
 from .conftest import ROOT
@@ -46,6 +50,27 @@ async def test_dashboard_data_answers_every_pipe_from_the_local_sink(busy_client
     cache = body["pipes"]["cache_hit_rate"]["data"]
     assert sum(row["hits"] for row in cache) == 1 and sum(row["lookups"] for row in cache) == 3
     assert {column["name"] for column in body["pipes"]["latency_percentiles"]["meta"]} >= {"p50_ms", "p95_ms", "p99_ms"}
+
+
+async def test_the_dashboard_shows_the_anomalies_alerts_check_fires_on(
+    make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Twenty failures in the last minute of an hour of 400 good requests: 4.8 % over the hour
+    (charted by the hour) but every request of that minute, which is what `alerts check` fires on."""
+    monkeypatch.delenv("TINYBIRD_READ_TOKEN", raising=False)
+    hour = (int(time.time()) // 3600 - 1) * 3600
+    rows = [{"status": 200, "request_start": hour + i * 8.7} for i in range(400)]
+    rows += [{"status": 504, "request_start": hour + 3540 + i} for i in range(20)]
+    events = tmp_path / "events.ndjson"
+    events.write_bytes(b"".join(orjson.dumps(build_row({
+        "event": "request.completed", "stage": "response", "_ts": row["request_start"] + 0.1, "duration_ms": 100.0,
+        "model": "flux", **row,
+    })) + b"\n" for row in rows))
+    client = await make_client(make_settings(tracking={"local_path": str(events)}))
+    body = await (await client.get("/dashboard/data?bucket=hour")).json()
+    (fired,) = body["pipes"]["anomalies"]["data"]
+    assert fired["t"] == datetime.fromtimestamp(hour + 3540, UTC).strftime("%Y-%m-%d %H:%M:%S") and fired["errors"] == 20
+    assert [row["error_rate"] for row in body["pipes"]["error_rates"]["data"]] == [20 / 420]
 
 
 @pytest.mark.parametrize(("query", "named"), [
