@@ -57,6 +57,8 @@ class GenerationSettings(_Section):
     timeout: float = Field(60.0, gt=0)
     # Images being generated, moderated and encoded at once in this process, over every client and backend.
     max_concurrent: int = Field(32, ge=1)
+    # Seconds of `timeout` (at most half of it) kept for a model's fallbacks when its primary does not answer.
+    fallback_reserve: float = Field(10.0, ge=0)
 
 
 class CacheSettings(_Section):

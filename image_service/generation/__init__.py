@@ -3,8 +3,10 @@
 Backends implement `Backend` (base.py): `embedded` (built in), `openai` (openai_compat.py),
 `workers` (workers.py) and `pollinations` (upstream.py). A model names a primary backend and an
 ordered `fallback` list; `Generator` tries them in turn, skipping at once a backend whose breaker is
-open, and counts every failure by reason. The whole attempt is bounded by `generation.timeout`;
-each network backend also bounds its own calls (connect and total timeouts). When every backend
+open, and counts every failure by reason. The whole attempt is bounded by `generation.timeout`, of
+which `generation.fallback_reserve` (at most half) is kept for the fallbacks: a backend still silent by then has
+timed out, and that counts towards its breaker. Each network backend also bounds its own calls
+(connect and total timeouts). When every backend
 fails, the last one tried decides the client's answer: 504 for a timeout, 503 when it had no
 capacity (or no backend could be tried at all), 502 otherwise.
 """
@@ -24,7 +26,7 @@ from ..config import BackendSettings, Settings
 from ..errors import BackendUnavailable, GenerationError, GenerationTimeout, ServiceError
 from ..params import ImageParams
 from .base import Backend, BackendError, BackendTimeout, GeneratedImage, NoCapacity
-from .breaker import CircuitBreaker, Clock
+from .breaker import BreakerState, CircuitBreaker, Clock
 from .embedded import EmbeddedBackend
 from .openai_compat import OpenAIBackend
 from .references import ReferenceFetcher
@@ -81,6 +83,7 @@ class Generator:
         self._costs = {model: spec.cost for model, spec in settings.models.items()}
         self._backends = dict(backends)
         self._timeout = settings.generation.timeout
+        self._fallback_reserve = min(settings.generation.fallback_reserve, self._timeout / 2)
         self._breakers: dict[str, CircuitBreaker] = {}
         for name in self._backends:
             spec = settings.backends.get(name, UNCONFIGURED)
@@ -116,21 +119,36 @@ class Generator:
         chain = [name for name in self._chains.get(params.model, ()) if name in self._backends]
         if not chain:
             raise BackendUnavailable(f"no backend serves model {params.model!r}")
-        try:
-            async with asyncio.timeout(self._timeout):
-                return await self._first_success(chain, params)
-        except TimeoutError:
-            raise GenerationTimeout(f"no backend answered within {self._timeout:g} s") from None
+        return await self._first_success(chain, params, asyncio.get_running_loop().time() + self._timeout)
 
-    async def _first_success(self, chain: list[str], params: ImageParams) -> GeneratedImage:
+    def _cutoff(self, chain: list[str], index: int, deadline: float) -> float:
+        """When backend `index` is given up on: the deadline, less the reserve while a later backend
+        of the chain could still be tried (a hung primary otherwise took the fallback's time too)."""
+        later = any(self._breakers[name].state is not BreakerState.OPEN for name in chain[index + 1:])
+        return deadline - self._fallback_reserve if later else deadline
+
+    async def _first_success(self, chain: list[str], params: ImageParams, deadline: float) -> GeneratedImage:
         failure: GenerationError | None = None
-        for name in chain:
+        loop = asyncio.get_running_loop()
+        for index, name in enumerate(chain):
+            cutoff = self._cutoff(chain, index, deadline)
+            if cutoff <= loop.time():
+                continue
             breaker = self._breakers[name]
             if not breaker.allow():
                 self._failures[name]["breaker_open"] += 1
                 continue
             try:
-                generated = await self._backends[name].generate(params)
+                async with asyncio.timeout_at(cutoff):
+                    generated = await self._backends[name].generate(params)
+            except TimeoutError:
+                # Out of time: the backend's failure, as much as a timeout of its own (which a
+                # retry inside the backend would otherwise hide), and it counts towards its breaker.
+                breaker.record_failure()
+                self._failures[name]["timeout"] += 1
+                log.warning("generation.backend_failed", backend=name, reason="timeout")
+                failure = GenerationTimeout(f"no backend answered within {self._timeout:g} s")
+                continue
             except BackendError as exc:
                 if exc.trips_breaker:
                     breaker.record_failure()
@@ -141,7 +159,7 @@ class Generator:
                 failure = _client_error(exc)
                 continue
             except (ServiceError, asyncio.CancelledError):
-                # The request's own fault (a refused reference) or the deadline: not the backend's.
+                # The request's own fault (a refused reference), or it was cancelled: not the backend's.
                 breaker.release()
                 raise
             except Exception as exc:

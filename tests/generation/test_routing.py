@@ -264,3 +264,38 @@ class TestUpstreamChaining:
         assert response.status == 502 and "not" in (await response.json())["message"]
         health = await (await client.get("/health")).json()
         assert health["generation"]["mirror"]["failures"] == {reason: 1}
+
+
+class TestDeadline:
+    async def test_a_hung_primary_leaves_time_for_the_fallback_and_opens_its_breaker(
+        self, serve: Serve, make_client: ClientFactory
+    ) -> None:
+        """The primary retries inside itself past the deadline; the fallback still answers in time,
+        and the silent primary counts as failing, so the next requests skip it at once."""
+        hang = OpenAIImages(mode="hang")
+        settings = make_settings(
+            backends={"gpu": fast(type="openai", base_url=base_url(await serve(hang)), timeout=5.0, breaker_failures=2)},
+            models={"flux": {"backend": "gpu", "fallback": ["embedded"], "default_side": 32}},
+            generation={"timeout": 1.0, "fallback_reserve": 0.5},
+        )
+        client = await make_client(settings)
+        for seed in range(2):
+            assert (await client.get(f"/prompt/fox?model=flux&seed={seed}")).status == 200
+        health = (await (await client.get("/health")).json())["generation"]["gpu"]
+        assert health == {"provider": health["provider"], "breaker": "open", "failures": {"timeout": 2}}
+        assert (await client.get("/prompt/fox?model=flux&seed=3")).status == 200
+        assert len(hang.requests) == 2
+
+    async def test_a_hung_backend_without_fallback_answers_504_and_counts_the_timeout(
+        self, serve: Serve, make_client: ClientFactory
+    ) -> None:
+        hang = OpenAIImages(mode="hang")
+        settings = make_settings(
+            backends={"gpu": fast(type="openai", base_url=base_url(await serve(hang)), timeout=5.0)},
+            models={"flux": {"backend": "gpu", "default_side": 32}},
+            generation={"timeout": 0.5},
+        )
+        client = await make_client(settings)
+        response = await client.get("/prompt/fox?model=flux")
+        assert response.status == 504 and "within 0.5 s" in (await response.json())["message"]
+        assert (await (await client.get("/health")).json())["generation"]["gpu"]["failures"] == {"timeout": 1}
