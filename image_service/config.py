@@ -214,6 +214,9 @@ class WorkerSettings(_Section):
     # Concurrent generations per worker unless it announces its own `concurrency`.
     concurrency: int = Field(1, ge=1, le=256)
     max_workers: int = Field(256, ge=1)
+    # A worker failing this many times in a row rests this many seconds (used only if all others rest).
+    rest_after_failures: int = Field(3, ge=1)
+    rest_seconds: float = Field(30.0, gt=0)
 
 
 class ReferenceSettings(_Section):

@@ -10,6 +10,9 @@ Workers announce `POST /register {url, type[, concurrency]}` with `Authorization
 worker not heard from for `workers.heartbeat_timeout` seconds gets no more requests. A request goes
 to the least busy active worker of the backend's type (busy / concurrency, then least recently
 used), waits while every worker is at its concurrency, and moves to another worker after a failure.
+A worker that fails `workers.rest_after_failures` times in a row rests for `workers.rest_seconds`:
+it gets requests only when every worker of its type rests, and one success ends its streak (a
+broken worker that heartbeats fails fast, so it always looked the least busy).
 The worker's safety flags travel in `GeneratedImage.backend_flags` (keys in base.py).
 """
 
@@ -55,6 +58,9 @@ class Worker:
     served: int = 0
     failures: int = 0
     last_pick: int = 0
+    # Failures of the worker's own (not refusals, not cancellations) since its last success.
+    streak: int = 0
+    resting_until: float = 0.0
 
 
 def _is_http_url(text: str) -> bool:
@@ -127,11 +133,14 @@ class WorkerRegistry:
         return [w for w in self._workers.values() if w.type == kind and self._is_active(w, now)]
 
     async def acquire(self, kind: str, exclude: Collection[str] = ()) -> Worker:
-        """The least busy active worker of `kind` not in `exclude`; waits while all are at capacity."""
+        """The least busy active worker of `kind` not in `exclude`, resting ones only when all rest;
+        waits while all are at capacity."""
         while True:
             candidates = [w for w in self.active(kind) if w.url not in exclude]
             if not candidates:
                 raise NoCapacity(f"no active {kind!r} worker is registered", "no_workers")
+            now = self._clock()
+            candidates = [w for w in candidates if w.resting_until <= now] or candidates
             free = [w for w in candidates if w.busy < w.concurrency]
             if free:
                 worker = min(free, key=lambda w: (w.busy / w.concurrency, w.last_pick))
@@ -145,12 +154,19 @@ class WorkerRegistry:
             except TimeoutError:
                 pass
 
-    def release(self, worker: Worker, ok: bool) -> None:
+    def release(self, worker: Worker, ok: bool, fault: bool = False) -> None:
+        """`fault`: the failure was the worker's own (counted towards a rest)."""
         worker.busy -= 1
         if ok:
             worker.served += 1
+            worker.streak, worker.resting_until = 0, 0.0
         else:
             worker.failures += 1
+        if fault:
+            worker.streak += 1
+            if worker.streak >= self._settings.rest_after_failures:
+                worker.resting_until = self._clock() + self._settings.rest_seconds
+                log.warning("worker.resting", worker=worker.url, failures=worker.streak, seconds=self._settings.rest_seconds)
         self._freed.set()
 
     def snapshot(self) -> list[dict[str, Any]]:
@@ -159,6 +175,7 @@ class WorkerRegistry:
             {
                 "url": w.url, "type": w.type, "active": self._is_active(w, now), "busy": w.busy,
                 "concurrency": w.concurrency, "served": w.served, "failures": w.failures,
+                "restingSecondsLeft": round(max(w.resting_until - now, 0.0), 3),
                 "lastSeenSecondsAgo": round(now - w.last_seen, 3),
             }
             for w in sorted(self._workers.values(), key=lambda w: (w.type, w.url))
@@ -211,7 +228,7 @@ class WorkerBackend:
                 if last is not None:
                     raise last from None
                 raise
-            ok = False
+            ok = fault = False
             try:
                 image, flags = await self._call(worker, params)
                 ok = True
@@ -219,9 +236,9 @@ class WorkerBackend:
             except BackendError as exc:
                 log.warning("worker.failed", backend=self.name, worker=worker.url, reason=exc.reason)
                 tried.add(worker.url)
-                last = exc
+                last, fault = exc, exc.trips_breaker
             finally:
-                self._registry.release(worker, ok)
+                self._registry.release(worker, ok, fault)
         assert last is not None
         raise last
 

@@ -248,6 +248,22 @@ class TestWorkerBackend:
         listing = {w["url"]: w for w in await (await client.get("/register", headers=AUTH)).json()}
         assert listing[broken_url]["failures"] == len(broken.requests) >= 1
 
+    async def test_a_worker_that_keeps_failing_rests_while_a_healthy_one_serves(
+        self, serve: Serve, make_client: ClientFactory
+    ) -> None:
+        """Two broken workers that still heartbeat fail fast, so they always looked the least busy:
+        half the requests failed while the healthy worker idled. Three failures in a row rest them."""
+        broken, healthy = [GPUWorker(mode="error500"), GPUWorker(mode="error500")], GPUWorker()
+        client = await make_client(worker_settings(max_attempts=1, breaker_failures=100))
+        broken_urls = [base_url(await serve(worker)) for worker in broken]
+        for url in broken_urls:
+            await register(client, url)
+        await register(client, base_url(await serve(healthy)))
+        statuses = [(await client.get(f"/prompt/dog{i}?model=flux&width=32&height=32")).status for i in range(16)]
+        assert statuses.count(502) == 6 and statuses[-6:] == [200] * 6
+        listing = {w["url"]: w for w in await (await client.get("/register", headers=AUTH)).json()}
+        assert [(listing[url]["failures"], listing[url]["restingSecondsLeft"] > 0) for url in broken_urls] == [(3, True)] * 2
+
     async def test_no_registered_worker_is_503(self, make_client: ClientFactory) -> None:
         client = await make_client(worker_settings())
         response = await client.get("/prompt/cat?model=flux&width=32&height=32")
