@@ -17,7 +17,7 @@ import orjson
 from aiohttp import web
 from PIL import Image
 
-MODES = ("ok", "error500", "refused", "hang", "malformed", "oversized", "not_image", "wrong_size")
+MODES = ("ok", "error500", "refused", "hang", "malformed", "oversized", "not_image", "wrong_size", "round16")
 
 
 def png(width: int, height: int, colour: tuple[int, int, int] = (200, 40, 40)) -> bytes:
@@ -48,7 +48,9 @@ class FakeService:
 
     def image_bytes(self, width: int, height: int) -> bytes:
         if self.mode == "wrong_size":
-            return png(width + 1, height)
+            return png(width + 100, height)
+        if self.mode == "round16":  # as diffusion workers do
+            return png(width // 16 * 16, height // 16 * 16)
         if self.mode == "not_image":
             return b"<html>definitely not an image</html>"
         return png(width, height)

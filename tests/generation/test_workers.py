@@ -264,6 +264,20 @@ class TestWorkerBackend:
         listing = {w["url"]: w for w in await (await client.get("/register", headers=AUTH)).json()}
         assert [(listing[url]["failures"], listing[url]["restingSecondsLeft"] > 0) for url in broken_urls] == [(3, True)] * 2
 
+    async def test_a_worker_that_rounds_sizes_serves_the_size_asked_for(self, serve: Serve, make_client: ClientFactory) -> None:
+        """A 1001-wide request answered 992 wide was a 502 that tripped the breaker: two such
+        requests from one client cut the backend off for everyone."""
+        worker = GPUWorker(mode="round16")
+        client = await make_client(worker_settings(breaker_failures=2))
+        await register(client, base_url(await serve(worker)))
+        for seed in range(3):
+            response = await client.get(f"/prompt/fox?model=flux&width=1001&height=301&seed={seed}")
+            assert response.status == 200
+            assert Image.open(io.BytesIO(await response.read())).size == (1001, 301)
+        assert (worker.requests[0]["width"], worker.requests[0]["height"]) == (1001, 301)
+        health = (await (await client.get("/health")).json())["generation"]["flux"]
+        assert health["breaker"] == "closed" and health["failures"] == {}
+
     async def test_no_registered_worker_is_503(self, make_client: ClientFactory) -> None:
         client = await make_client(worker_settings())
         response = await client.get("/prompt/cat?model=flux&width=32&height=32")
