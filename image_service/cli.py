@@ -35,7 +35,7 @@ from .analytics.commands import run as run_analytics
 from .config import ConfigError, Settings, load_settings
 from .tracking.spool import share_out, worker_directory
 
-# Seconds the supervisor allows a stopping worker beyond server.shutdown_timeout before killing it.
+# Seconds the supervisor allows a stopping worker beyond its request and telemetry deadlines before killing it.
 WORKER_EXIT_GRACE = 10.0
 MAX_WORKERS = 256
 # The exit status of a configuration mistake (bad settings, a port in use): fix it, do not restart.
@@ -194,6 +194,9 @@ def _supervise(settings: Settings, workers: int) -> int:
         nonlocal stopping
         stopping = True
 
+    # A worker's stop is its requests, then its telemetry's flush, then the spool: killed before the
+    # last, it lost the rows it still held.
+    patience = settings.server.shutdown_timeout + settings.tracking.shutdown_timeout + WORKER_EXIT_GRACE
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     # spawn, not fork: each worker starts from a clean interpreter, no inherited threads or loops.
     context = multiprocessing.get_context("spawn")
@@ -214,16 +217,19 @@ def _supervise(settings: Settings, workers: int) -> int:
         for process in processes:
             if process.is_alive() and process.pid is not None:
                 os.kill(process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + settings.server.shutdown_timeout + WORKER_EXIT_GRACE
+        deadline = time.monotonic() + patience
         for process in processes:
             process.join(max(0.0, deadline - time.monotonic()))
     finally:
-        for process in processes:
-            if process.is_alive():
-                process.kill()
-                process.join()
+        killed = [process for process in processes if process.is_alive()]
+        for process in killed:
+            process.kill()
+            process.join()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if killed:
+        print(f"image-service: {killed[0].name} had not stopped after {patience:g} s; killed", file=sys.stderr)
+        return 1
     if crashed and crashed[0].exitcode == CANNOT_START:
         print("image-service: a worker could not start (above); stopped the others", file=sys.stderr)
         return CANNOT_START
@@ -234,7 +240,11 @@ def _supervise(settings: Settings, workers: int) -> int:
         )
         return 1
     # A worker stopped before it installed its signal handlers dies of the SIGTERM itself: still clean.
-    return 0 if all(process.exitcode in (0, -signal.SIGTERM) for process in processes) else 1
+    failed = [process for process in processes if process.exitcode not in (0, -signal.SIGTERM)]
+    if failed:
+        print(f"image-service: {failed[0].name} exited with status {failed[0].exitcode} while stopping", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -117,6 +117,43 @@ def test_serve_with_two_workers_shares_the_port_and_stops_all_on_sigterm(tmp_pat
     assert sorted(path.name for path in (tmp_path / "var/spool").iterdir()) == ["worker-0", "worker-1"]
 
 
+def test_workers_stopping_keep_their_telemetry_when_the_sink_hangs(tmp_path: Path) -> None:
+    """SIGTERM to the supervisor while Tinybird hangs: each worker spends tracking.shutdown_timeout
+    flushing, then spools. The supervisor used to kill them first (its patience left the flush out),
+    losing the rows, and exited 1 without a word."""
+    port = free_port()
+    with socket.socket() as silent_sink:
+        silent_sink.bind(("127.0.0.1", 0))
+        silent_sink.listen(64)  # accepts connections, never answers
+        process = subprocess.Popen(
+            [sys.executable, "-m", "image_service", "serve", "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "2"],
+            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env={**os.environ, "TINYBIRD_API_URL": f"http://127.0.0.1:{silent_sink.getsockname()[1]}",
+                 "TINYBIRD_API_KEY": "p.test", "IMAGE_SERVICE_TRACKING__TIMEOUT": "30",
+                 "IMAGE_SERVICE_TRACKING__SHUTDOWN_TIMEOUT": "11", "IMAGE_SERVICE_SERVER__SHUTDOWN_TIMEOUT": "0.5",
+                 "IMAGE_SERVICE_MODERATION__IMAGE": "none"},
+        )
+        try:
+            wait_until_listening(port, process)
+            end = time.monotonic() + 20
+            while listening_sockets(port) < 2:
+                assert time.monotonic() < end, "the second worker did not start listening"
+                time.sleep(0.05)
+            for n in range(8):
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/prompt/fox{n}?width=32&height=32", timeout=10) as reply:
+                    assert reply.status == 200
+            time.sleep(1.5)  # the first batch leaves, and hangs
+            process.send_signal(signal.SIGTERM)
+            _, stderr = process.communicate(timeout=60)
+        finally:
+            process.kill()
+    assert process.returncode == 0, stderr.decode()
+    spooled = [json.loads(line) for segment in (tmp_path / "var/spool").glob("worker-*/segment-*.ndjson")
+               for line in segment.read_bytes().splitlines() if line.strip()]
+    assert len({row["message_id"] for row in spooled if row["event"] == "request.completed"}) == 8
+
+
 def test_workers_must_be_a_positive_number(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "image_service", "serve", "--workers", "0"],
