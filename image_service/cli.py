@@ -20,6 +20,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -121,13 +122,21 @@ COMMANDS = {
 def _run_service(settings: Settings, *, reuse_port: bool) -> None:
     """The whole service in this process until SIGTERM; a worker shares its port with its siblings."""
     from .app import create_app
-    from .params import longest_request_line
     from .tracking import configure_logging
 
     configure_logging(settings.server.log_format, settings.server.log_level, cache_loggers=True)
     app = create_app(settings)
     app.on_startup.append(_freeze_startup_heap)
     app.on_shutdown.insert(0, _absorb_further_signals)
+    try:
+        _run_app(app, settings, reuse_port)
+    except socket.gaierror as exc:  # aiohttp's message names neither the host nor the setting
+        raise ConfigError(f"server.host {settings.server.host!r} is no address to listen on ({exc.strerror})") from None
+
+
+def _run_app(app: web.Application, settings: Settings, reuse_port: bool) -> None:
+    from .params import longest_request_line
+
     web.run_app(
         app,
         host=settings.server.host,

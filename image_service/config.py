@@ -158,6 +158,21 @@ class TrackingSettings(_Section):
 
     _api_url = field_validator("api_url")(_http_url)
 
+    @field_validator("local_path", "spool_dir", mode="before")
+    @classmethod
+    def _path_given(cls, value: Any) -> Any:
+        """An empty variable would be ".": the sink would write into a directory, the spool into the working one."""
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("must be a path, not empty")
+        return value
+
+    @field_validator("local_path")
+    @classmethod
+    def _a_file(cls, value: Path) -> Path:
+        if value.is_dir():
+            raise ValueError("is a directory; the local sink needs a file's path")
+        return value
+
     @model_validator(mode="after")
     def _batch_fits_queue(self) -> TrackingSettings:
         if self.batch_rows > self.queue_size:
@@ -483,14 +498,25 @@ def _describe(error: ValidationError) -> str:
 
 def _check_sections_named_by_environment() -> None:
     """A misspelt section (IMAGE_SERVICE_CAHCE__BACKEND) would be ignored without a word, where a
-    misspelt key is refused: refuse it too."""
+    misspelt key is refused: refuse it too, and a setting's name with one underscore where two
+    belong (IMAGE_SERVICE_SERVER_PORT), which pydantic-settings never reads."""
     for name in os.environ:
-        if name.startswith(ENV_PREFIX) and "__" in name:
-            section = name[len(ENV_PREFIX):].split("__", 1)[0].lower()
+        if not name.startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX):]
+        if "__" in rest:
+            section = rest.split("__", 1)[0].lower()
             if section not in Settings.model_fields:
                 raise ConfigError(
                     f"{name} names no configuration section {section!r} (sections: {', '.join(Settings.model_fields)})"
                 )
+            continue
+        for section, field in Settings.model_fields.items():
+            prefix = f"{section.upper()}_"
+            keys = getattr(field.annotation, "model_fields", {})
+            if rest.startswith(prefix) and rest[len(prefix):].lower() in keys:
+                raise ConfigError(f"{name} is read by nothing: the setting {section}.{rest[len(prefix):].lower()} "
+                                  f"is {ENV_PREFIX}{section.upper()}__{rest[len(prefix):]} (two underscores)")
 
 
 def _annotation_of(path: list[str]) -> Any:

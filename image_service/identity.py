@@ -98,11 +98,16 @@ class FileTokenValidator:
     def from_file(cls, path: Path) -> FileTokenValidator:
         try:
             with path.open("rb") as handle:
-                table = tomllib.load(handle).get("tokens", {})
+                document = tomllib.load(handle)
         except FileNotFoundError:
             raise ConfigError(f"access.tokens_file not found: {path}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"access.tokens_file {path} is not valid TOML: {exc}") from None
+        table = document.get("tokens")
+        if not isinstance(table, dict):
+            # Without the table (a `[token]` typo) the service started knowing no token at all.
+            found = ", ".join(sorted(document)) or "nothing"
+            raise ConfigError(f"access.tokens_file {path} needs a [tokens] table of digest = {{user_id, tier}} (found {found})")
         accounts = {}
         for digest, entry in table.items():
             if not _DIGEST.fullmatch(digest):

@@ -65,6 +65,15 @@ def test_invalid_configuration_exits_2_naming_the_key(tmp_path: Path) -> None:
     assert b"cache.max_bytes" in result.stderr and b"Traceback" not in result.stderr
 
 
+def test_a_host_that_does_not_resolve_is_named_in_one_line(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "image_service", "serve", "--host", "nonexistent.invalid", "--port", str(free_port())],
+        cwd=tmp_path, capture_output=True, timeout=30,
+    )
+    assert result.returncode == 2 and b"Traceback" not in result.stderr
+    assert b"server.host 'nonexistent.invalid' is no address to listen on" in result.stderr
+
+
 def listening_sockets(port: int) -> int:
     """How many sockets listen on the loopback port (SO_REUSEPORT lets several)."""
     wanted = f"0100007F:{port:04X}"

@@ -181,6 +181,36 @@ def test_a_misspelt_section_in_a_variable_is_refused_like_a_misspelt_key(monkeyp
         load_settings()
 
 
+@pytest.mark.parametrize("name", ["IMAGE_SERVICE_SERVER_PORT", "IMAGE_SERVICE_TRACKING_API_KEY"])
+def test_a_setting_named_with_one_underscore_is_refused_not_ignored(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """IMAGE_SERVICE_SERVER_PORT=1234 started on 8080 without a word."""
+    monkeypatch.setenv(name, "1234")
+    with pytest.raises(ConfigError, match=f"{name} is read by nothing: .*two underscores"):
+        load_settings()
+
+
+def test_variables_of_the_service_that_are_not_settings_are_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMAGE_SERVICE_WORKER_SECRET", "s3cret")
+    assert load_settings().server.port == 8080
+
+
+@pytest.mark.parametrize(("variable", "message"), [
+    ("IMAGE_SERVICE_TRACKING__LOCAL_PATH", "tracking.local_path: Value error, must be a path, not empty"),
+    ("IMAGE_SERVICE_TRACKING__SPOOL_DIR", "tracking.spool_dir: Value error, must be a path, not empty"),
+])
+def test_an_empty_path_is_refused_at_start(monkeypatch: pytest.MonkeyPatch, variable: str, message: str) -> None:
+    """Empty, the sink's path was ".": every batch failed on a directory and went to the spool."""
+    monkeypatch.setenv(variable, "")
+    with pytest.raises(ConfigError, match=message):
+        load_settings()
+
+
+def test_a_local_sink_path_that_is_a_directory_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("IMAGE_SERVICE_TRACKING__LOCAL_PATH", str(tmp_path))
+    with pytest.raises(ConfigError, match="tracking.local_path: Value error, is a directory"):
+        load_settings()
+
+
 @pytest.mark.parametrize(("variable", "value"), [
     ("TINYBIRD_API_URL", "127.0.0.1:7181"), ("IMAGE_SERVICE_ACCESS__VALIDATOR_URL", "auth.internal/check"),
     ("IMAGE_SERVICE_ENHANCE__BASE_URL", "not a url"),

@@ -167,6 +167,16 @@ class TestTokenFile:
         with pytest.raises(ConfigError, match="access.tokens_file"):
             FileTokenValidator.from_file(file)
 
+    def test_a_tokens_file_without_its_table_is_refused_not_read_as_no_tokens(self, tmp_path: Path) -> None:
+        """`[token]` for `[tokens]` started a service that knew no token, and said nothing."""
+        file = tmp_path / "tokens.toml"
+        file.write_text(f'[token]\n"{token_digest("t")}" = {{ user_id = "u", tier = "seed" }}\n')
+        with pytest.raises(ConfigError, match=r"needs a \[tokens\] table .* \(found token\)"):
+            FileTokenValidator.from_file(file)
+        file.write_text("tokens = 5\n")
+        with pytest.raises(ConfigError, match=r"needs a \[tokens\] table"):
+            FileTokenValidator.from_file(file)
+
     def test_unknown_tier_is_rejected_at_start(self, tmp_path: Path) -> None:
         file = tmp_path / "tokens.toml"
         file.write_text(f'[tokens]\n"{token_digest("t")}" = {{ user_id = "u", tier = "gold" }}\n')

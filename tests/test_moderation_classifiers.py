@@ -125,6 +125,18 @@ class TestStartup:
         with pytest.raises(ModelFileMissing, match=r"moderation\.age_model_dir"):
             Classifiers(age_model_dir=tmp_path)
 
+    def test_cli_exits_with_a_clear_message_when_a_model_file_is_not_a_model(self, tmp_path: Path) -> None:
+        """A corrupt download was a traceback and status 1, which a service manager restarts in a loop."""
+        garbage = tmp_path / "320n.onnx"
+        garbage.write_bytes(b"garbage, not a protobuf")
+        result = subprocess.run(
+            [sys.executable, "-m", "image_service", "serve", "--port", "0"],
+            cwd=tmp_path, capture_output=True, timeout=60,
+            env={**os.environ, "IMAGE_SERVICE_MODERATION__NUDENET_MODEL": str(garbage)},
+        )
+        assert result.returncode == 2 and b"Traceback" not in result.stderr
+        assert f"moderation.nudenet_model: {garbage} is not a model ONNX Runtime can load".encode() in result.stderr
+
     def test_cli_exits_with_a_clear_message_when_a_model_is_missing(self, tmp_path: Path) -> None:
         result = subprocess.run(
             [sys.executable, "-m", "image_service", "serve", "--port", "0"],

