@@ -86,9 +86,22 @@ def serve(args: argparse.Namespace) -> int:
     }
     settings = load_settings(args.config, command_line={"server": server} if server else None)
     if args.workers > 1:
+        _check_workers_backends(settings, args.workers)
         return _supervise(settings, args.workers)
     _run_service(settings, reuse_port=False)
     return 0
+
+
+def _check_workers_backends(settings: Settings, processes: int) -> None:
+    """GPU workers register with whichever process the kernel hands their call to: the others would
+    never hear of them, and answer that model's requests 503 at random."""
+    used = {name for spec in settings.models.values() for name in (spec.backend, *spec.fallback)}
+    gpu = sorted(name for name in used if name in settings.backends and settings.backends[name].type == "workers")
+    if gpu:
+        raise ConfigError(
+            f"--workers {processes} cannot serve the workers backend {gpu[0]!r}: a GPU worker's registration "
+            "reaches one process only. Run one process per address (each instance with its own registrations)"
+        )
 
 
 def events_replay(args: argparse.Namespace) -> int:

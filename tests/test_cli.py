@@ -163,6 +163,18 @@ def test_workers_stopping_keep_their_telemetry_when_the_sink_hangs(tmp_path: Pat
     assert len({row["message_id"] for row in spooled if row["event"] == "request.completed"}) == 8
 
 
+def test_workers_are_refused_with_a_gpu_worker_backend(tmp_path: Path) -> None:
+    """Each GPU worker registered with one of the processes: the others answered its model 503 at random."""
+    result = subprocess.run(
+        [sys.executable, "-m", "image_service", "serve", "--workers", "2", "--port", str(free_port())],
+        cwd=tmp_path, capture_output=True, timeout=30,
+        env={**os.environ, "IMAGE_SERVICE_BACKENDS__GPU": '{"type": "workers"}',
+             "IMAGE_SERVICE_MODELS__FLUX": '{"backend": "gpu", "fallback": ["embedded"]}'},
+    )
+    assert result.returncode == 2 and b"Traceback" not in result.stderr
+    assert b"--workers 2 cannot serve the workers backend 'gpu'" in result.stderr
+
+
 def test_workers_must_be_a_positive_number(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "image_service", "serve", "--workers", "0"],
