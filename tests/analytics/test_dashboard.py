@@ -140,3 +140,32 @@ print(sorted(name for name in sys.modules if name.split('.')[0] in ('chdb', 'pan
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+async def test_a_quiet_stretch_shows_as_a_gap_on_a_time_axis(
+    make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Traffic 10, 5 and 4 minutes ago: the line breaks over the quiet minutes (pipes give no row
+    for them), and points sit where their minutes are, not evenly spaced by index."""
+    monkeypatch.delenv("TINYBIRD_READ_TOKEN", raising=False)
+    minute = (int(time.time()) // 60) * 60
+    events = tmp_path / "events.ndjson"
+    events.write_bytes(b"".join(orjson.dumps(build_row({
+        "event": "request.completed", "stage": "response", "status": 200, "request_start": minute - ago * 60 + 1,
+        "_ts": minute - ago * 60 + 1.1, "duration_ms": 100.0, "model": "flux",
+    })) + b"\n" for ago in (10, 5, 4)))
+    client = await make_client(make_settings(tracking={"local_path": str(events)}))
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = await browser.new_page()
+            await page.goto(str(client.make_url("/dashboard")))
+            await page.wait_for_function("document.body.dataset.loaded === 'true'", timeout=20000)
+            await page.evaluate("document.body.dataset.loaded = ''")
+            await page.select_option("#bucket", "minute")
+            await page.wait_for_function("document.body.dataset.loaded === 'true'", timeout=20000)
+            assert await page.locator("svg#volume").get_attribute("data-segments") == "2"
+            xs = sorted([float(x) for x in await page.locator("svg#volume circle").evaluate_all("cs => cs.map(c => c.getAttribute('cx'))")])
+        finally:
+            await browser.close()
+    assert (xs[1] - xs[0]) / (xs[2] - xs[1]) == pytest.approx(5)
