@@ -25,8 +25,8 @@ import structlog
 from ..config import BackendSettings, Settings
 from ..errors import BackendUnavailable, GenerationError, GenerationTimeout, ServiceError
 from ..params import ImageParams
-from .base import Backend, BackendError, BackendTimeout, GeneratedImage, NoCapacity
-from .breaker import BreakerState, CircuitBreaker, Clock
+from .base import CALL_TIMING, Backend, BackendError, BackendTimeout, CallTiming, GeneratedImage, NoCapacity
+from .breaker import CircuitBreaker, Clock
 from .embedded import EmbeddedBackend
 from .openai_compat import OpenAIBackend
 from .references import ReferenceFetcher
@@ -121,33 +121,42 @@ class Generator:
             raise BackendUnavailable(f"no backend serves model {params.model!r}")
         return await self._first_success(chain, params, asyncio.get_running_loop().time() + self._timeout)
 
-    def _cutoff(self, chain: list[str], index: int, deadline: float) -> float:
+    def _cutoff(self, chain: list[str], index: int, deadline: float, now: float) -> float:
         """When backend `index` is given up on: the deadline, less the reserve while a later backend
-        of the chain could still be tried (a hung primary otherwise took the fallback's time too)."""
-        later = any(self._breakers[name].state is not BreakerState.OPEN for name in chain[index + 1:])
-        return deadline - self._fallback_reserve if later else deadline
+        of the chain could still be tried (a hung primary otherwise took the fallback's time too).
+        A backend reached with no more than the reserve left gets all of it."""
+        later = any(self._breakers[name].could_allow() for name in chain[index + 1:])
+        reserved = deadline - self._fallback_reserve
+        return reserved if later and reserved > now else deadline
 
     async def _first_success(self, chain: list[str], params: ImageParams, deadline: float) -> GeneratedImage:
         failure: GenerationError | None = None
         loop = asyncio.get_running_loop()
         for index, name in enumerate(chain):
-            cutoff = self._cutoff(chain, index, deadline)
-            if cutoff <= loop.time():
-                continue
+            now = loop.time()
+            if now >= deadline:
+                break
+            cutoff = self._cutoff(chain, index, deadline, now)
             breaker = self._breakers[name]
             if not breaker.allow():
                 self._failures[name]["breaker_open"] += 1
                 continue
+            timing = CallTiming(started=now, cutoff=cutoff, sent=now)
+            context = CALL_TIMING.set(timing)
             try:
                 async with asyncio.timeout_at(cutoff):
                     generated = await self._backends[name].generate(params)
             except TimeoutError:
+                failure = GenerationTimeout(f"no backend answered within {self._timeout:g} s")
+                if timing.mostly_waited():  # every worker busy: a busy service, not a failing one
+                    breaker.release()
+                    self._failures[name]["busy"] += 1
+                    continue
                 # Out of time: the backend's failure, as much as a timeout of its own (which a
                 # retry inside the backend would otherwise hide), and it counts towards its breaker.
                 breaker.record_failure()
                 self._failures[name]["timeout"] += 1
                 log.warning("generation.backend_failed", backend=name, reason="timeout")
-                failure = GenerationTimeout(f"no backend answered within {self._timeout:g} s")
                 continue
             except BackendError as exc:
                 if exc.trips_breaker:
@@ -168,8 +177,12 @@ class Generator:
                 log.warning("generation.backend_failed", backend=name, reason="crashed", error_type=type(exc).__name__)
                 failure = GenerationError(f"the {name} backend failed ({type(exc).__name__})")
                 continue
+            finally:
+                CALL_TIMING.reset(context)
             breaker.record_success()
             return generated
+        if failure is None and loop.time() >= deadline:
+            failure = GenerationTimeout(f"no backend answered within {self._timeout:g} s")
         if failure is None:
             raise BackendUnavailable(f"every backend for model {params.model!r} is failing; try again later")
         raise failure

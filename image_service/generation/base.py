@@ -18,6 +18,8 @@ Keys in use (scores in 0..1 unless noted):
 
 from __future__ import annotations
 
+import asyncio
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -48,6 +50,37 @@ class Backend(Protocol):
     async def generate(self, params: ImageParams) -> GeneratedImage: ...
 
     async def close(self) -> None: ...
+
+
+@dataclass(slots=True)
+class CallTiming:
+    """One backend call under the generation's deadline: when it began, when it is cut off, and when
+    it left for the service (None while it waits for room, as for a free worker)."""
+
+    started: float
+    cutoff: float
+    sent: float | None
+
+    def mostly_waited(self) -> bool:
+        """Cut off while waiting for room, or with most of its time spent waiting: the service was
+        busy, not failing, and neither its breaker nor its worker should count it."""
+        return self.sent is None or self.cutoff - self.sent < (self.cutoff - self.started) / 2
+
+
+# Set by the Generator around each backend call; a backend that waits for room marks it.
+CALL_TIMING: ContextVar[CallTiming | None] = ContextVar("call_timing", default=None)
+
+
+def waiting_for_room() -> None:
+    timing = CALL_TIMING.get()
+    if timing is not None:
+        timing.sent = None
+
+
+def call_sent() -> None:
+    timing = CALL_TIMING.get()
+    if timing is not None:
+        timing.sent = asyncio.get_running_loop().time()
 
 
 class BackendError(Exception):

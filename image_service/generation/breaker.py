@@ -43,6 +43,11 @@ class CircuitBreaker:
             return BreakerState.HALF_OPEN
         return BreakerState.OPEN
 
+    def could_allow(self) -> bool:
+        """Would `allow()` let a call through now? Without taking the half-open trial."""
+        state = self.state
+        return state is BreakerState.CLOSED or (state is BreakerState.HALF_OPEN and not self._trial_running)
+
     def allow(self) -> bool:
         """May a call go through now? In half-open state only the first caller gets the trial."""
         state = self.state

@@ -34,7 +34,9 @@ from yarl import URL
 from ..config import BackendSettings, WorkerSettings
 from ..errors import BackendUnavailable, BadRequest, Forbidden, Unauthorized
 from ..params import ImageParams
-from .base import FLAG_CONCEPT_PREFIX, FLAG_NSFW, BackendError, GeneratedImage, NoCapacity
+from .base import (
+    CALL_TIMING, FLAG_CONCEPT_PREFIX, FLAG_NSFW, BackendError, GeneratedImage, NoCapacity, call_sent, waiting_for_room,
+)
 from .breaker import Clock
 from .transport import (
     check_status, client_session, decode_base64, decode_image, mapped_errors, parse_json, read_limited,
@@ -222,12 +224,14 @@ class WorkerBackend:
         tried: set[str] = set()
         last: BackendError | None = None
         for _ in range(self._spec.max_attempts):
+            waiting_for_room()
             try:
                 worker = await self._registry.acquire(self.worker_type, tried)
             except NoCapacity:
                 if last is not None:
                     raise last from None
                 raise
+            call_sent()
             ok = fault = False
             try:
                 image, flags = await self._call(worker, params)
@@ -237,6 +241,12 @@ class WorkerBackend:
                 log.warning("worker.failed", backend=self.name, worker=worker.url, reason=exc.reason)
                 tried.add(worker.url)
                 last, fault = exc, exc.trips_breaker
+            except asyncio.CancelledError:
+                # The generation's deadline (productions are shielded from their clients): a worker
+                # that held the request for most of the time counts it like a timeout of its own.
+                timing = CALL_TIMING.get()
+                fault = timing is not None and not timing.mostly_waited()
+                raise
             finally:
                 self._registry.release(worker, ok, fault)
         assert last is not None

@@ -299,3 +299,21 @@ class TestDeadline:
         response = await client.get("/prompt/fox?model=flux")
         assert response.status == 504 and "within 0.5 s" in (await response.json())["message"]
         assert (await (await client.get("/health")).json())["generation"]["gpu"]["failures"] == {"timeout": 1}
+
+    async def test_after_a_hung_primary_every_fallback_gets_its_turn(
+        self, serve: Serve, make_client: ClientFactory
+    ) -> None:
+        """A chain of three: the primary hangs until only the reserve is left; the second backend
+        is still tried (it was skipped, unrecorded, and the third one answered)."""
+        hang, healthy = OpenAIImages(mode="hang"), OpenAIImages()
+        settings = make_settings(
+            backends={"a": fast(type="openai", base_url=base_url(await serve(hang)), timeout=5.0),
+                      "b": fast(type="openai", base_url=base_url(await serve(healthy)), timeout=5.0)},
+            models={"abc": {"backend": "a", "fallback": ["b", "embedded"], "default_side": 32}},
+            generation={"timeout": 1.0, "fallback_reserve": 0.5},
+        )
+        client = await make_client(settings)
+        with capture_logs() as logs:
+            assert (await client.get("/prompt/fox?model=abc")).status == 200
+        (terminal,) = [e for e in logs if e["event"] == "request.completed"]
+        assert terminal["backend"] == "b" and len(healthy.requests) == 1

@@ -278,6 +278,45 @@ class TestWorkerBackend:
         health = (await (await client.get("/health")).json())["generation"]["flux"]
         assert health["breaker"] == "closed" and health["failures"] == {}
 
+    async def test_requests_that_found_every_worker_busy_do_not_open_the_breaker(
+        self, serve: Serve, make_client: ClientFactory
+    ) -> None:
+        """Four requests for one busy worker until the deadline: one was sent and timed out, three
+        never left the queue. Only the first is the backend's failure; the pool then serves."""
+        worker = GPUWorker(hold=True)
+        settings = make_settings(
+            backends={"flux": fast(type="workers", breaker_failures=2, timeout=5.0)},
+            models={"flux": {"backend": "flux", "default_side": 32}}, generation={"timeout": 1.0},
+        )
+        client = await make_client(settings)
+        await register(client, base_url(await serve(worker)))
+        statuses = await asyncio.gather(*(client.get(f"/prompt/dog{i}?model=flux") for i in range(4)))
+        assert [response.status for response in statuses] == [504] * 4
+        health = (await (await client.get("/health")).json())["generation"]["flux"]
+        assert health["breaker"] == "closed" and health["failures"] == {"timeout": 1, "busy": 3}, health
+        worker.hold = False
+        worker.release.set()
+        assert (await client.get("/prompt/cat?model=flux")).status == 200
+
+    async def test_a_worker_that_never_answers_rests_after_three_deadlines(
+        self, serve: Serve, make_client: ClientFactory
+    ) -> None:
+        """The generation's deadline cuts the hung worker's call before its own timeout: that counts
+        towards its rest too, or a heartbeating but hung worker kept getting every other request."""
+        hung, healthy = GPUWorker(mode="hang"), GPUWorker()
+        settings = make_settings(
+            backends={"flux": fast(type="workers", breaker_failures=100, timeout=5.0)},
+            models={"flux": {"backend": "flux", "default_side": 32}}, generation={"timeout": 0.5},
+        )
+        client = await make_client(settings)
+        hung_url = base_url(await serve(hung))
+        await register(client, hung_url)
+        await register(client, base_url(await serve(healthy)))
+        statuses = [(await client.get(f"/prompt/dog{i}?model=flux")).status for i in range(10)]
+        assert statuses.count(504) == 3 and statuses[-4:] == [200] * 4
+        listing = {w["url"]: w for w in await (await client.get("/register", headers=AUTH)).json()}
+        assert listing[hung_url]["restingSecondsLeft"] > 0
+
     async def test_no_registered_worker_is_503(self, make_client: ClientFactory) -> None:
         client = await make_client(worker_settings())
         response = await client.get("/prompt/cat?model=flux&width=32&height=32")
