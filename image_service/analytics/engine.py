@@ -49,6 +49,16 @@ def compose(nodes: Sequence[tuple[str, str]], table: str) -> str:
     return "WITH " + ",\n".join(ctes) + "\n" + nodes[-1][1]
 
 
+def _identities(files: Sequence[Path]) -> tuple[tuple[str, int, int], ...]:
+    """Name, inode and size of each file: what tells that rotated files changed."""
+    found = []
+    for file in files:
+        with contextlib.suppress(FileNotFoundError):
+            stat = file.stat()
+            found.append((file.name, stat.st_ino, stat.st_size))
+    return tuple(found)
+
+
 def _ends_a_line(handle: BinaryIO, offset: int) -> bool:
     handle.seek(offset - 1)
     return handle.read(1) == b"\n"
@@ -65,7 +75,7 @@ class LocalEngine:
         self.database = f"analytics_{secrets.token_hex(6)}"
         self.table = f"{self.database}.{self.datasource.name}"
         self._session = session.Session()
-        self._loaded: tuple[Path, tuple[int, int], int] | None = None
+        self._loaded: tuple[Path, tuple[int, int], int, tuple[tuple[str, int, int], ...]] | None = None
         self.execute(f"CREATE DATABASE {self.database}")
         self.execute(self.datasource.create_table(self.table))
 
@@ -92,28 +102,35 @@ class LocalEngine:
     def load_file(self, path: Path) -> None:
         """Bring the table up to date with the local sink's file, reading only what was appended.
         A file that is not the one read before (rotated: another inode, shorter, or not ending a
-        line where reading stopped) is read again from the start, after its rotated files."""
+        line where reading stopped), or rotated files that changed, are read again from the start,
+        the rotated files first. Unchanged, nothing is read again (between a rotation and the next
+        batch only the rotated files exist: each refresh used to read them all)."""
         try:
             stat = path.stat()
             size, identity = stat.st_size, (stat.st_dev, stat.st_ino)
         except FileNotFoundError:
             size, identity = 0, (0, 0)
+        rotated = _identities(rotated_files(path))
         previous = self._loaded
         offset = 0
-        if previous is not None and previous[0] == path and previous[1] == identity and previous[2] <= size:
+        if previous is not None and previous[:2] == (path, identity) and previous[2] <= size and previous[3] == rotated:
             offset = previous[2]
         with path.open("rb") if size else contextlib.nullcontext() as handle:
             if handle is not None and offset and not _ends_a_line(handle, offset):
                 offset = 0
-            if offset == 0:
+            # Nothing was read of this file yet (it was empty, or not there), and the rotated files
+            # are as they were: what the table holds is still right.
+            untouched = (previous is not None and previous[0] == path and previous[3] == rotated
+                         and previous[2] == 0 and previous[1] in ((0, 0), identity))
+            if offset == 0 and not untouched:
                 if previous is not None:
                     self.truncate()
                 for old in reversed(rotated_files(path)):
-                    with contextlib.suppress(FileNotFoundError), old.open("rb") as rotated:
-                        self._read_lines(rotated, 0)
+                    with contextlib.suppress(FileNotFoundError), old.open("rb") as rotated_file:
+                        self._read_lines(rotated_file, 0)
             if handle is not None and size > offset:
                 offset = self._read_lines(handle, offset)
-        self._loaded = (path, identity, offset)
+        self._loaded = (path, identity, offset, rotated)
 
     def _read_lines(self, handle: BinaryIO, offset: int) -> int:
         """Insert the whole lines from `offset` on; the answer is where they end."""

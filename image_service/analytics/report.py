@@ -21,7 +21,9 @@ def _cell(value: Any) -> str:
         if abs(value) >= 1000:
             return f"{value:.0f}"
         text = f"{value:.4g}"
-        return text if "e" not in text else f"{value:.8f}".rstrip("0")
+        if "e" in text:
+            text = f"{value:.8f}".rstrip("0").rstrip(".")
+        return "0" if text in ("-0", "0", "") else text
     if isinstance(value, list):
         return ",".join(_cell(item) for item in value)
     return str(value)

@@ -96,21 +96,27 @@ def decode_base64(text: object, what: str) -> bytes:
         raise BackendError(f"{what} answered an image that is not valid base64", "not_image") from None
 
 
-# Pixels by which a side may differ from the request and still be the image asked for.
+# By how much a side may differ from the request and still be the image asked for: less than this
+# many pixels, and than this share of the side (a 1x1 answer to 32x32 is no rounding).
 ROUNDING_SLACK = 64
+ROUNDING_SHARE = 0.25
+
+
+def _near(answered: int, asked: int) -> bool:
+    return abs(answered - asked) < min(ROUNDING_SLACK, ROUNDING_SHARE * asked)
 
 
 def decode_image(data: bytes, width: int, height: int, what: str) -> Image.Image:
     """An RGB image of exactly width×height, or BackendError("not_image" / "wrong_dimensions").
 
     Diffusion models work in multiples of 8, 16 or 64 pixels, and the area clamp asks for any size
-    (1448x724): an answer within ROUNDING_SLACK of each side is the image asked for, resized. A
+    (1448x724): an answer near each side (`_near`) is the image asked for, resized. A
     1001-wide request used to fail, and two of them opened the backend's breaker for everyone."""
     try:
         with Image.open(io.BytesIO(data)) as opened:
             if opened.format not in ALLOWED_FORMATS:
                 raise BackendError(f"{what} answered an unsupported image format ({opened.format})", "not_image")
-            if abs(opened.width - width) >= ROUNDING_SLACK or abs(opened.height - height) >= ROUNDING_SLACK:
+            if not (_near(opened.width, width) and _near(opened.height, height)):
                 raise BackendError(
                     f"{what} answered a {opened.width}x{opened.height} image, not the requested {width}x{height}",
                     "wrong_dimensions",

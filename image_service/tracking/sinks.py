@@ -162,7 +162,7 @@ def _numbered(path: Path) -> list[tuple[int, Path]]:
     found = [
         (int(suffix), candidate)
         for candidate in path.parent.glob(f"{glob.escape(path.name)}.*")
-        if (suffix := candidate.name[len(path.name) + 1:]).isdigit() and candidate.is_file()
+        if (suffix := candidate.name[len(path.name) + 1:]).isascii() and suffix.isdigit() and candidate.is_file()
     ]
     return sorted(found)
 

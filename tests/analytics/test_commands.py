@@ -119,6 +119,7 @@ def test_figures_are_printed_without_an_exponent() -> None:
     printed = table({"data": [row]})
     assert "19030" in printed and "0.00001234" in printed and "e+" not in printed and "e-" not in printed
     assert "p95 19030 ms" in alert_payload([row], {}, "local")["text"]
+    assert table({"data": [{"a": 1e-9, "b": -0.0, "c": 0.5}]}).splitlines()[-1].split() == ["0", "0", "0.5"]
 
 
 async def test_stats_reads_the_deployed_pipes_with_the_read_token(
@@ -289,6 +290,34 @@ def test_a_rotated_sink_file_keeps_its_rows_on_the_dashboard(engine: LocalEngine
         (tmp_path / "events.ndjson.1").rename(tmp_path / "events.ndjson.2")
         path.rename(tmp_path / "events.ndjson.1")
         assert _requests_by_model(engine, path) == {"old": 40, "same-inode": 70, "appended": 5}
+    finally:
+        engine.truncate()
+
+
+def test_unchanged_rotated_files_are_not_read_again(
+    engine: LocalEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between a rotation and the next batch only the rotated files exist: every dashboard refresh
+    read them all again (up to three times 256 MiB). Now only a change makes them read again."""
+    engine.truncate()
+    path = tmp_path / "events.ndjson"
+    path.with_name("events.ndjson.1").write_bytes(_terminal_rows(4, "flux"))
+    reads: list[str] = []
+    read_lines = LocalEngine._read_lines
+
+    def counted(self: LocalEngine, handle: Any, offset: int) -> int:
+        reads.append(Path(handle.name).name)
+        return read_lines(self, handle, offset)
+
+    monkeypatch.setattr(LocalEngine, "_read_lines", counted)
+    try:
+        for _ in range(3):
+            assert _requests_by_model(engine, path) == {"flux": 4}
+        assert reads == ["events.ndjson.1"]
+        path.write_bytes(_terminal_rows(2, "sketch"))
+        assert _requests_by_model(engine, path) == {"flux": 4, "sketch": 2}
+        assert _requests_by_model(engine, path) == {"flux": 4, "sketch": 2}
+        assert reads == ["events.ndjson.1", "events.ndjson"]
     finally:
         engine.truncate()
 

@@ -15,7 +15,8 @@ from image_service.app import FEED, WORKERS
 from image_service.config import WorkerSettings, load_settings
 from image_service.errors import Forbidden, Unauthorized
 from image_service.generation import GeneratedImage
-from image_service.generation.base import NoCapacity
+from image_service.generation.base import BackendError, NoCapacity
+from image_service.generation.transport import decode_image
 from image_service.generation.workers import WorkerRegistry
 from image_service.imaging import EXIF_IFD, EXIF_USER_COMMENT, USER_COMMENT_ASCII
 from image_service.moderation import ClassifierModerator, Findings, PassThroughModerator, Thresholds, Verdict
@@ -23,7 +24,7 @@ from image_service.params import ImageParams
 
 from ..conftest import ClientFactory, make_settings
 from .conftest import Serve, base_url, fast
-from .servers import GPUWorker
+from .servers import GPUWorker, png
 
 SECRET = "worker-secret-123"
 AUTH = {"Authorization": f"Bearer {SECRET}"}
@@ -316,6 +317,20 @@ class TestWorkerBackend:
         assert statuses.count(504) == 3 and statuses[-4:] == [200] * 4
         listing = {w["url"]: w for w in await (await client.get("/register", headers=AUTH)).json()}
         assert listing[hung_url]["restingSecondsLeft"] > 0
+
+    @pytest.mark.parametrize(("asked", "answered", "kept"), [
+        ((1001, 301), (992, 288), True), ((1448, 724), (1408, 704), True), ((32, 32), (1, 1), False),
+        ((1, 1), (64, 64), False), ((64, 1024), (1, 1087), False), ((512, 512), (576, 512), False),
+    ])
+    def test_only_a_rounded_size_passes_for_the_size_asked(
+        self, asked: tuple[int, int], answered: tuple[int, int], kept: bool
+    ) -> None:
+        """Rounding to a multiple of 8, 16 or 64 is the image asked for; a placeholder is not."""
+        if kept:
+            assert decode_image(png(*answered), *asked, "a worker").size == asked
+        else:
+            with pytest.raises(BackendError, match="not the requested"):
+                decode_image(png(*answered), *asked, "a worker")
 
     async def test_no_registered_worker_is_503(self, make_client: ClientFactory) -> None:
         client = await make_client(worker_settings())
