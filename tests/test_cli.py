@@ -81,6 +81,14 @@ def listening_sockets(port: int) -> int:
     return sum(1 for line in lines if line.split()[1] == wanted and line.split()[3] == "0A")
 
 
+def wait_until_both_workers_listen(port: int, process: subprocess.Popen[bytes]) -> None:
+    wait_until_listening(port, process)
+    end = time.monotonic() + 20
+    while listening_sockets(port) < 2:
+        assert time.monotonic() < end, "the second worker did not start listening"
+        time.sleep(0.05)
+
+
 def worker_pids(supervisor: int) -> list[int]:
     """The supervisor's spawned workers (not multiprocessing's resource tracker)."""
     children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
@@ -99,11 +107,7 @@ def test_serve_with_two_workers_shares_the_port_and_stops_all_on_sigterm(tmp_pat
                  "IMAGE_SERVICE_CACHE__REDIS_URL": redis_server.url},
         )
         try:
-            wait_until_listening(port, process)
-            end = time.monotonic() + 20
-            while listening_sockets(port) < 2:
-                assert time.monotonic() < end, "the second worker did not start listening"
-                time.sleep(0.05)
+            wait_until_both_workers_listen(port, process)
             caches = []
             for _ in range(12):  # new connections: the kernel spreads them over both workers
                 url = f"http://127.0.0.1:{port}/prompt/fox?width=64&height=48"
@@ -144,11 +148,7 @@ def test_workers_stopping_keep_their_telemetry_when_the_sink_hangs(tmp_path: Pat
                  "IMAGE_SERVICE_MODERATION__IMAGE": "none"},
         )
         try:
-            wait_until_listening(port, process)
-            end = time.monotonic() + 20
-            while listening_sockets(port) < 2:
-                assert time.monotonic() < end, "the second worker did not start listening"
-                time.sleep(0.05)
+            wait_until_both_workers_listen(port, process)
             for n in range(8):
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/prompt/fox{n}?width=32&height=32", timeout=10) as reply:
                     assert reply.status == 200
