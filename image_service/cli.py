@@ -170,8 +170,14 @@ async def _absorb_further_signals(app: web.Application) -> None:
     waits for and the telemetry it flushes. A stop sent to a process group (Ctrl-C, systemd) reaches
     each worker, and then the supervisor forwards its own; SIGKILL still ends a stuck process."""
     loop = asyncio.get_running_loop()
+    # A worker's second signal is the supervisor's, forwarding its own stop: expected, not worth a line.
+    handler = _stopping_already if multiprocessing.parent_process() is None else _quietly
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, _stopping_already)
+        loop.add_signal_handler(sig, handler)
+
+
+def _quietly() -> None:
+    """Absorb the signal."""
 
 
 def _stopping_already() -> None:

@@ -220,3 +220,4 @@ def test_a_port_in_use_is_a_message_not_a_traceback(tmp_path: Path, workers: str
             env={**os.environ, "IMAGE_SERVICE_MODERATION__IMAGE": "none"},
         )
     assert done.returncode == 2 and "address already in use" in done.stderr and "Traceback" not in done.stderr
+    assert "already stopping" not in done.stderr  # the supervisor's stop reaching a worker that never served
