@@ -106,11 +106,16 @@ def _check_workers_backends(settings: Settings, processes: int) -> None:
 
 def events_replay(args: argparse.Namespace) -> int:
     from .tracking.replay import replay
-    from .tracking.spool import PREFIX, SUFFIX, holds_rows
+    from .tracking.spool import PREFIX, SUFFIX, holds_rows, in_use
 
     settings = load_settings(args.config)
     if not args.path.exists():
         print(f"image-service: {args.path} does not exist", file=sys.stderr)
+        return 2
+    busy = in_use(args.path) if args.path.is_dir() else []
+    if busy:
+        print(f"image-service: {busy[0]} is the spool of a running image-service, which drains it itself "
+              "(replaying it would race the server for its rows); stop the server first", file=sys.stderr)
         return 2
     if args.path.is_dir() and not holds_rows(args.path):
         print(f"image-service: {args.path} holds no spool segments ({PREFIX}*{SUFFIX}): nothing to replay",

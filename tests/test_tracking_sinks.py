@@ -9,6 +9,8 @@ from structlog.testing import capture_logs
 
 from image_service.tracking.sinks import FileSink, Outcome, rotated_files
 
+from .conftest import disk_full_at
+
 
 def lines(first: int, count: int) -> list[bytes]:
     return [b'{"event_id":"ev-%06d","pad":"%s"}\n' % (n, b"x" * 40) for n in range(first, first + count)]
@@ -85,3 +87,19 @@ async def test_a_rotation_that_fails_keeps_the_batch_and_says_so_once(tmp_path: 
     assert path.read_bytes() == b"".join(lines(0, 9))
     failures = [log for log in logs if log["event"] == "telemetry.local_rotation_failed"]
     assert len(failures) == 1 and "IsADirectoryError" in failures[0]["error"]
+
+
+async def test_a_batch_a_full_disk_cuts_short_leaves_no_torn_row(tmp_path: Path) -> None:
+    """The retry used to follow the torn half, and a row torn at its start was lost to every reader."""
+    path = tmp_path / "events.ndjson"
+    sink = FileSink(path, None)
+    try:
+        await sink.send(lines(0, 5), 5)
+        whole = path.stat().st_size
+        with disk_full_at(whole + 100):
+            assert (await sink.send(lines(5, 5), 5)).outcome is Outcome.RETRY
+        assert path.read_bytes() == b"".join(lines(0, 5))
+        assert (await sink.send(lines(5, 5), 5)).outcome is Outcome.SENT
+    finally:
+        await sink.close()
+    assert path.read_bytes() == b"".join(lines(0, 10))

@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import orjson
+import pytest
 
 from image_service.tracking.batch import Rows
-from image_service.tracking.spool import INCOMING, Spool, share_out, worker_directory
+from image_service.cli import main
+from image_service.tracking.spool import INCOMING, Spool, SpoolInUse, in_use, share_out, worker_directory
 
 
 def rows(tag: str, count: int) -> list[bytes]:
@@ -27,9 +29,12 @@ def drained(directory: Path) -> list[bytes]:
     spool = Spool(directory, 10**9)
     spool.open()
     sent: list[bytes] = []
-    while batch := spool.read_batch(100, 10**6):
-        sent += batch
-        spool.commit(len(batch))
+    try:
+        while batch := spool.read_batch(100, 10**6):
+            sent += batch
+            spool.commit(len(batch))
+    finally:
+        spool.close()
     return sent
 
 
@@ -73,3 +78,57 @@ def test_a_single_process_sends_what_the_workers_spooled(tmp_path: Path) -> None
         written += lines
     assert sorted(drained(root)) == sorted(written)
     assert list(root.glob("worker-*")) == []
+
+
+def test_a_spool_in_use_is_left_to_the_process_that_serves_it(tmp_path: Path) -> None:
+    """A second process on the same spool is refused, and one gathering old spools skips a
+    worker's spool while that worker runs: its segments are still being written."""
+    root = tmp_path / "spool"
+    serving = Spool(worker_directory(root, 0), 10**9, segment_bytes=2_000)
+    serving.open()
+    serving.append(Rows.of_lines(rows("live", 30)))
+    try:
+        with pytest.raises(SpoolInUse, match="in use by a running image-service"):
+            Spool(worker_directory(root, 0), 10**9).open()
+        assert drained(root) == [] and in_use(root) == [worker_directory(root, 0)]
+        serving.sync()
+        assert list(worker_directory(root, 0).glob("segment-*.ndjson"))  # left where its writer is
+    finally:
+        serving.close()
+    assert in_use(root) == [] and sorted(drained(root)) == sorted(rows("live", 30))
+
+
+def test_a_segment_deleted_under_the_spool_is_skipped_and_counted(tmp_path: Path) -> None:
+    """Deleted by hand while queued, a segment held up every one after it for ever."""
+    spool = Spool(tmp_path, 10**9, segment_bytes=500)
+    spool.open()
+    try:
+        spool.append(Rows.of_lines(rows("first", 10)))
+        spool.append(Rows.of_lines(rows("second", 10)))
+        spool.sync()
+        segments = sorted(tmp_path.glob("segment-*.ndjson"))
+        gone = segments[0].read_bytes().count(b"\n")
+        segments[0].unlink()
+        sent: list[bytes] = []
+        while batch := spool.read_batch(100, 10**6):
+            sent += batch
+            spool.commit(len(batch))
+    finally:
+        spool.close()
+    assert len(sent) == 20 - gone and (spool.stats.segments_missing, spool.stats.rows_missing) == (1, gone)
+
+
+def test_replay_refuses_the_spool_of_a_running_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """It drained the segments the server was still writing into: their rows were lost, uncounted."""
+    monkeypatch.setenv("TINYBIRD_API_KEY", "p.test")
+    root = tmp_path / "spool"
+    serving = Spool(worker_directory(root, 1), 10**9)
+    serving.open()
+    serving.append(Rows.of_lines(rows("live", 3)))
+    try:
+        assert main(["events", "replay", str(root)]) == 2
+    finally:
+        serving.close()
+    assert f"{worker_directory(root, 1)} is the spool of a running image-service" in capsys.readouterr().err
+    assert sorted(drained(worker_directory(root, 1))) == sorted(rows("live", 3))

@@ -45,6 +45,7 @@ class TelemetryCollector(Collector):
         reasons["queue_full"] = queue.dropped_full
         reasons["after_shutdown"] = queue.dropped_closed
         reasons["processor_error"] = TELEMETRY.errors
+        reasons["spool_missing"] = forwarder.spool.stats.rows_missing
         for reason, count in sorted(reasons.items()):
             dropped.add_metric([reason], count)
         yield dropped

@@ -11,6 +11,7 @@ they wait for an idle core rather than take the loop's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import glob
 import os
@@ -119,9 +120,17 @@ class FileSink:
             fcntl.flock(directory, fcntl.LOCK_EX)
             descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
-                while data:
-                    data = data[os.write(descriptor, data):]
-                os.fsync(descriptor)
+                before = os.fstat(descriptor).st_size
+                try:
+                    while data:
+                        data = data[os.write(descriptor, data):]
+                    os.fsync(descriptor)
+                except OSError:
+                    # A full disk cut the batch short: cut it back out, or its retry would follow a
+                    # torn row (and a row torn at its start would be lost to every reader).
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(descriptor, before)
+                    raise
                 size = os.fstat(descriptor).st_size
             finally:
                 os.close(descriptor)

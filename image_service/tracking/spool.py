@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import io
 import os
 from dataclasses import dataclass, field
@@ -50,6 +51,9 @@ class SpoolStats:
     rows_read: int = 0
     rows_evicted: int = 0
     segments_evicted: int = 0
+    # Segments gone from disk before they were drained (deleted by hand), and their rows if known.
+    segments_missing: int = 0
+    rows_missing: int = 0
     files: list[str] = field(default_factory=list)
 
 
@@ -61,6 +65,39 @@ class SpoolUnwritable(OSError):
         self.error = errno.errorcode.get(error.errno or 0, type(error).__name__)  # ENOSPC, EROFS...
         super().__init__(f"{rows} rows could not be spooled: {self.error}")
         self.rows = rows
+
+
+class SpoolInUse(OSError):
+    """Another process serves this spool (it holds its lock)."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(f"the spool {directory} is in use by a running image-service: it drains the spool itself")
+
+
+def _try_lock(directory: Path) -> int | None:
+    """The spool's lock (an flock on its directory, held by the process that serves it from `open`
+    to `close`), taken without waiting: its descriptor, or None when another process holds it.
+    `events replay` and a process gathering old spools leave a spool in use alone: a replay once
+    drained the segments a server was still writing, and their rows were lost uncounted."""
+    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        return None
+    return descriptor
+
+
+def in_use(directory: Path) -> list[Path]:
+    """The spools in `directory` (it and its workers') that a running process serves."""
+    busy = []
+    for spool in [directory, *sorted(path for path in directory.glob(f"{WORKER}*") if path.is_dir())]:
+        descriptor = _try_lock(spool)
+        if descriptor is None:
+            busy.append(spool)
+        else:
+            os.close(descriptor)
+    return busy
 
 
 class Spool:
@@ -83,6 +120,7 @@ class Spool:
         self._opened = False
         # Adopted segments not yet fsync'd, with the directory that holds their new names.
         self._unsynced: list[Path] = []
+        self._lock: int | None = None
 
     @property
     def incoming(self) -> Path:
@@ -107,6 +145,10 @@ class Spool:
         """Find segments left by an earlier run (a run with `--workers N` too); they are drained
         first. Returns how many rows were evicted to fit the bound (a smaller one than theirs)."""
         self.directory.mkdir(parents=True, exist_ok=True)
+        if self._lock is None:
+            self._lock = _try_lock(self.directory)
+            if self._lock is None:
+                raise SpoolInUse(self.directory)
         gather(sorted(self.directory.glob(f"{WORKER}*")), self.directory)
         for leftover in self.directory.glob(f"{PREFIX}*{TRIMMED}"):
             leftover.unlink()  # a trim a crash cut short: the segment it came from is still whole
@@ -220,8 +262,13 @@ class Spool:
             self._reader = None
 
     def close(self) -> None:
-        self._close_writer()
-        self.sync()
+        try:
+            self._close_writer()
+            self.sync()
+        finally:
+            if self._lock is not None:
+                os.close(self._lock)
+                self._lock = None
 
     def _close_writer(self) -> None:
         """Close the open segment; what it holds unsynced is fsync'd at the next `sync`, with the
@@ -253,8 +300,16 @@ class Spool:
             self.close()
         if not self._segments:
             return False
-        path, size, _ = self._segments[0]
-        lines = path.read_bytes().splitlines(keepends=True)
+        path, size, rows = self._segments[0]
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            # Deleted under us: drained forever, it would hold up every segment after it.
+            self._segments.pop(0)
+            self.stats.segments_missing += 1
+            self.stats.rows_missing += rows or 0
+            return self._load_next()
+        lines = data.splitlines(keepends=True)
         if lines and not lines[-1].endswith(b"\n"):
             lines[-1] += b"\n"
         self._reader = _Reader(path, size, lines)
@@ -347,22 +402,33 @@ def gather(sources: list[Path], into: Path, remove: bool = True) -> None:
     With `remove`, the emptied sources go too."""
     target = into / INCOMING
     for source in sources:
-        incoming = source / INCOMING
-        leftovers = sorted(incoming.iterdir()) if incoming.is_dir() else []
-        files = sorted(source.glob(f"{PREFIX}*{SUFFIX}")) + [path for path in leftovers if path.suffix == SUFFIX]
-        for number, path in enumerate(files):
-            target.mkdir(parents=True, exist_ok=True)
-            moved = target / f"{source.name}-{number:06d}{SUFFIX}"
-            while moved.exists():
-                moved = moved.with_name(f"{moved.stem}-{SUFFIX}")
-            path.rename(moved)
-        for path in leftovers:
-            path.unlink(missing_ok=True)
-        for directory in (incoming, source) if remove else (incoming,):
-            with contextlib.suppress(OSError):
-                directory.rmdir()
+        lock = _try_lock(source) if source.is_dir() else None
+        if lock is None and source.is_dir():
+            continue  # served by a running process: its rows are its own
+        try:
+            _move_rows(source, target, remove)
+        finally:
+            if lock is not None:
+                os.close(lock)
     if target.is_dir():
         _fsync(target)
+
+
+def _move_rows(source: Path, target: Path, remove: bool) -> None:
+    incoming = source / INCOMING
+    leftovers = sorted(incoming.iterdir()) if incoming.is_dir() else []
+    files = sorted(source.glob(f"{PREFIX}*{SUFFIX}")) + [path for path in leftovers if path.suffix == SUFFIX]
+    for number, path in enumerate(files):
+        target.mkdir(parents=True, exist_ok=True)
+        moved = target / f"{source.name}-{number:06d}{SUFFIX}"
+        while moved.exists():
+            moved = moved.with_name(f"{moved.stem}-{SUFFIX}")
+        path.rename(moved)
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    for directory in (incoming, source) if remove else (incoming,):
+        with contextlib.suppress(OSError):
+            directory.rmdir()
 
 
 def _fsync(path: Path) -> None:
