@@ -89,7 +89,7 @@ def test_a_spool_in_use_is_left_to_the_process_that_serves_it(tmp_path: Path) ->
     serving.append(Rows.of_lines(rows("live", 30)))
     try:
         with pytest.raises(SpoolInUse, match="in use by a running image-service"):
-            Spool(worker_directory(root, 0), 10**9).open()
+            Spool(worker_directory(root, 0), 10**9, own_if_busy=False).open()
         assert drained(root) == [] and in_use(root) == [worker_directory(root, 0)]
         serving.sync()
         assert list(worker_directory(root, 0).glob("segment-*.ndjson"))  # left where its writer is
@@ -132,3 +132,18 @@ def test_replay_refuses_the_spool_of_a_running_server(tmp_path: Path, monkeypatc
         serving.close()
     assert f"{worker_directory(root, 1)} is the spool of a running image-service" in capsys.readouterr().err
     assert sorted(drained(worker_directory(root, 1))) == sorted(rows("live", 3))
+
+
+def test_a_second_instance_on_a_spool_in_use_keeps_its_own_inside_it(tmp_path: Path) -> None:
+    """Two servers started from one directory: the second spools apart, and what it leaves behind
+    is drained by the next process to open the spool once it has stopped."""
+    first, second = Spool(tmp_path, 10**9), Spool(tmp_path, 10**9)
+    first.open()
+    try:
+        second.open()
+        assert second.directory.parent == tmp_path and second.directory.name.startswith("worker-pid")
+        second.append(Rows.of_lines(rows("second", 4)))
+        second.close()
+    finally:
+        first.close()
+    assert sorted(drained(tmp_path)) == sorted(rows("second", 4))

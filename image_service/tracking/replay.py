@@ -58,7 +58,7 @@ def _copy_rows(source: Path, segment: Path) -> int:
 
 
 async def _drain(settings: TrackingSettings, directory: Path) -> ReplayReport:
-    spool = Spool(directory, max_bytes=2**62)
+    spool = Spool(directory, max_bytes=2**62, own_if_busy=False)
     # Spooled rows are built already: no encoder process to start.
     forwarder = Forwarder(settings.model_copy(update={"encoder_process": False}), make_sink(settings), spool)
     await forwarder.start()

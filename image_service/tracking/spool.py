@@ -101,10 +101,17 @@ def in_use(directory: Path) -> list[Path]:
 
 
 class Spool:
-    def __init__(self, directory: Path, max_bytes: int, segment_bytes: int = DEFAULT_SEGMENT_BYTES) -> None:
+    """`own_if_busy`: when another process serves `directory` (a second instance started from the
+    same place), keep a spool of its own inside it, `worker-pid<pid>`, which the next process to
+    open the directory gathers once this one has stopped; otherwise `open` raises SpoolInUse."""
+
+    def __init__(
+        self, directory: Path, max_bytes: int, segment_bytes: int = DEFAULT_SEGMENT_BYTES, own_if_busy: bool = True
+    ) -> None:
         if max_bytes <= 0:
             raise ValueError(f"spool max_bytes must be positive, got {max_bytes}")
         self.directory = directory
+        self._own_if_busy = own_if_busy
         self.max_bytes = max_bytes
         self.segment_bytes = max(1, min(segment_bytes, max_bytes // 4))
         self.stats = SpoolStats()
@@ -147,6 +154,10 @@ class Spool:
         self.directory.mkdir(parents=True, exist_ok=True)
         if self._lock is None:
             self._lock = _try_lock(self.directory)
+            if self._lock is None and self._own_if_busy:
+                self.directory = self.directory / f"{WORKER}pid{os.getpid()}"
+                self.directory.mkdir(exist_ok=True)
+                self._lock = _try_lock(self.directory)
             if self._lock is None:
                 raise SpoolInUse(self.directory)
         gather(sorted(self.directory.glob(f"{WORKER}*")), self.directory)
