@@ -205,6 +205,15 @@ def test_an_empty_path_is_refused_at_start(monkeypatch: pytest.MonkeyPatch, vari
         load_settings()
 
 
+@pytest.mark.parametrize(("spool", "sink"), [("var", "var/events.ndjson"), ("var", "var/sub/events.ndjson")])
+def test_a_local_sink_inside_the_spool_is_refused(monkeypatch: pytest.MonkeyPatch, spool: str, sink: str) -> None:
+    """Telemetry stopped silently: the spool's lock on its directory held every batch of the sink."""
+    monkeypatch.setenv("IMAGE_SERVICE_TRACKING__SPOOL_DIR", spool)
+    monkeypatch.setenv("IMAGE_SERVICE_TRACKING__LOCAL_PATH", sink)
+    with pytest.raises(ConfigError, match="must not be inside spool_dir"):
+        load_settings()
+
+
 def test_a_local_sink_path_that_is_a_directory_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("IMAGE_SERVICE_TRACKING__LOCAL_PATH", str(tmp_path))
     with pytest.raises(ConfigError, match="tracking.local_path: Value error, is a directory"):

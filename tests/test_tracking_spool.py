@@ -147,3 +147,28 @@ def test_a_second_instance_on_a_spool_in_use_keeps_its_own_inside_it(tmp_path: P
     finally:
         first.close()
     assert sorted(drained(tmp_path)) == sorted(rows("second", 4))
+
+
+def test_a_server_keeps_its_spool_locked_after_draining_it(tmp_path: Path) -> None:
+    """Draining the segment being written closed it, and the lock went with it: a replay or a second
+    server could then take the spool from under the server."""
+    spool = Spool(tmp_path, 10**9)
+    spool.open()
+    try:
+        spool.append(Rows.of_lines(rows("live", 5)))
+        while batch := spool.read_batch(100, 10**6):
+            spool.commit(len(batch))
+        assert in_use(tmp_path) == [tmp_path]
+    finally:
+        spool.close()
+    assert in_use(tmp_path) == []
+
+
+def test_a_spool_whose_start_failed_can_be_opened_again(tmp_path: Path) -> None:
+    (tmp_path / INCOMING).mkdir()
+    (tmp_path / INCOMING / "1-1.ndjson").mkdir()  # read_bytes on a directory fails the start
+    failed = Spool(tmp_path, 10**9)
+    with pytest.raises(OSError):
+        failed.open()
+    (tmp_path / INCOMING / "1-1.ndjson").rmdir()
+    assert in_use(tmp_path) == [] and drained(tmp_path) == []

@@ -141,7 +141,7 @@ class Generator:
             if not breaker.allow():
                 self._failures[name]["breaker_open"] += 1
                 continue
-            timing = CallTiming(started=now, cutoff=cutoff, sent=now)
+            timing = CallTiming(started=now, cutoff=cutoff, sent=now)  # sent at once unless it waits for room
             context = CALL_TIMING.set(timing)
             try:
                 async with asyncio.timeout_at(cutoff):

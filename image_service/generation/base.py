@@ -54,19 +54,31 @@ class Backend(Protocol):
 
 @dataclass(slots=True)
 class CallTiming:
-    """One backend call under the generation's deadline: when it began, when it is cut off, and when
-    it left for the service (None while it waits for room, as for a free worker)."""
+    """One backend call under the generation's deadline: when it began, when it is cut off, how long
+    it has waited for room (for a free worker, over all its attempts), and when its latest attempt
+    left for the service."""
 
     started: float
     cutoff: float
-    sent: float | None
+    waited: float = 0.0
+    waiting_since: float | None = None
+    sent: float | None = None
 
     def mostly_waited(self) -> bool:
-        """Cut off while waiting for room, or with most of its time spent waiting: the service was
-        busy, not failing, and neither its breaker nor its worker should count it."""
-        return self.sent is None or self.cutoff - self.sent < (self.cutoff - self.started) / 2
+        """Cut off having spent most of its time waiting for room: the service was busy, not
+        failing, and neither its breaker nor a worker should count it."""
+        waited = self.waited + (self.cutoff - self.waiting_since if self.waiting_since is not None else 0.0)
+        return waited > (self.cutoff - self.started) / 2
+
+    def held_by_the_service(self, now: float) -> bool:
+        """Cut off at the deadline (not cancelled otherwise) with the latest attempt in the
+        service's hands for most of the time: that worker's fault."""
+        return (now >= self.cutoff - DEADLINE_SLACK and self.sent is not None
+                and self.cutoff - self.sent >= (self.cutoff - self.started) / 2)
 
 
+# How early the event loop may run the deadline's timer (its clock resolution, with room to spare).
+DEADLINE_SLACK = 0.01
 # Set by the Generator around each backend call; a backend that waits for room marks it.
 CALL_TIMING: ContextVar[CallTiming | None] = ContextVar("call_timing", default=None)
 
@@ -74,13 +86,17 @@ CALL_TIMING: ContextVar[CallTiming | None] = ContextVar("call_timing", default=N
 def waiting_for_room() -> None:
     timing = CALL_TIMING.get()
     if timing is not None:
-        timing.sent = None
+        timing.waiting_since = asyncio.get_running_loop().time()
 
 
 def call_sent() -> None:
     timing = CALL_TIMING.get()
     if timing is not None:
-        timing.sent = asyncio.get_running_loop().time()
+        now = asyncio.get_running_loop().time()
+        if timing.waiting_since is not None:
+            timing.waited += now - timing.waiting_since
+            timing.waiting_since = None
+        timing.sent = now
 
 
 class BackendError(Exception):

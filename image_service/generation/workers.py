@@ -245,7 +245,7 @@ class WorkerBackend:
                 # The generation's deadline (productions are shielded from their clients): a worker
                 # that held the request for most of the time counts it like a timeout of its own.
                 timing = CALL_TIMING.get()
-                fault = timing is not None and not timing.mostly_waited()
+                fault = timing is not None and timing.held_by_the_service(asyncio.get_running_loop().time())
                 raise
             finally:
                 self._registry.release(worker, ok, fault)

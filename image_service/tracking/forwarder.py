@@ -296,6 +296,7 @@ class Forwarder:
             "secondsSinceLastSuccess": round(self.seconds_since_success(), 3),
             "rowsSent": self.stats.sent,
             "rowsDropped": sum(self.stats.dropped.values()) + self.queue.dropped_full + self.queue.dropped_closed
+            + self.spool.stats.rows_missing
             + self.queue.unserialisable,
         }
 

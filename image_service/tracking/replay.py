@@ -28,10 +28,12 @@ class ReplayReport:
     dropped: int
     remaining_bytes: int
     skipped_lines: int = 0
+    # Segments deleted by another hand while this replay ran: their rows were not sent.
+    missing_segments: int = 0
 
     @property
     def complete(self) -> bool:
-        return self.remaining_bytes == 0 and self.dropped == 0
+        return self.remaining_bytes == 0 and self.dropped == 0 and self.missing_segments == 0
 
     def summary(self) -> str:
         state = (
@@ -40,7 +42,8 @@ class ReplayReport:
             "count each event_id once)"
         )
         skipped = f"; {self.skipped_lines} lines skipped (blank, torn or not a JSON row)" if self.skipped_lines else ""
-        return f"replayed {self.sent} rows ({self.quarantined} quarantined, {self.dropped} dropped){skipped}; {state}"
+        missing = f"; {self.missing_segments} segments vanished before they were sent" if self.missing_segments else ""
+        return f"replayed {self.sent} rows ({self.quarantined} quarantined, {self.dropped} dropped){skipped}{missing}; {state}"
 
 
 def _copy_rows(source: Path, segment: Path) -> int:
@@ -68,7 +71,10 @@ async def _drain(settings: TrackingSettings, directory: Path) -> ReplayReport:
     finally:
         await forwarder.close(settings.shutdown_timeout)
     stats = forwarder.stats
-    return ReplayReport(stats.replayed, stats.quarantined, sum(stats.dropped.values()), spool.total_bytes)
+    return ReplayReport(
+        stats.replayed, stats.quarantined, sum(stats.dropped.values()) + spool.stats.rows_missing, spool.total_bytes,
+        missing_segments=spool.stats.segments_missing,
+    )
 
 
 async def replay(settings: TrackingSettings, path: Path) -> ReplayReport:

@@ -51,7 +51,8 @@ class SpoolStats:
     rows_read: int = 0
     rows_evicted: int = 0
     segments_evicted: int = 0
-    # Segments gone from disk before they were drained (deleted by hand), and their rows if known.
+    # Segments gone from disk before they were drained (deleted by hand), and their rows where known:
+    # a segment an earlier run left is counted only as a segment (its rows were never read).
     segments_missing: int = 0
     rows_missing: int = 0
     files: list[str] = field(default_factory=list)
@@ -74,6 +75,10 @@ class SpoolInUse(OSError):
         super().__init__(f"the spool {directory} is in use by a running image-service: it drains the spool itself")
 
 
+# A spool on a filesystem without flock (some network or FUSE ones) is served unlocked, as before locks.
+NO_LOCK = -1
+
+
 def _try_lock(directory: Path) -> int | None:
     """The spool's lock (an flock on its directory, held by the process that serves it from `open`
     to `close`), taken without waiting: its descriptor, or None when another process holds it.
@@ -85,7 +90,15 @@ def _try_lock(directory: Path) -> int | None:
     except BlockingIOError:
         os.close(descriptor)
         return None
+    except OSError:
+        os.close(descriptor)
+        return NO_LOCK
     return descriptor
+
+
+def _unlock(descriptor: int | None) -> None:
+    if descriptor is not None and descriptor != NO_LOCK:
+        os.close(descriptor)
 
 
 def in_use(directory: Path) -> list[Path]:
@@ -95,8 +108,7 @@ def in_use(directory: Path) -> list[Path]:
         descriptor = _try_lock(spool)
         if descriptor is None:
             busy.append(spool)
-        else:
-            os.close(descriptor)
+        _unlock(descriptor)
     return busy
 
 
@@ -151,6 +163,14 @@ class Spool:
     def open(self) -> int:
         """Find segments left by an earlier run (a run with `--workers N` too); they are drained
         first. Returns how many rows were evicted to fit the bound (a smaller one than theirs)."""
+        try:
+            return self._open()
+        except BaseException:
+            _unlock(self._lock)  # a start that failed must not keep the spool from the next one
+            self._lock = None
+            raise
+
+    def _open(self) -> int:
         self.directory.mkdir(parents=True, exist_ok=True)
         if self._lock is None:
             self._lock = _try_lock(self.directory)
@@ -277,9 +297,8 @@ class Spool:
             self._close_writer()
             self.sync()
         finally:
-            if self._lock is not None:
-                os.close(self._lock)
-                self._lock = None
+            _unlock(self._lock)
+            self._lock = None
 
     def _close_writer(self) -> None:
         """Close the open segment; what it holds unsynced is fsync'd at the next `sync`, with the
@@ -308,7 +327,8 @@ class Spool:
 
     def _load_next(self) -> bool:
         if not self._segments and self._writer_size:
-            self.close()
+            self._close_writer()
+            self.sync()
         if not self._segments:
             return False
         path, size, rows = self._segments[0]
@@ -347,7 +367,11 @@ class Spool:
                 # one it adds, and reading each (megabytes) just to count it cost the server's core.
                 evicted += rows
             else:
-                evicted += path.read_bytes().count(b"\n")
+                try:
+                    evicted += path.read_bytes().count(b"\n")
+                except FileNotFoundError:
+                    self.stats.segments_missing += 1
+                    continue
             path.unlink(missing_ok=True)
             self.stats.segments_evicted += 1
         self.stats.rows_evicted += evicted
@@ -356,8 +380,14 @@ class Spool:
     def _trim_head(self, allowed: int) -> int:
         """Keep the newest whole rows of the only segment within `allowed` bytes; return the rows cut.
         The kept rows are a new file: on a disk with no room for it the whole segment goes instead."""
-        path, _, _ = self._segments[0]
-        data = path.read_bytes()
+        path, _, rows = self._segments[0]
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            self._segments.pop(0)
+            self.stats.segments_missing += 1
+            self.stats.rows_missing += rows or 0
+            return 0
         boundary = data.find(b"\n", max(len(data) - max(allowed, 0) - 1, 0))
         kept = data[boundary + 1:] if boundary >= 0 else b""
         trimmed = path.with_suffix(TRIMMED)
@@ -419,8 +449,7 @@ def gather(sources: list[Path], into: Path, remove: bool = True) -> None:
         try:
             _move_rows(source, target, remove)
         finally:
-            if lock is not None:
-                os.close(lock)
+            _unlock(lock)
     if target.is_dir():
         _fsync(target)
 

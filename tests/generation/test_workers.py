@@ -299,6 +299,22 @@ class TestWorkerBackend:
         worker.release.set()
         assert (await client.get("/prompt/cat?model=flux")).status == 200
 
+    async def test_time_spent_on_an_earlier_attempt_is_not_waiting(self, serve: Serve, make_client: ClientFactory) -> None:
+        """Two hung workers: the first attempt times out at 0.6 s, the second is cut by the deadline at
+        1 s. Neither waited for room, so it is the backend's timeout (it read as 'busy' once)."""
+        workers = [GPUWorker(mode="hang"), GPUWorker(mode="hang")]
+        settings = make_settings(
+            backends={"flux": fast(type="workers", breaker_failures=1, timeout=0.6, max_attempts=2)},
+            models={"flux": {"backend": "flux", "default_side": 32}}, generation={"timeout": 1.0},
+        )
+        client = await make_client(settings)
+        for worker in workers:
+            await register(client, base_url(await serve(worker)))
+        assert (await client.get("/prompt/dog?model=flux")).status == 504
+        health = (await (await client.get("/health")).json())["generation"]["flux"]
+        assert health["breaker"] == "open" and health["failures"] == {"timeout": 1}, health
+        assert [len(worker.requests) for worker in workers] == [1, 1]
+
     async def test_a_worker_that_never_answers_rests_after_three_deadlines(
         self, serve: Serve, make_client: ClientFactory
     ) -> None:
