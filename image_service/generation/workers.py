@@ -111,7 +111,9 @@ class WorkerRegistry:
             raise BadRequest(f"registration `type` must be a non-empty string of at most {MAX_TYPE_LENGTH} characters")
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or not 1 <= concurrency <= 256:
             raise BadRequest("registration `concurrency` must be an integer from 1 to 256")
-        url = url.rstrip("/")
+        # Canonical (host case, default port, dot segments): `…:8000/.` was a second worker at the
+        # same address, doubling what it was sent.
+        url = str(URL(url)).rstrip("/")
         now = self._clock()
         worker = self._workers.get(url)
         if worker is None:

@@ -121,6 +121,12 @@ class TestRegistry:
         with pytest.raises(Forbidden):  # a header byte that is not UTF-8, as aiohttp decodes it
             registry.authorize("Bearer worker-\udcffsecret")
 
+    def test_one_address_written_two_ways_is_one_worker(self) -> None:
+        registry = WorkerRegistry(WorkerSettings(), secret=SECRET)
+        for url in ("http://GPU.example:8000", "http://gpu.example:8000/.", "http://gpu.example:08000/"):
+            registry.register({"url": url, "type": "flux"})
+        assert [worker["url"] for worker in registry.snapshot()] == ["http://gpu.example:8000"]
+
     async def test_worker_goes_inactive_after_the_heartbeat_timeout(self) -> None:
         """Silent for more than 45 s: no more requests; a heartbeat brings it back."""
         now = [1000.0]
