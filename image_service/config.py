@@ -174,15 +174,6 @@ class TrackingSettings(_Section):
         return value
 
     @model_validator(mode="after")
-    def _sink_outside_spool(self) -> TrackingSettings:
-        """The spool's process holds a lock on its directory for its lifetime, and the local sink
-        locks its file's directory for each batch: inside the spool, every batch would wait for ever."""
-        spool, sink = self.spool_dir.resolve(), self.local_path.resolve().parent
-        if sink == spool or spool in sink.parents:
-            raise ValueError(f"local_path {self.local_path} must not be inside spool_dir {self.spool_dir}")
-        return self
-
-    @model_validator(mode="after")
     def _batch_fits_queue(self) -> TrackingSettings:
         if self.batch_rows > self.queue_size:
             raise ValueError(f"batch_rows {self.batch_rows} exceeds queue_size {self.queue_size}")

@@ -206,12 +206,20 @@ def test_an_empty_path_is_refused_at_start(monkeypatch: pytest.MonkeyPatch, vari
 
 
 @pytest.mark.parametrize(("spool", "sink"), [("var", "var/events.ndjson"), ("var", "var/sub/events.ndjson")])
-def test_a_local_sink_inside_the_spool_is_refused(monkeypatch: pytest.MonkeyPatch, spool: str, sink: str) -> None:
-    """Telemetry stopped silently: the spool's lock on its directory held every batch of the sink."""
+def test_a_local_sink_inside_the_spool_is_refused_when_it_is_the_sink(
+    monkeypatch: pytest.MonkeyPatch, spool: str, sink: str
+) -> None:
+    """Telemetry stopped silently: the spool's lock on its directory held every batch of the sink.
+    With a Tinybird key the local path is unused, and nothing is refused."""
+    from image_service.tracking.service import make_sink
+
     monkeypatch.setenv("IMAGE_SERVICE_TRACKING__SPOOL_DIR", spool)
     monkeypatch.setenv("IMAGE_SERVICE_TRACKING__LOCAL_PATH", sink)
-    with pytest.raises(ConfigError, match="must not be inside spool_dir"):
-        load_settings()
+    monkeypatch.delenv("TINYBIRD_API_KEY", raising=False)
+    with pytest.raises(ConfigError, match="must not be inside tracking.spool_dir"):
+        make_sink(load_settings().tracking)
+    monkeypatch.setenv("TINYBIRD_API_KEY", "p.key")
+    assert make_sink(load_settings().tracking).name == "tinybird"
 
 
 def test_a_local_sink_path_that_is_a_directory_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

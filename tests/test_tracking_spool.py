@@ -172,3 +172,15 @@ def test_a_spool_whose_start_failed_can_be_opened_again(tmp_path: Path) -> None:
         failed.open()
     (tmp_path / INCOMING / "1-1.ndjson").rmdir()
     assert in_use(tmp_path) == [] and drained(tmp_path) == []
+
+
+def test_a_second_instance_takes_over_what_a_stopped_one_left_beside_it(tmp_path: Path) -> None:
+    """An instance that spooled beside the server and stopped: the next one to start beside it
+    drains its rows, instead of leaving them until the server itself restarts."""
+    serving = Spool(tmp_path, 10**9)
+    serving.open()
+    try:
+        spooled(tmp_path / "worker-pid99999", rows("stopped", 6))
+        assert sorted(drained(tmp_path)) == sorted(rows("stopped", 6))
+    finally:
+        serving.close()

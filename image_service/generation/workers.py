@@ -107,13 +107,16 @@ class WorkerRegistry:
         url, kind, concurrency = body.get("url"), body.get("type"), body.get("concurrency", self._settings.concurrency)
         if not isinstance(url, str) or len(url) > MAX_URL_LENGTH or not _is_http_url(url):
             raise BadRequest("registration `url` must be an http(s) URL without credentials")
+        # Canonical (host case and trailing dot, default port, dot segments): `…:8000/.` was a second
+        # worker at the same address, doubling what it was sent.
+        canonical = URL(url)
+        url = str(canonical.with_host(canonical.raw_host.rstrip(".")) if canonical.raw_host else canonical).rstrip("/")
+        if len(url) > MAX_URL_LENGTH:
+            raise BadRequest("registration `url` must be an http(s) URL without credentials")
         if not isinstance(kind, str) or not 0 < len(kind) <= MAX_TYPE_LENGTH:
             raise BadRequest(f"registration `type` must be a non-empty string of at most {MAX_TYPE_LENGTH} characters")
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or not 1 <= concurrency <= 256:
             raise BadRequest("registration `concurrency` must be an integer from 1 to 256")
-        # Canonical (host case, default port, dot segments): `…:8000/.` was a second worker at the
-        # same address, doubling what it was sent.
-        url = str(URL(url)).rstrip("/")
         now = self._clock()
         worker = self._workers.get(url)
         if worker is None:

@@ -374,7 +374,11 @@ class Forwarder:
             return True
         if self._stopping or not self.spool.has_data():
             return False
+        missing = self.spool.stats.segments_missing
         lines = await self._in_io(self.spool.read_batch, settings.batch_rows, settings.batch_bytes)
+        if self.spool.stats.segments_missing > missing:
+            log.warning("telemetry.spool_segment_missing", directory=str(self.spool.directory),
+                        segments=self.spool.stats.segments_missing, rows_lost=self.spool.stats.rows_missing)
         if not lines:
             return False
         with self._sending():

@@ -90,9 +90,11 @@ def _try_lock(directory: Path) -> int | None:
     except BlockingIOError:
         os.close(descriptor)
         return None
-    except OSError:
+    except OSError as exc:
         os.close(descriptor)
-        return NO_LOCK
+        if exc.errno in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS):
+            return NO_LOCK
+        raise  # ENOLCK and the like: whether another process holds it is unknown, so nothing is taken
     return descriptor
 
 
@@ -163,11 +165,15 @@ class Spool:
     def open(self) -> int:
         """Find segments left by an earlier run (a run with `--workers N` too); they are drained
         first. Returns how many rows were evicted to fit the bound (a smaller one than theirs)."""
+        if self._opened:
+            return 0
+        configured = self.directory
         try:
             return self._open()
         except BaseException:
             _unlock(self._lock)  # a start that failed must not keep the spool from the next one
             self._lock = None
+            self.directory = configured
             raise
 
     def _open(self) -> int:
@@ -175,9 +181,13 @@ class Spool:
         if self._lock is None:
             self._lock = _try_lock(self.directory)
             if self._lock is None and self._own_if_busy:
-                self.directory = self.directory / f"{WORKER}pid{os.getpid()}"
+                shared, self.directory = self.directory, self.directory / f"{WORKER}pid{os.getpid()}"
                 self.directory.mkdir(exist_ok=True)
                 self._lock = _try_lock(self.directory)
+                if self._lock is not None:
+                    # What stopped instances left beside it would otherwise wait for the process
+                    # serving the shared spool to restart.
+                    gather(sorted(path for path in shared.glob(f"{WORKER}*") if path != self.directory), self.directory)
             if self._lock is None:
                 raise SpoolInUse(self.directory)
         gather(sorted(self.directory.glob(f"{WORKER}*")), self.directory)

@@ -123,7 +123,8 @@ class TestRegistry:
 
     def test_one_address_written_two_ways_is_one_worker(self) -> None:
         registry = WorkerRegistry(WorkerSettings(), secret=SECRET)
-        for url in ("http://GPU.example:8000", "http://gpu.example:8000/.", "http://gpu.example:08000/"):
+        for url in ("http://GPU.example:8000", "http://gpu.example:8000/.", "http://gpu.example:08000/",
+                    "http://gpu.example.:8000"):
             registry.register({"url": url, "type": "flux"})
         assert [worker["url"] for worker in registry.snapshot()] == ["http://gpu.example:8000"]
 
