@@ -341,14 +341,9 @@ class Spool:
             self.sync()
         if not self._segments:
             return False
-        path, size, rows = self._segments[0]
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            # Deleted under us: drained forever, it would hold up every segment after it.
-            self._segments.pop(0)
-            self.stats.segments_missing += 1
-            self.stats.rows_missing += rows or 0
+        path, size, _ = self._segments[0]
+        data = self._head_bytes()
+        if data is None:
             return self._load_next()
         lines = data.splitlines(keepends=True)
         if lines and not lines[-1].endswith(b"\n"):
@@ -358,6 +353,18 @@ class Spool:
             self.commit(0)
             return self._load_next()
         return True
+
+    def _head_bytes(self) -> bytes | None:
+        """The oldest segment's bytes; None when it was deleted under us (by hand), and then it is
+        dropped and counted: left in the list, it would hold up every segment after it for ever."""
+        path, _, rows = self._segments[0]
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            self._segments.pop(0)
+            self.stats.segments_missing += 1
+            self.stats.rows_missing += rows or 0
+            return None
 
     def _enforce_bound(self) -> int:
         """Evict the oldest rows until the spool fits its bound: whole segments while others remain,
@@ -390,13 +397,9 @@ class Spool:
     def _trim_head(self, allowed: int) -> int:
         """Keep the newest whole rows of the only segment within `allowed` bytes; return the rows cut.
         The kept rows are a new file: on a disk with no room for it the whole segment goes instead."""
-        path, _, rows = self._segments[0]
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            self._segments.pop(0)
-            self.stats.segments_missing += 1
-            self.stats.rows_missing += rows or 0
+        path = self._segments[0][0]
+        data = self._head_bytes()
+        if data is None:
             return 0
         boundary = data.find(b"\n", max(len(data) - max(allowed, 0) - 1, 0))
         kept = data[boundary + 1:] if boundary >= 0 else b""
