@@ -95,8 +95,7 @@ def serve(args: argparse.Namespace) -> int:
 def _check_workers_backends(settings: Settings, processes: int) -> None:
     """GPU workers register with whichever process the kernel hands their call to: the others would
     never hear of them, and answer that model's requests 503 at random."""
-    used = {name for spec in settings.models.values() for name in (spec.backend, *spec.fallback)}
-    gpu = sorted(name for name in used if name in settings.backends and settings.backends[name].type == "workers")
+    gpu = sorted(name for name in settings.backends_in_use() if settings.backends[name].type == "workers")
     if gpu:
         raise ConfigError(
             f"--workers {processes} cannot serve the workers backend {gpu[0]!r}: a GPU worker's registration "

@@ -108,6 +108,11 @@ class ModelSettings(_Section):
             raise ValueError(f"default_side {self.default_side} exceeds max_side {self.max_side}")
         return self
 
+    @property
+    def chain(self) -> tuple[str, ...]:
+        """The backends tried, in order."""
+        return (self.backend, *self.fallback)
+
 
 def _http_url(value: str) -> str:
     """An http(s) URL with a host, checked at start: a URL without its scheme otherwise fails only
@@ -418,6 +423,10 @@ class Settings(BaseSettings):
     feed: FeedSettings = FeedSettings()
     moderation: ModerationSettings = ModerationSettings()
 
+    def backends_in_use(self) -> set[str]:
+        """The backends some model names, as primary or fallback."""
+        return {name for spec in self.models.values() for name in spec.chain}
+
     @model_validator(mode="after")
     def _default_model_exists(self) -> Settings:
         if self.generation.default_model not in self.models:
@@ -430,7 +439,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _model_backends_exist(self) -> Settings:
         for name, spec in self.models.items():
-            for backend in (spec.backend, *spec.fallback):
+            for backend in spec.chain:
                 if backend not in self.backends:
                     raise ValueError(
                         f"models.{name} names backend {backend!r}, which is not in backends "

@@ -110,7 +110,8 @@ class LocalEngine:
             size, identity = stat.st_size, (stat.st_dev, stat.st_ino)
         except FileNotFoundError:
             size, identity = 0, (0, 0)
-        rotated = _identities(rotated_files(path))
+        old_files = rotated_files(path)
+        rotated = _identities(old_files)
         previous = self._loaded
         offset = 0
         if previous is not None and previous[:2] == (path, identity) and previous[2] <= size and previous[3] == rotated:
@@ -125,7 +126,7 @@ class LocalEngine:
             if offset == 0 and not untouched:
                 if previous is not None:
                     self.truncate()
-                for old in reversed(rotated_files(path)):
+                for old in reversed(old_files):
                     with contextlib.suppress(FileNotFoundError), old.open("rb") as rotated_file:
                         self._read_lines(rotated_file, 0)
             if handle is not None and size > offset:

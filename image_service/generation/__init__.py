@@ -45,7 +45,7 @@ def build_backends(
     settings: Settings, executor: Executor, registry: WorkerRegistry | None = None
 ) -> dict[str, Backend]:
     """Instantiate every configured backend that a model names as primary or fallback."""
-    wanted = {name for spec in settings.models.values() for name in (spec.backend, *spec.fallback)}
+    wanted = settings.backends_in_use()
     missing = wanted - settings.backends.keys()
     if missing:
         raise ValueError(f"models name unknown backends: {', '.join(sorted(missing))}")
@@ -79,7 +79,7 @@ class Generator:
     """Model → ordered backends, with a breaker and failure counters per backend and one deadline."""
 
     def __init__(self, settings: Settings, backends: Mapping[str, Backend], clock: Clock = time.monotonic) -> None:
-        self._chains = {model: (spec.backend, *spec.fallback) for model, spec in settings.models.items()}
+        self._chains = {model: spec.chain for model, spec in settings.models.items()}
         self._costs = {model: spec.cost for model, spec in settings.models.items()}
         self._backends = dict(backends)
         self._timeout = settings.generation.timeout

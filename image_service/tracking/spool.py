@@ -178,18 +178,17 @@ class Spool:
 
     def _open(self) -> int:
         self.directory.mkdir(parents=True, exist_ok=True)
-        if self._lock is None:
+        self._lock = _try_lock(self.directory)
+        if self._lock is None and self._own_if_busy:
+            shared, self.directory = self.directory, self.directory / f"{WORKER}pid{os.getpid()}"
+            self.directory.mkdir(exist_ok=True)
             self._lock = _try_lock(self.directory)
-            if self._lock is None and self._own_if_busy:
-                shared, self.directory = self.directory, self.directory / f"{WORKER}pid{os.getpid()}"
-                self.directory.mkdir(exist_ok=True)
-                self._lock = _try_lock(self.directory)
-                if self._lock is not None:
-                    # What stopped instances left beside it would otherwise wait for the process
-                    # serving the shared spool to restart.
-                    gather(sorted(path for path in shared.glob(f"{WORKER}*") if path != self.directory), self.directory)
-            if self._lock is None:
-                raise SpoolInUse(self.directory)
+            if self._lock is not None:
+                # What stopped instances left beside it would otherwise wait for the process
+                # serving the shared spool to restart.
+                gather(sorted(path for path in shared.glob(f"{WORKER}*") if path != self.directory), self.directory)
+        if self._lock is None:
+            raise SpoolInUse(self.directory)
         gather(sorted(self.directory.glob(f"{WORKER}*")), self.directory)
         for leftover in self.directory.glob(f"{PREFIX}*{TRIMMED}"):
             leftover.unlink()  # a trim a crash cut short: the segment it came from is still whole
@@ -308,7 +307,7 @@ class Spool:
             self.sync()
         finally:
             _unlock(self._lock)
-            self._lock = None
+            self._lock, self._opened = None, False
 
     def _close_writer(self) -> None:
         """Close the open segment; what it holds unsynced is fsync'd at the next `sync`, with the
