@@ -505,7 +505,7 @@ def _describe(error: ValidationError) -> str:
     return "; ".join(lines)
 
 
-def _check_sections_named_by_environment() -> None:
+def _check_variable_names() -> None:
     """A misspelt section (IMAGE_SERVICE_CAHCE__BACKEND) would be ignored without a word, where a
     misspelt key is refused: refuse it too, and a setting's name with one underscore where two
     belong (IMAGE_SERVICE_SERVER_PORT), which pydantic-settings never reads."""
@@ -522,10 +522,10 @@ def _check_sections_named_by_environment() -> None:
             continue
         for section, field in Settings.model_fields.items():
             prefix = f"{section.upper()}_"
-            keys = getattr(field.annotation, "model_fields", {})
-            if rest.startswith(prefix) and rest[len(prefix):].lower() in keys:
-                raise ConfigError(f"{name} is read by nothing: the setting {section}.{rest[len(prefix):].lower()} "
-                                  f"is {ENV_PREFIX}{section.upper()}__{rest[len(prefix):]} (two underscores)")
+            key = rest[len(prefix):]
+            if rest.startswith(prefix) and key.lower() in getattr(field.annotation, "model_fields", {}):
+                raise ConfigError(f"{name} is read by nothing: the setting {section}.{key.lower()} "
+                                  f"is {ENV_PREFIX}{section.upper()}__{key} (two underscores)")
 
 
 def _annotation_of(path: list[str]) -> Any:
@@ -580,7 +580,7 @@ def load_settings(
         data = _deep_merge(data, {"tracking": seed_env})
     if overrides:
         data = _deep_merge(data, overrides)
-    _check_sections_named_by_environment()
+    _check_variable_names()
     token = _COMMAND_LINE.set(command_line)
     try:
         return Settings(**data)
