@@ -11,7 +11,6 @@ they wait for an idle core rather than take the loop's.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import glob
 import os
@@ -24,6 +23,7 @@ import structlog
 
 from ..priority import background_executor
 from .contract import Endpoint, Outcome, SendResult, classify, gzip, retry_after
+from .spool import write_whole
 
 __all__ = ["FileSink", "Outcome", "SendResult", "Sink", "TinybirdSink", "rotated_files"]
 
@@ -114,24 +114,15 @@ class FileSink:
         batches mid-row, and two of them rotating at once would shift one file twice. The answer
         is why rotation failed, if it did: the batch is in the file all the same."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        data = memoryview(b"".join(parts))
+        data = b"".join(parts)
         directory = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
             fcntl.flock(directory, fcntl.LOCK_EX)
             descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
                 before = os.fstat(descriptor).st_size
-                try:
-                    while data:
-                        data = data[os.write(descriptor, data):]
-                    os.fsync(descriptor)
-                except OSError:
-                    # A full disk cut the batch short: cut it back out, or its retry would follow a
-                    # torn row (and a row torn at its start would be lost to every reader).
-                    with contextlib.suppress(OSError):
-                        os.ftruncate(descriptor, before)
-                    raise
-                size = os.fstat(descriptor).st_size
+                write_whole(descriptor, data, before, sync=True)
+                size = before + len(data)
             finally:
                 os.close(descriptor)
             if not self.max_bytes or size < self.max_bytes:

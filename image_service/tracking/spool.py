@@ -247,19 +247,9 @@ class Spool:
         return self._enforce_bound() if rows else 0
 
     def _write(self, piece: bytes) -> None:
-        """Write a piece whole (the segment is unbuffered): a full disk may take part of it, which
-        is then cut off again, so that the segment ends with a whole row."""
         writer = self._writer
         assert writer is not None
-        view = memoryview(piece)
-        done = 0
-        try:
-            while done < len(piece):
-                done += writer.write(view[done:]) or 0
-        except OSError:
-            with contextlib.suppress(OSError):
-                os.ftruncate(writer.fileno(), self._writer_size)
-            raise
+        write_whole(writer.fileno(), piece, self._writer_size)
 
     def sync(self) -> None:
         """Flush and fsync the open segment and the adopted ones (the forwarder calls this at least
@@ -419,6 +409,22 @@ class Spool:
         self._segments[0] = (path, len(kept), kept.count(b"\n"))
         self._unsynced.append(path)
         return data[: len(data) - len(kept)].count(b"\n")
+
+
+def write_whole(descriptor: int, data: bytes, size: int, sync: bool = False) -> None:
+    """Append `data` whole (and fsync it, with `sync`) to a file of `size` bytes opened unbuffered
+    for appending, or leave the file as it was: a full disk may take part of it, which is cut off
+    again, so that the file ends with a whole row and a retry does not follow a torn one."""
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(descriptor, view):]
+        if sync:
+            os.fsync(descriptor)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.ftruncate(descriptor, size)
+        raise
 
 
 def worker_directory(directory: Path, index: int) -> Path:
