@@ -66,6 +66,27 @@ class TestRows:
             row = dict(pairs)
             assert (row["id"], row["user"], row["tier"], row["cache_status"]) == ("r9", "u1", "seed", "hit")
 
+    def test_rows_sharing_an_outcome_are_the_rows_built_whole(self) -> None:
+        """The encoder serialises an outcome once for the events that share it: values that compare
+        equal but mean different things (`1`, `1.0`, `true`) must not share one."""
+        context = {"request_id": "r7", "request_start": time.time(), "model": "procedural", "cache_status": "miss",
+                   "provider": "image_service", "backend": "embedded", "span_id": "00f067aa0ba902b7"}
+        outcomes: list[dict[str, Any]] = [
+            {"status": 200}, {"status": 200}, {"status": True}, {"status": 1}, {"status": 1.0},
+            {"stage": 1}, {"stage": True}, {"error": 1}, {"error": True}, {"error": "timeout", "status": 504},
+            {"cost": 1}, {"cost": True}, {"is_child": 1}, {"is_child": True}, {"cache_status": "hit", "status": 200},
+            {"provider": None}, {"exception": "ValueError: at /srv/app/x.py", "status": 500},
+            {"labels": {"nsfw": 0.1}}, {"error": ["a list"]}, {"event": "content.flagged", "status": 451},
+        ]
+        encoder = RowEncoder("test")
+        for index, fields in enumerate(outcomes):
+            event = {"event": "request.completed", "stage": "response", "_ts": time.time() + index,
+                     "duration_ms": index * 1.5, "event_id": f"e{index}", **fields}
+            expected = build_row({**context, **event}, "test")
+            if "labels" not in event:
+                expected["proxy_metadata"] = build_row(dict(context), "test")["proxy_metadata"]
+            assert orjson.loads(encoder.encode({**event, "_ctx": context})) == expected, fields
+
     def test_times_are_datetime64_text_and_duration_is_milliseconds(self) -> None:
         row = build_row(terminal())
         assert len(row["start_time"]) == len("2026-01-01 00:00:00.000") and row["start_time"] < row["end_time"]
