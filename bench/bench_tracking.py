@@ -34,10 +34,17 @@ SLOW = "sink answers after 6 s"
 INSTANCES = 2
 # Paired rounds of the one-connection table.
 ROUNDS = 8
-# The saturated comparison: rounds, and windows of a load (recording and not, alternately).
-SWITCHED_ROUNDS = 4
-WINDOWS = 4
-WINDOW = 2.0
+# The saturated comparison: rounds, and windows of a load, recording and not in the order
+# ABBA BAAB ABBA BAAB (or its mirror), so that a drift during the load, in either direction, weighs
+# on both modes alike. Measured on a tracking-off server switched between two identical modes
+# (the A/A control below), one load of four 2 s windows alternating ABAB gave ratios from 0.77 to
+# 1.03 (standard deviation 0.076 over eight loads); sixteen windows of 0.5 s as above, 0.037.
+SWITCHED_ROUNDS = 8
+WINDOWS = 16
+WINDOW = 0.5
+BALANCED = (True, False, False, True)
+# Resamples of the per-round ratios for the confidence interval of their median.
+RESAMPLES = 4000
 LOOP_CPU = Path(__file__).parent / "loop_cpu"
 
 
@@ -134,34 +141,50 @@ Totals = dict[str, dict[str, float]]
 @dataclass(frozen=True)
 class Windows:
     """What each server's windows added to its loop account, by round and mode ("on": recording,
-    or a tracking-off server; "off": a tracking server not recording)."""
+    "off": not; a tracking-off server's two modes run the same code)."""
 
     servers: Sequence[Server]
     rounds: Sequence[Mapping[str, Totals]]
 
-    def per_round(self, variant: str, mode: str) -> list[float]:
-        """The variant's requests/s in `mode`, each round: the mean over its servers."""
+    def per_round(self, variant: str, *modes: str) -> list[float]:
+        """The variant's requests/s in `modes` together, each round: the mean over its servers."""
         return [
-            statistics.fmean(added[entry.url][mode]["requests"] / added[entry.url][mode]["wall_s"]
-                             for entry in self.servers if entry.variant == variant)
+            statistics.fmean(
+                sum(added[entry.url][mode]["requests"] for mode in modes)
+                / sum(added[entry.url][mode]["wall_s"] for mode in modes)
+                for entry in self.servers if entry.variant == variant
+            )
             for added in self.rounds
         ]
 
-    def summed(self, variant: str, mode: str) -> dict[str, float]:
-        chosen = [added[entry.url][mode] for added in self.rounds for entry in self.servers if entry.variant == variant]
+    def within(self, variant: str) -> list[float]:
+        """Each round's ratio of the variant's requests/s recording to not recording."""
+        return [on / off for on, off in zip(self.per_round(variant, "on"), self.per_round(variant, "off"))]
+
+    def summed(self, variant: str, *modes: str) -> dict[str, float]:
+        chosen = [added[entry.url][mode] for added in self.rounds for entry in self.servers if entry.variant == variant
+                  for mode in modes]
         return {key: sum(totals[key] for totals in chosen) for key in chosen[0]}
 
     def thread_per_request(self, entry: Server) -> float:
-        requests = sum(added[entry.url]["on"]["requests"] for added in self.rounds)
-        return sum(added[entry.url]["on"]["thread_s"] for added in self.rounds) / requests
+        modes = [added[entry.url][mode] for added in self.rounds for mode in ("on", "off")]
+        return sum(totals["thread_s"] for totals in modes) / sum(totals["requests"] for totals in modes)
+
+
+def balanced_signals(first_on: bool) -> list[int]:
+    """WINDOWS signals, recording (SIGUSR2) and not (SIGUSR1), in the balanced order from `first_on`."""
+    quarter = [first_on == on for on in BALANCED]
+    pattern = (quarter + [not on for on in quarter]) * (WINDOWS // 8)
+    return [signal.SIGUSR2 if on else signal.SIGUSR1 for on in pattern]
 
 
 def switched_rounds(servers: Sequence[Server], rounds: int) -> Windows:
-    """Every server once a round, in a fresh random order, under one load of WINDOWS windows: a
-    tracking server records in every other one, from a random first one; a tracking-off server
-    stays in its one mode. Each window lasts WINDOW seconds: work telemetry defers (the forwarder's
-    next round, a delivery's settlement) spills into the next window, but not far: windows not
-    recording saw under 0.1 µs a request of forwarder work, against ~1 µs recording."""
+    """Every server once a round, in a fresh random order, under one load of WINDOWS windows of
+    WINDOW seconds, recording and not in the balanced order from a random first mode. A tracking-off
+    server is switched the same way between two modes that run the same code: the A/A control, which
+    shows what the design reads when there is nothing to find. Work telemetry defers (the
+    forwarder's next round, a delivery's settlement) spills into the next window: the CPU table
+    shows it as telemetry work in windows not recording."""
     order = list(servers)
     choose = random.Random(1)
     seen: dict[str, Totals] = {}
@@ -170,12 +193,7 @@ def switched_rounds(servers: Sequence[Server], rounds: int) -> Windows:
         choose.shuffle(order)
         added: dict[str, Totals] = {}
         for entry in order:
-            if entry.variant == OFF:
-                signals = [signal.SIGUSR2] * WINDOWS
-            else:
-                first, second = choose.sample((signal.SIGUSR2, signal.SIGUSR1), 2)
-                signals = [first, second] * (WINDOWS // 2)
-            switched_load(entry.url, signals, WINDOW)
+            switched_load(entry.url, balanced_signals(choose.random() < 0.5), WINDOW)
             now = loop_totals(entry.accounts)
             before = seen.get(entry.url)
             added[entry.url] = now if before is None else {
@@ -184,6 +202,13 @@ def switched_rounds(servers: Sequence[Server], rounds: int) -> Windows:
             seen[entry.url] = now
         added_by_round.append(added)
     return Windows(servers, added_by_round)
+
+
+def median_interval(values: Sequence[float], resamples: int = RESAMPLES) -> tuple[float, float]:
+    """A 95 % bootstrap confidence interval of the median of `values`."""
+    draw = random.Random(0).choices
+    medians = sorted(statistics.median(draw(values, k=len(values))) for _ in range(resamples))
+    return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
 
 
 def processor_in_situ(sink: str, directory: Path, rounds: int = 6, seconds: int = 2) -> tuple[float, float]:
@@ -273,26 +298,38 @@ def main() -> None:
         processor_on, processor_off = processor_in_situ(sink, Path(tmp) / "processor")
     tracked = [name for name in variants if name != OFF]
     print(f"Cache hits, {INSTANCES} servers per variant. Saturated (wrk, 16 connections): {SWITCHED_ROUNDS} rounds, "
-          f"every server once a round, in a fresh random order, under one load of {WINDOWS} windows of {WINDOW:.0f} s "
+          f"every server once a round, in a fresh random order, under one load of {WINDOWS} windows of {WINDOW} s "
           "(`bench/loop_cpu` accounts each window; wrk's start and end are in none). A tracking server records "
-          "telemetry in every other window, from a random first one, and not in the others (its telemetry routed "
-          "nowhere, its forwarder resting, as without tracking). **Within one process** compares the two: the same "
-          "memory layout, the same load, seconds apart. **Against tracking off** compares with servers started "
-          "without tracking, whose processes differ by up to ~10 % from any other for the same code. Requests/s "
-          "are the server's own count over its windows' time; each figure is the median over rounds of the mean "
-          "of a variant's servers.\n")
+          "telemetry in half the windows, in the order ABBA BAAB ABBA BAAB from a random first mode, and not in the "
+          "others (its telemetry routed nowhere, its forwarder resting, as without tracking). **Within one "
+          "process** compares the two: the same memory layout, the same load, a second apart. A tracking-off "
+          "server is switched the same way between two modes that run the same code: its row is the A/A "
+          "control, what the design reads with nothing to find. **Against tracking off** compares with the "
+          "servers started without tracking, whose processes differ by up to ~10 % from any other for the same "
+          "code. Requests/s are the server's own count over its windows' time; each figure is the median over "
+          "rounds of the mean of a variant's servers, with a 95 % bootstrap confidence interval of that median.\n")
     print("Saturated (wrk, 16 connections):\n")
-    print("| server | requests/s | ratio within one process | quartiles | ratio against tracking off |")
-    print("|---|---|---|---|---|")
-    off_rps = windows.per_round(OFF, "on")
-    print(f"| {OFF} | {statistics.median(off_rps):,.0f} | | | 1.000 |")
-    for name in tracked:
-        rps = windows.per_round(name, "on")
-        within = [value / base for value, base in zip(rps, windows.per_round(name, "off"))]
+    print("| server | requests/s | ratio within one process | 95 % interval | quartiles | ratio against tracking off |")
+    print("|---|---|---|---|---|---|")
+    off_rps = windows.per_round(OFF, "on", "off")
+    verdicts = []
+    for name in variants:
+        within = windows.within(name)
         low, _, high = statistics.quantiles(within, n=4)
+        lowest, highest = median_interval(within)
+        if name == OFF:
+            print(f"| {OFF} (A/A control) | {statistics.median(off_rps):,.0f} | {statistics.median(within):.3f} | "
+                  f"{lowest:.3f}–{highest:.3f} | {low:.2f}–{high:.2f} | 1.000 |")
+            continue
+        rps = windows.per_round(name, "on")
         against = statistics.median(value / base for value, base in zip(rps, off_rps))
-        print(f"| {name} | {statistics.median(rps):,.0f} | {statistics.median(within):.3f} | {low:.2f}–{high:.2f} | "
-              f"{against:.3f} |")
+        verdicts.append((name, statistics.median(within), lowest))
+        print(f"| {name} | {statistics.median(rps):,.0f} | {statistics.median(within):.3f} | {lowest:.3f}–{highest:.3f} | "
+              f"{low:.2f}–{high:.2f} | {against:.3f} |")
+    for name, ratio, lowest in verdicts:
+        verdict = "met" if lowest >= 0.95 else "met by the median only" if ratio >= 0.95 else "NOT met"
+        print(f"\n{name}: ratio ≥ 0.95 within one process {verdict} (median {ratio:.3f}, interval from {lowest:.3f}).", end="")
+    print()
     print("\nOne request at a time (wrk, 1 connection): the latency a request itself gains, within one process. "
           f"{ROUNDS} paired rounds of 2 s: every tracking server once a round, in a fresh random order, twice in a "
           "row, recording and not, in a random order.\n")
@@ -304,22 +341,24 @@ def main() -> None:
     print("\nTargets: ratio ≥ 0.95 for each variant; added p99 < 0.5 ms.\n")
     print("Event-loop thread CPU per request in the saturated windows, all of a variant's servers and rounds "
           "together: the loop's callbacks by kind (`bench/loop_cpu`) while recording, and the whole thread "
-          "(callbacks and the time between them) recording and not.\n")
+          "(callbacks and the time between them) recording and not. Telemetry work in windows not recording is "
+          "what recording windows left behind.\n")
     print("| server | requests | request handling µs | telemetry µs | other µs | thread µs | not recording: thread µs | "
-          "thread CPU ratio within one process |")
-    print("|---|---|---|---|---|---|---|---|")
+          "not recording: telemetry µs | thread CPU ratio within one process |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in variants:
-        on = windows.summed(name, "on")
+        on = windows.summed(name, "on", "off") if name == OFF else windows.summed(name, "on")
         count = on["requests"]
         parts = f"| {name} | {count:,.0f} | {on['requests_s'] / count * 1e6:.1f} | "
         thread = on["thread_s"] / count
         if name == OFF:
-            print(f"{parts} | {on['other_s'] / count * 1e6:.1f} | {thread * 1e6:.1f} | | |")
+            print(f"{parts} | {on['other_s'] / count * 1e6:.1f} | {thread * 1e6:.1f} | | | |")
             continue
         quiet_total = windows.summed(name, "off")
         quiet_thread = quiet_total["thread_s"] / quiet_total["requests"]
+        spill = quiet_total["telemetry_s"] / quiet_total["requests"]
         print(f"{parts}{on['telemetry_s'] / count * 1e6:.1f} | {on['other_s'] / count * 1e6:.1f} | {thread * 1e6:.1f} | "
-              f"{quiet_thread * 1e6:.1f} | {quiet_thread / thread:.3f} |")
+              f"{quiet_thread * 1e6:.1f} | {spill * 1e6:.2f} | {quiet_thread / thread:.3f} |")
     off_servers = [windows.thread_per_request(entry) for entry in servers if entry.variant == OFF]
     print(f"\nThread CPU per request of the {OFF} servers: {min(off_servers) * 1e6:.1f} to {max(off_servers) * 1e6:.1f} µs.")
     print(f"\nThe processor in situ (a server of its own, tracking on, saturated, its processor timed by thread CPU): "
