@@ -17,7 +17,7 @@ from image_service.tracking.batch import Rows
 from image_service.tracking.context import bind, new_request, parse_traceparent, request_ids
 from image_service.tracking.context import clear as clear_request
 from image_service.tracking.processor import CHUNK_GROUPS, TelemetryProcessor, unpack
-from image_service.tracking.rows import RowEncoder
+from image_service.tracking.rows import EVENT_COLUMNS, RowEncoder
 from image_service.tracking.spool import SpoolUnwritable
 
 from .conftest import disk_full_at
@@ -66,26 +66,41 @@ class TestRows:
             row = dict(pairs)
             assert (row["id"], row["user"], row["tier"], row["cache_status"]) == ("r9", "u1", "seed", "hit")
 
-    def test_rows_sharing_an_outcome_are_the_rows_built_whole(self) -> None:
-        """The encoder serialises an outcome once for the events that share it: values that compare
-        equal but mean different things (`1`, `1.0`, `true`) must not share one."""
+    @pytest.mark.parametrize(("field", "values"), [
+        ("event", ["cache.lookup", "request.received", "content.flagged"]),
+        ("stage", ["cache", "moderation", 1, True]),
+        ("status", [200, 404, 1, True, 1.0]),
+        ("error", [None, "timeout", ["a list"]]),
+        ("provider", ["image_service", "openai", None]),
+        ("backend", ["embedded", "workers"]),
+        ("cost", [0.5, 1.5, 0]),
+        ("is_child", [True, False, None]),
+        ("is_mature", [True, False, None]),
+        ("cache_status", ["hit", "miss"]),
+        ("http_status", [200, 429]),
+        ("exception", [None, "ValueError: at /srv/app/x.py"]),
+        ("labels", [None, {"nsfw": 0.1}]),
+    ])
+    def test_rows_sharing_an_outcome_are_the_rows_built_whole(self, field: str, values: list[Any]) -> None:
+        """The encoder serialises an outcome once for the events that share it: an event that
+        differs in any field its outcome depends on gets its own, and a text event's (which reads
+        more fields) is never shared."""
         context = {"request_id": "r7", "request_start": time.time(), "model": "procedural", "cache_status": "miss",
                    "provider": "image_service", "backend": "embedded", "span_id": "00f067aa0ba902b7"}
-        outcomes: list[dict[str, Any]] = [
-            {"status": 200}, {"status": 200}, {"status": True}, {"status": 1}, {"status": 1.0},
-            {"stage": 1}, {"stage": True}, {"error": 1}, {"error": True}, {"error": "timeout", "status": 504},
-            {"cost": 1}, {"cost": True}, {"is_child": 1}, {"is_child": True}, {"cache_status": "hit", "status": 200},
-            {"provider": None}, {"exception": "ValueError: at /srv/app/x.py", "status": 500},
-            {"labels": {"nsfw": 0.1}}, {"error": ["a list"]}, {"event": "content.flagged", "status": 451},
-        ]
         encoder = RowEncoder("test")
-        for index, fields in enumerate(outcomes):
-            event = {"event": "request.completed", "stage": "response", "_ts": time.time() + index,
-                     "duration_ms": index * 1.5, "event_id": f"e{index}", **fields}
-            expected = build_row({**context, **event}, "test")
-            if "labels" not in event:
-                expected["proxy_metadata"] = build_row(dict(context), "test")["proxy_metadata"]
-            assert orjson.loads(encoder.encode({**event, "_ctx": context})) == expected, fields
+        for name in ("request.completed", "text.completion"):
+            # Each value after the first, then the first again: every one of them after an event
+            # that differs only there has filled the cache.
+            for index, value in enumerate([*values, *values[1:], values[0]]):
+                event = {"event": name, "stage": "response", "_ts": time.time() + index, "duration_ms": index * 1.5,
+                         "event_id": f"e{index}", field: value}
+                expected = build_row({**context, **event}, "test")
+                if "labels" not in event:
+                    expected["proxy_metadata"] = build_row(dict(context), "test")["proxy_metadata"]
+                row = orjson.loads(encoder.encode({**event, "_ctx": context}))
+                assert {column: row[column] for column in EVENT_COLUMNS} == {
+                    column: expected[column] for column in EVENT_COLUMNS
+                }, (name, field, value)
 
     def test_times_are_datetime64_text_and_duration_is_milliseconds(self) -> None:
         row = build_row(terminal())

@@ -238,6 +238,8 @@ EVENT_COLUMNS = (
     "proxy_metadata", "exception", "traceback",
 )
 REQUEST_COLUMNS = tuple(column for column in COLUMNS if column not in EVENT_COLUMNS)
+# The fields an image event's outcome columns follow from (`_outcome_columns`).
+OUTCOME_FIELDS = ("event", "stage", "status", "error", "provider", "backend", "cost", "is_child", "is_mature", "cache_status")
 # Distinct outcomes kept serialised; past this many the encoder starts again (a few dozen in practice).
 OUTCOME_CACHE = 4096
 
@@ -366,15 +368,16 @@ class RowEncoder:
     the batch was shipped to the encoder process), so the request id is the cache key (the
     context's identity for a context without one).
 
-    An image event's outcome columns are serialised once for all events that agree on the
-    fields `_outcome_columns` reads (their JSON is the key: `1`, `1.0` and `true` stay apart), so a row costs its
+    An image event's outcome columns are serialised once for all events that agree on
+    OUTCOME_FIELDS (their JSON is the key: `1`, `1.0` and `true` stay apart), so a row costs its
     timing columns and a join: building every column of every row cost the encoder process ~6 µs a
-    row of Python, which on a two-core machine slows the event loop sharing the core's execution units.
+    row of Python.
     """
 
     def __init__(self, environment: str) -> None:
         self._environment = environment
-        # Request id (or context identity) → (context, its columns' JSON without braces, proxy_metadata).
+        # Request id (or context identity) → (context, its columns' JSON without braces, proxy_metadata,
+        # and proxy_metadata as the row's JSON member).
         self._requests: dict[str | int, tuple[dict[str, Any], bytes, str, bytes]] = {}
         # OUTCOME_FIELDS as JSON → the outcome columns' JSON without braces, exception and traceback null.
         self._outcomes: dict[bytes, bytes] = {}
@@ -397,7 +400,7 @@ class RowEncoder:
         merged.update(event)
         get = merged.get
         outcome = None
-        if "labels" not in event and get("event") != TEXT_EVENT and not get("exception") and not get("traceback"):
+        if "labels" not in event and not get("exception") and not get("traceback"):
             outcome = self._outcome(get)
         if outcome is None:
             event_json = orjson.dumps(
@@ -408,19 +411,21 @@ class RowEncoder:
         return b"".join((timing[:-1], b",", outcome, known[3], b",", known[1], b"}\n"))
 
     def _outcome(self, get: Any) -> bytes | None:
-        """The outcome columns' JSON, followed by a comma; None for fields orjson refuses."""
+        """The outcome columns' JSON, followed by a comma; None for an event that needs them built
+        whole. They are built from the key decoded, not from the event: a value that serialises
+        like another (a tuple like a list, NaN like null) cannot give its outcome to the other."""
         try:
-            key = orjson.dumps((
-                get("event"), get("stage"), get("status"), get("error"), get("provider"), get("backend"), get("cost"),
-                get("is_child"), get("is_mature"), get("cache_status"),
-            ))
+            key = orjson.dumps(tuple(map(get, OUTCOME_FIELDS)))
         except orjson.JSONEncodeError:
             return None
         outcome = self._outcomes.get(key)
         if outcome is None:
+            fields = dict(zip(OUTCOME_FIELDS, orjson.loads(key), strict=True))
+            if fields["event"] == TEXT_EVENT:
+                return None
             if len(self._outcomes) >= OUTCOME_CACHE:
                 self._outcomes.clear()
-            columns = _outcome_columns(get)
+            columns = _outcome_columns(fields.get)
             columns["exception"] = columns["traceback"] = None
             outcome = self._outcomes[key] = orjson.dumps(columns)[1:-1] + b","
         return outcome
