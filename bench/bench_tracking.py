@@ -329,6 +329,9 @@ def main() -> None:
     for name, ratio, lowest in verdicts:
         verdict = "met" if lowest >= 0.95 else "met by the median only" if ratio >= 0.95 else "NOT met"
         print(f"\n{name}: ratio ≥ 0.95 within one process {verdict} (median {ratio:.3f}, interval from {lowest:.3f}).", end="")
+    print("\n\nEach round's ratio within one process, in the order run (to pool runs):\n")
+    for name in variants:
+        print(f"- {name}: {', '.join(f'{value:.4f}' for value in windows.within(name))}")
     print()
     print("\nOne request at a time (wrk, 1 connection): the latency a request itself gains, within one process. "
           f"{ROUNDS} paired rounds of 2 s: every tracking server once a round, in a fresh random order, twice in a "
