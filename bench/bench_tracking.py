@@ -312,9 +312,9 @@ def main() -> None:
     print("| server | requests/s | ratio within one process | 95 % interval | quartiles | ratio against tracking off |")
     print("|---|---|---|---|---|---|")
     off_rps = windows.per_round(OFF, "on", "off")
+    within_by_variant = {name: windows.within(name) for name in variants}
     verdicts = []
-    for name in variants:
-        within = windows.within(name)
+    for name, within in within_by_variant.items():
         low, _, high = statistics.quantiles(within, n=4)
         lowest, highest = median_interval(within)
         if name == OFF:
@@ -330,9 +330,8 @@ def main() -> None:
         verdict = "met" if lowest >= 0.95 else "met by the median only" if ratio >= 0.95 else "NOT met"
         print(f"\n{name}: ratio ≥ 0.95 within one process {verdict} (median {ratio:.3f}, interval from {lowest:.3f}).", end="")
     print("\n\nEach round's ratio within one process, in the order run (to pool runs):\n")
-    for name in variants:
-        print(f"- {name}: {', '.join(f'{value:.4f}' for value in windows.within(name))}")
-    print()
+    for name, within in within_by_variant.items():
+        print(f"- {name}: {', '.join(f'{value:.4f}' for value in within)}")
     print("\nOne request at a time (wrk, 1 connection): the latency a request itself gains, within one process. "
           f"{ROUNDS} paired rounds of 2 s: every tracking server once a round, in a fresh random order, twice in a "
           "row, recording and not, in a random order.\n")
